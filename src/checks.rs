@@ -1,0 +1,209 @@
+//! Request checks: a path the backend cannot misread, a body within the route's limit, and a
+//! content type the route accepts.
+
+use std::collections::BTreeMap;
+
+use crate::config::Method;
+
+/// A request that fails a check, with what the client needs to fix it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CheckError {
+    #[error("the request has no :path")]
+    MissingPath,
+    #[error("the path contains a control character")]
+    ControlCharacter,
+    #[error("the path contains a malformed percent-encoding")]
+    MalformedEscape,
+    #[error("the path contains an encoded slash or backslash")]
+    EncodedSlash,
+    #[error("the path contains a backslash")]
+    Backslash,
+    #[error("the path contains a '.' or '..' segment")]
+    DotSegment,
+    #[error("the Content-Length header is not a number")]
+    InvalidContentLength,
+    #[error("the request body exceeds the limit of {limit} bytes for this route")]
+    BodyTooLarge { limit: u64 },
+    #[error("content type {media_type:?} is not accepted for {method}; accepted: {accepted}")]
+    UnsupportedMediaType { media_type: String, method: &'static str, accepted: String },
+}
+
+/// Checks the raw `:path`: controls anywhere, and in the part before the query, escapes that
+/// would decode to a control, a slash or a backslash, and `.`/`..` segments, raw or encoded.
+/// Envoy's `normalize_path` catches most of these first; this holds when a listener lacks it.
+pub fn path(raw: &str) -> Result<(), CheckError> {
+    if raw.bytes().any(is_control) {
+        return Err(CheckError::ControlCharacter);
+    }
+    let path = raw.split(['?', '#']).next().unwrap_or_default().as_bytes();
+    // Decoded bytes of the current segment, only as long as it could still be "." or "..".
+    let mut segment = [0u8; 3];
+    let mut segment_len = 0usize;
+    let mut i = 0;
+    while i <= path.len() {
+        let byte = match path.get(i) {
+            None | Some(b'/') => {
+                if matches!(&segment[..segment_len], b"." | b"..") {
+                    return Err(CheckError::DotSegment);
+                }
+                segment_len = 0;
+                i += 1;
+                continue;
+            }
+            Some(b'\\') => return Err(CheckError::Backslash),
+            Some(b'%') => {
+                let decoded = path
+                    .get(i + 1..i + 3)
+                    .and_then(|hex| std::str::from_utf8(hex).ok())
+                    .and_then(|hex| u8::from_str_radix(hex, 16).ok())
+                    .ok_or(CheckError::MalformedEscape)?;
+                if is_control(decoded) {
+                    return Err(CheckError::ControlCharacter);
+                }
+                if decoded == b'/' || decoded == b'\\' {
+                    return Err(CheckError::EncodedSlash);
+                }
+                i += 3;
+                decoded
+            }
+            Some(&b) => {
+                i += 1;
+                b
+            }
+        };
+        if segment_len < segment.len() {
+            segment[segment_len] = byte;
+        }
+        segment_len = segment_len.saturating_add(1).min(segment.len());
+    }
+    Ok(())
+}
+
+fn is_control(b: u8) -> bool {
+    b < 0x20 || b == 0x7f
+}
+
+/// Refuses a declared body over the limit before a byte of it is read.
+pub fn content_length(header: Option<&str>, limit: u64) -> Result<(), CheckError> {
+    let Some(value) = header else { return Ok(()) };
+    let length: u64 = value.trim().parse().map_err(|_| CheckError::InvalidContentLength)?;
+    if length > limit {
+        return Err(CheckError::BodyTooLarge { limit });
+    }
+    Ok(())
+}
+
+/// Refuses a `Content-Type` outside the allow-list for the method. Requests without one, and
+/// methods without a list, pass: there is nothing to misinterpret.
+pub fn content_type(
+    method: Option<Method>,
+    header: Option<&str>,
+    allowed: &BTreeMap<Method, Vec<String>>,
+) -> Result<(), CheckError> {
+    let (Some(method), Some(header)) = (method, header) else { return Ok(()) };
+    let Some(accepted) = allowed.get(&method) else { return Ok(()) };
+    let media_type = header.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+    if media_type.is_empty() || accepted.contains(&media_type) {
+        return Ok(());
+    }
+    Err(CheckError::UnsupportedMediaType {
+        // The client's value is echoed back, so keep it short.
+        media_type: media_type.chars().take(64).collect(),
+        method: crate::config::method_name(method),
+        accepted: accepted.join(", "),
+    })
+}
+
+/// Counts a streamed body against the route's limit, chunk by chunk, so a body without
+/// `Content-Length` is stopped at the limit instead of buffered whole.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyCounter {
+    limit: u64,
+    seen: u64,
+}
+
+impl BodyCounter {
+    pub fn new(limit: u64) -> BodyCounter {
+        BodyCounter { limit, seen: 0 }
+    }
+
+    pub fn add(&mut self, chunk_len: usize) -> Result<(), CheckError> {
+        self.seen = self.seen.saturating_add(chunk_len as u64);
+        if self.seen > self.limit {
+            return Err(CheckError::BodyTooLarge { limit: self.limit });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn path_table() {
+        use CheckError::*;
+        let cases: &[(&str, Result<(), CheckError>)] = &[
+            ("/", Ok(())),
+            ("/api/items/42", Ok(())),
+            ("/api/items?q=../x&r=%2F", Ok(())),
+            ("/api/a%20b/%7Euser", Ok(())),
+            ("/api/.hidden/..x/x..", Ok(())),
+            ("/api/a\0b", Err(ControlCharacter)),
+            ("/api/a\tb", Err(ControlCharacter)),
+            ("/api/x?q=\x7f", Err(ControlCharacter)),
+            ("/api/a%00b", Err(ControlCharacter)),
+            ("/api/a%0Ab", Err(ControlCharacter)),
+            ("/api/a%7fb", Err(ControlCharacter)),
+            ("/api/a%2Fb", Err(EncodedSlash)),
+            ("/api/a%2fb", Err(EncodedSlash)),
+            ("/api/a%5Cb", Err(EncodedSlash)),
+            ("/api/a\\b", Err(Backslash)),
+            ("/api/../billing", Err(DotSegment)),
+            ("/api/./x", Err(DotSegment)),
+            ("/api/..", Err(DotSegment)),
+            ("/api/%2e%2E/billing", Err(DotSegment)),
+            ("/api/.%2e", Err(DotSegment)),
+            ("/api/%2e", Err(DotSegment)),
+            ("/api/%zz", Err(MalformedEscape)),
+            ("/api/%2", Err(MalformedEscape)),
+        ];
+        for (input, want) in cases {
+            assert_eq!(&path(input), want, "{input:?}");
+        }
+    }
+
+    #[test]
+    fn content_length_limit() {
+        assert_eq!(content_length(None, 10), Ok(()));
+        assert_eq!(content_length(Some("10"), 10), Ok(()));
+        assert_eq!(content_length(Some("11"), 10), Err(CheckError::BodyTooLarge { limit: 10 }));
+        assert_eq!(content_length(Some("99999999999999999999999"), 10), Err(CheckError::InvalidContentLength));
+        assert_eq!(content_length(Some("-1"), 10), Err(CheckError::InvalidContentLength));
+    }
+
+    #[test]
+    fn content_type_allow_list() {
+        let allowed = BTreeMap::from([(Method::Post, vec!["application/json".to_owned()])]);
+        assert_eq!(content_type(Some(Method::Post), Some("application/json; charset=utf-8"), &allowed), Ok(()));
+        assert_eq!(content_type(Some(Method::Post), Some("Application/JSON"), &allowed), Ok(()));
+        assert_eq!(content_type(Some(Method::Post), None, &allowed), Ok(()));
+        assert_eq!(content_type(Some(Method::Get), Some("text/xml"), &allowed), Ok(()));
+        assert_eq!(
+            content_type(Some(Method::Post), Some("text/xml"), &allowed),
+            Err(CheckError::UnsupportedMediaType {
+                media_type: "text/xml".to_owned(),
+                method: "POST",
+                accepted: "application/json".to_owned()
+            })
+        );
+    }
+
+    #[test]
+    fn body_counter_stops_at_the_limit() {
+        let mut counter = BodyCounter::new(10);
+        assert_eq!(counter.add(4), Ok(()));
+        assert_eq!(counter.add(6), Ok(()));
+        assert_eq!(counter.add(1), Err(CheckError::BodyTooLarge { limit: 10 }));
+    }
+}

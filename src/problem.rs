@@ -1,0 +1,91 @@
+//! Why the filter refuses a request, and the RFC 9457 `application/problem+json` response for it.
+
+use crate::checks::CheckError;
+
+/// Every reason the filter answers a request itself instead of passing it on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Denial {
+    #[error(transparent)]
+    Check(#[from] CheckError),
+    #[error("this route requires authentication")]
+    Unauthenticated,
+    #[error("no route for this path")]
+    NotFound,
+    /// The Envoy route names a policy the plugin does not define: refuse rather than guess.
+    #[error("the gateway is misconfigured for this route")]
+    UnknownRoutePolicy { name: String },
+    #[error("the gateway is not configured")]
+    Unconfigured,
+}
+
+/// A problem type: the status and the stable `type` URI and `title` clients can rely on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProblemType {
+    pub status: u16,
+    /// The last part of the `type` URI, `urn:tollgate:problem:<slug>`.
+    pub slug: &'static str,
+    pub title: &'static str,
+}
+
+impl Denial {
+    /// The one place a denial becomes a status and problem type.
+    pub fn problem_type(&self) -> ProblemType {
+        use CheckError::*;
+        let (status, slug, title) = match self {
+            Denial::Check(MissingPath | ControlCharacter | MalformedEscape | EncodedSlash | Backslash | DotSegment) => {
+                (400, "invalid-path", "Invalid request path")
+            }
+            Denial::Check(InvalidContentLength) => (400, "invalid-content-length", "Invalid Content-Length"),
+            Denial::Check(BodyTooLarge { .. }) => (413, "payload-too-large", "Payload too large"),
+            Denial::Check(UnsupportedMediaType { .. }) => (415, "unsupported-media-type", "Unsupported media type"),
+            Denial::Unauthenticated => (401, "unauthenticated", "Authentication required"),
+            Denial::NotFound => (404, "not-found", "Not found"),
+            Denial::UnknownRoutePolicy { .. } => (500, "gateway-misconfigured", "Gateway misconfigured"),
+            Denial::Unconfigured => (503, "gateway-unavailable", "Gateway unavailable"),
+        };
+        ProblemType { status, slug, title }
+    }
+}
+
+/// The response body: `type`, `title`, `status`, `detail` and the request id. The detail is the
+/// denial's message, which never carries a credential or an internal address.
+pub fn body(denial: &Denial, request_id: &str) -> Vec<u8> {
+    let kind = denial.problem_type();
+    let value = serde_json::json!({
+        "type": format!("urn:tollgate:problem:{}", kind.slug),
+        "title": kind.title,
+        "status": kind.status,
+        "detail": denial.to_string(),
+        "request_id": request_id,
+    });
+    // Serializing a `Value` built from strings and integers cannot fail.
+    serde_json::to_vec(&value).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_is_rfc9457_with_the_request_id() {
+        let denial = Denial::Check(CheckError::BodyTooLarge { limit: 10 });
+        let body: serde_json::Value = serde_json::from_slice(&body(&denial, "req-1")).unwrap();
+        assert_eq!(
+            body,
+            serde_json::json!({
+                "type": "urn:tollgate:problem:payload-too-large",
+                "title": "Payload too large",
+                "status": 413,
+                "detail": "the request body exceeds the limit of 10 bytes for this route",
+                "request_id": "req-1",
+            })
+        );
+    }
+
+    #[test]
+    fn misconfiguration_does_not_reveal_the_policy_name() {
+        let denial = Denial::UnknownRoutePolicy { name: "internal-admin".to_owned() };
+        let text = String::from_utf8(body(&denial, "r")).unwrap();
+        assert!(!text.contains("internal-admin"), "{text}");
+    }
+}

@@ -1,0 +1,228 @@
+//! Route policies: which protections apply to a request, chosen by Envoy route metadata or by the
+//! longest matching path prefix.
+
+use std::collections::BTreeMap;
+use std::rc::Rc;
+
+use serde::Deserialize;
+
+use crate::config::{ConfigError, Method, RawRoute};
+
+/// Who may call the routes of a policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[cfg_attr(not(target_arch = "wasm32"), derive(schemars::JsonSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum Access {
+    /// Anyone; no credentials are checked.
+    Public,
+    /// Only a verified caller; anyone else gets 401.
+    Authenticated,
+    /// Nobody: the gateway answers 404 as if the path did not exist.
+    Deny,
+}
+
+/// A validated policy, shared by every route that names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    pub name: String,
+    pub access: Access,
+    pub max_body_bytes: u64,
+    /// Lower-case media types per method; a method without an entry accepts any.
+    pub content_types: BTreeMap<Method, Vec<String>>,
+    pub cache_control: Option<String>,
+}
+
+#[derive(Debug)]
+struct Route {
+    /// Without a trailing slash, except the root `/`.
+    prefix: String,
+    methods: Option<Vec<Method>>,
+    policy: Rc<Policy>,
+}
+
+/// The prefix table, longest prefix first, and the policies by name.
+#[derive(Debug)]
+pub struct RouteTable {
+    routes: Vec<Route>,
+    /// For paths no route matches: `default_policy`, or a built-in deny.
+    default: Rc<Policy>,
+    by_name: BTreeMap<String, Rc<Policy>>,
+}
+
+impl RouteTable {
+    pub fn build(
+        raw: &[RawRoute],
+        default_policy: Option<&str>,
+        policies: BTreeMap<String, Policy>,
+        unmatched: Policy,
+    ) -> Result<RouteTable, ConfigError> {
+        let by_name: BTreeMap<String, Rc<Policy>> =
+            policies.into_iter().map(|(name, p)| (name, Rc::new(p))).collect();
+        let lookup = |path: String, name: &str| {
+            by_name.get(name).cloned().ok_or_else(|| ConfigError {
+                path,
+                message: format!("no policy named {name:?}"),
+            })
+        };
+
+        let mut routes: Vec<Route> = Vec::with_capacity(raw.len());
+        for (i, r) in raw.iter().enumerate() {
+            let at = |field: &str, message: &str| ConfigError {
+                path: format!("routes[{i}].{field}"),
+                message: message.to_owned(),
+            };
+            if !r.prefix.starts_with('/') {
+                return Err(at("prefix", "must start with '/'"));
+            }
+            if r.prefix.bytes().any(|b| b <= b' ' || b == 0x7f || b == b'?' || b == b'#' || b == b'%') {
+                return Err(at("prefix", "must be a plain decoded path: no spaces, controls, '?', '#' or '%'"));
+            }
+            if r.methods.as_ref().is_some_and(Vec::is_empty) {
+                return Err(at("methods", "must list at least one method, or be omitted for all"));
+            }
+            let prefix = normalize_prefix(&r.prefix);
+            let methods = r.methods.clone();
+            if let Some(j) = routes.iter().position(|other| other.prefix == prefix && overlap(&other.methods, &methods)) {
+                return Err(at("prefix", &format!("{:?} is already routed by routes[{j}] for the same methods", r.prefix)));
+            }
+            let policy = lookup(format!("routes[{i}].policy"), &r.policy)?;
+            routes.push(Route { prefix, methods, policy });
+        }
+        // Longest first, so the first match is the longest; a stable sort keeps method-specific
+        // entries in the order they were written.
+        routes.sort_by(|a, b| b.prefix.len().cmp(&a.prefix.len()));
+
+        let default = match default_policy {
+            Some(name) => lookup("default_policy".to_owned(), name)?,
+            None => Rc::new(unmatched),
+        };
+        Ok(RouteTable { routes, default, by_name })
+    }
+
+    /// The policy for a request path (query excluded).
+    pub fn select(&self, method: Option<Method>, path: &str) -> &Rc<Policy> {
+        self.routes
+            .iter()
+            .find(|r| {
+                prefix_matches(&r.prefix, path)
+                    && r.methods.as_ref().is_none_or(|ms| method.is_some_and(|m| ms.contains(&m)))
+            })
+            .map_or(&self.default, |r| &r.policy)
+    }
+
+    pub fn policy_names(&self) -> impl Iterator<Item = &str> {
+        self.by_name.keys().map(String::as_str)
+    }
+
+    /// A policy by name, as Envoy route metadata refers to it.
+    pub fn policy(&self, name: &str) -> Option<&Rc<Policy>> {
+        self.by_name.get(name)
+    }
+}
+
+fn normalize_prefix(prefix: &str) -> String {
+    let trimmed = prefix.trim_end_matches('/');
+    if trimmed.is_empty() { "/".to_owned() } else { trimmed.to_owned() }
+}
+
+fn overlap(a: &Option<Vec<Method>>, b: &Option<Vec<Method>>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => a.iter().any(|m| b.contains(m)),
+        _ => true,
+    }
+}
+
+/// Whole-segment prefix match: `/api` matches `/api` and `/api/x`, not `/apix`.
+fn prefix_matches(prefix: &str, path: &str) -> bool {
+    if prefix == "/" {
+        return true;
+    }
+    match path.strip_prefix(prefix) {
+        Some(rest) => rest.is_empty() || rest.starts_with('/'),
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn table(json: &str) -> RouteTable {
+        Config::from_json(json.as_bytes()).unwrap().routes
+    }
+
+    const MATRIX: &str = r#"{
+        "policies": {
+            "public": {"access": "public"},
+            "account": {"access": "authenticated"},
+            "api": {"access": "authenticated"},
+            "upload": {"access": "authenticated", "max_body_bytes": 52428800},
+            "closed": {"access": "deny"}
+        },
+        "routes": [
+            {"prefix": "/health", "policy": "public"},
+            {"prefix": "/auth/", "policy": "public"},
+            {"prefix": "/billing/", "policy": "account"},
+            {"prefix": "/api/", "policy": "api"},
+            {"prefix": "/api/upload", "methods": ["POST", "PUT"], "policy": "upload"},
+            {"prefix": "/api/upload", "methods": ["DELETE"], "policy": "closed"}
+        ]
+    }"#;
+
+    #[test]
+    fn longest_whole_segment_prefix_wins() {
+        let t = table(MATRIX);
+        let cases = [
+            (Method::Get, "/health", Some("public")),
+            (Method::Get, "/health/ready", Some("public")),
+            (Method::Get, "/healthz", None),
+            (Method::Post, "/auth/login", Some("public")),
+            (Method::Get, "/auth", Some("public")),
+            (Method::Get, "/billing/invoices", Some("account")),
+            (Method::Get, "/api/items", Some("api")),
+            (Method::Post, "/api/upload/x", Some("upload")),
+            (Method::Get, "/api/upload", Some("api")),
+            (Method::Delete, "/api/upload", Some("closed")),
+            (Method::Get, "/", None),
+            (Method::Get, "/apix", None),
+        ];
+        for (method, path, want) in cases {
+            let got = t.select(Some(method), path).name.as_str();
+            assert_eq!(got, want.unwrap_or("(unmatched)"), "{method:?} {path}");
+        }
+    }
+
+    #[test]
+    fn unmatched_paths_take_the_default_policy() {
+        let json = MATRIX.replacen("\"routes\"", "\"default_policy\": \"public\", \"routes\"", 1);
+        let t = table(&json);
+        assert_eq!(t.select(Some(Method::Get), "/other").name, "public");
+        assert_eq!(t.select(None, "/api/x").name, "api");
+    }
+
+    #[test]
+    fn an_unknown_method_only_matches_entries_for_all_methods() {
+        let t = table(MATRIX);
+        assert_eq!(t.select(None, "/api/upload").name, "api");
+    }
+
+    #[test]
+    fn duplicate_routes_are_refused_unless_methods_are_disjoint() {
+        let dup = r#"{"policies": {"p": {"access": "public"}}, "routes": [
+            {"prefix": "/a/", "policy": "p"}, {"prefix": "/a", "methods": ["GET"], "policy": "p"}]}"#;
+        let err = Config::from_json(dup.as_bytes()).unwrap_err().to_string();
+        assert_eq!(err, "routes[1].prefix: \"/a\" is already routed by routes[0] for the same methods");
+        let err = Config::from_json(br#"{"policies": {"p": {"access": "public"}}, "routes": [
+            {"prefix": "/a", "methods": [], "policy": "p"}]}"#)
+        .unwrap_err()
+        .to_string();
+        assert!(err.starts_with("routes[0].methods: must list at least one"), "{err}");
+    }
+
+    #[test]
+    fn root_prefix_catches_everything() {
+        let t = table(r#"{"policies": {"p": {"access": "public"}}, "routes": [{"prefix": "/", "policy": "p"}]}"#);
+        assert_eq!(t.select(Some(Method::Get), "/anything/at/all").name, "p");
+    }
+}
