@@ -46,6 +46,7 @@ impl Method {
 /// The whole plugin configuration, given as JSON in the Wasm filter's `configuration`.
 #[derive(Debug, Deserialize)]
 #[cfg_attr(not(target_arch = "wasm32"), derive(schemars::JsonSchema))]
+#[cfg_attr(not(target_arch = "wasm32"), schemars(title = "tollgate plugin configuration"))]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
     /// Named policies. Routes, `default_policy` and Envoy route metadata refer to them by name.

@@ -1,0 +1,144 @@
+//! The shipped configs: the committed JSON Schema matches the config types, every example plugin
+//! config validates against it and against the plugin's own parser, `tollgate check` reports
+//! mistakes by field path, and Envoy itself accepts every shipped Envoy config.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn envoy_configs() -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(repo().join("envoy"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml") && p.file_name().is_some_and(|n| n != "docker-compose.yaml"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty());
+    files
+}
+
+/// Every tollgate plugin config (the `configuration.value` string) inside an Envoy config.
+fn plugin_configs(file: &Path) -> Vec<String> {
+    let doc: Value = serde_yaml::from_str(&std::fs::read_to_string(file).unwrap()).unwrap();
+    let mut found = Vec::new();
+    collect(&doc, &mut found);
+    found
+}
+
+fn collect(value: &Value, found: &mut Vec<String>) {
+    match value {
+        Value::Object(map) => {
+            if map.get("root_id").and_then(Value::as_str) == Some("tollgate") {
+                found.push(value.pointer("/configuration/value").unwrap().as_str().unwrap().to_owned());
+            }
+            map.values().for_each(|v| collect(v, found));
+        }
+        Value::Array(items) => items.iter().for_each(|v| collect(v, found)),
+        _ => {}
+    }
+}
+
+#[test]
+fn committed_schema_matches_the_config_types() {
+    let generated = serde_json::to_value(schemars::schema_for!(tollgate::config::RawConfig)).unwrap();
+    let committed: Value =
+        serde_json::from_str(&std::fs::read_to_string(repo().join("envoy/tollgate.schema.json")).unwrap()).unwrap();
+    assert!(
+        generated == committed,
+        "envoy/tollgate.schema.json is stale: regenerate it with `cargo run --bin tollgate schema > envoy/tollgate.schema.json`"
+    );
+}
+
+#[test]
+fn example_configs_validate_against_the_schema_and_the_parser() {
+    let schema: Value =
+        serde_json::from_str(&std::fs::read_to_string(repo().join("envoy/tollgate.schema.json")).unwrap()).unwrap();
+    let validator = jsonschema::validator_for(&schema).unwrap();
+    for file in envoy_configs() {
+        let configs = plugin_configs(&file);
+        assert!(!configs.is_empty(), "{} has no tollgate filter", file.display());
+        for json in configs {
+            let instance: Value = serde_json::from_str(&json).unwrap();
+            let errors: Vec<String> = validator.iter_errors(&instance).map(|e| format!("{}: {e}", e.instance_path())).collect();
+            assert!(errors.is_empty(), "{}: {errors:?}", file.display());
+            tollgate::config::Config::from_json(json.as_bytes()).unwrap();
+        }
+    }
+}
+
+#[test]
+fn schema_rejects_what_the_parser_rejects() {
+    let schema: Value =
+        serde_json::from_str(&std::fs::read_to_string(repo().join("envoy/tollgate.schema.json")).unwrap()).unwrap();
+    let validator = jsonschema::validator_for(&schema).unwrap();
+    for bad in [
+        r#"{"policies": {}, "unknown": 1}"#,
+        r#"{"policies": {"p": {"access": "public", "max_body_bytes": -1}}}"#,
+        r#"{"policies": {"p": {"access": "sometimes"}}}"#,
+        r#"{"policies": {"p": {"access": "public", "extra": true}}}"#,
+    ] {
+        let instance: Value = serde_json::from_str(bad).unwrap();
+        assert!(!validator.is_valid(&instance), "schema accepted {bad}");
+        assert!(tollgate::config::Config::from_json(bad.as_bytes()).is_err(), "parser accepted {bad}");
+    }
+}
+
+fn tollgate_check(file: &Path) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate")).arg("check").arg(file).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+}
+
+#[test]
+fn tollgate_check_accepts_the_shipped_configs() {
+    for file in envoy_configs() {
+        let (ok, output) = tollgate_check(&file);
+        assert!(ok, "{output}");
+    }
+}
+
+#[test]
+fn tollgate_check_names_the_field_at_fault() {
+    let dir = std::env::temp_dir().join(format!("tollgate-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cases = [
+        ("unknown.json", r#"{"policies": {}, "route": []}"#.to_owned(), "route: unknown field `route`"),
+        (
+            "negative.json",
+            r#"{"policies": {"p": {"access": "public", "max_body_bytes": -1}}}"#.to_owned(),
+            "policies.p.max_body_bytes: invalid value: integer `-1`",
+        ),
+        (
+            // An Envoy config whose route metadata names a policy the plugin lacks.
+            "envoy.yaml",
+            std::fs::read_to_string(repo().join("envoy/envoy.yaml")).unwrap().replace("policy: closed", "policy: clossed"),
+            "filter_metadata.tollgate.policy: no policy named \"clossed\"",
+        ),
+    ];
+    for (name, text, expected) in cases {
+        let file = dir.join(name);
+        std::fs::write(&file, text).unwrap();
+        let (ok, output) = tollgate_check(&file);
+        assert!(!ok, "{name} was accepted");
+        assert!(output.contains(expected), "{name}: {output}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn envoy_accepts_the_shipped_configs() {
+    let envoy = repo().join(".venv/bin/envoy");
+    for file in envoy_configs() {
+        let out = Command::new(&envoy)
+            .args(["--mode", "validate", "--log-level", "warn", "-c"])
+            .arg(&file)
+            .current_dir(repo())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}: {}", file.display(), String::from_utf8_lossy(&out.stderr));
+    }
+}
