@@ -120,10 +120,7 @@ pub struct RawRequestChecks {
 
 impl Default for RawRequestChecks {
     fn default() -> Self {
-        RawRequestChecks {
-            max_body_bytes: default_max_body_bytes(),
-            content_types: default_content_types(),
-        }
+        RawRequestChecks { max_body_bytes: default_max_body_bytes(), content_types: default_content_types() }
     }
 }
 
@@ -136,17 +133,9 @@ fn default_content_types() -> BTreeMap<Method, Vec<String>> {
     BTreeMap::from([
         (
             Method::Post,
-            list(&[
-                "application/json",
-                "application/x-www-form-urlencoded",
-                "multipart/form-data",
-                "text/plain",
-            ]),
+            list(&["application/json", "application/x-www-form-urlencoded", "multipart/form-data", "text/plain"]),
         ),
-        (
-            Method::Put,
-            list(&["application/json", "application/octet-stream", "multipart/form-data"]),
-        ),
+        (Method::Put, list(&["application/json", "application/octet-stream", "multipart/form-data"])),
         (Method::Patch, list(&["application/json", "application/merge-patch+json"])),
     ])
 }
@@ -372,9 +361,9 @@ impl TryFrom<RawConfig> for Config {
 fn check_content_types(path: &str, types: &BTreeMap<Method, Vec<String>>) -> Result<(), ConfigError> {
     for (method, list) in types {
         for (i, media_type) in list.iter().enumerate() {
-            let valid = media_type.split_once('/').is_some_and(|(t, s)| {
-                !t.is_empty() && !s.is_empty() && media_type.bytes().all(is_token_or_slash)
-            });
+            let valid = media_type
+                .split_once('/')
+                .is_some_and(|(t, s)| !t.is_empty() && !s.is_empty() && media_type.bytes().all(is_token_or_slash));
             if !valid {
                 return Err(ConfigError::at(
                     format!("{path}.{}[{i}]", method_name(*method)),
@@ -410,10 +399,7 @@ pub(crate) fn method_name(method: Method) -> &'static str {
 }
 
 fn lower_case(types: &BTreeMap<Method, Vec<String>>) -> BTreeMap<Method, Vec<String>> {
-    types
-        .iter()
-        .map(|(m, list)| (*m, list.iter().map(|t| t.to_ascii_lowercase()).collect()))
-        .collect()
+    types.iter().map(|(m, list)| (*m, list.iter().map(|t| t.to_ascii_lowercase()).collect())).collect()
 }
 
 /// A header value must be visible ASCII and spaces: anything else Envoy would refuse mid-request.
@@ -496,10 +482,7 @@ mod tests {
     fn minimal_config_gets_secure_defaults() {
         let config = Config::from_json(MINIMAL.as_bytes()).unwrap();
         let names: Vec<_> = config.security_headers.always.iter().map(|(n, _)| *n).collect();
-        assert_eq!(
-            names,
-            ["x-content-type-options", "x-frame-options", "referrer-policy", "permissions-policy"]
-        );
+        assert_eq!(names, ["x-content-type-options", "x-frame-options", "referrer-policy", "permissions-policy"]);
         assert!(config.security_headers.remove_server_header);
         assert_eq!(config.identity_headers[0], "x-tollgate-subject");
     }
@@ -508,16 +491,43 @@ mod tests {
     fn errors_name_the_field_path() {
         let cases = [
             (r#"{"policies": {}, "routez": []}"#, "routez"),
-            (r#"{"policies": {"p": {"access": "public", "max_body_bytes": -1}}}"#, "policies.p.max_body_bytes: invalid value: integer `-1`"),
-            (r#"{"policies": {"p": {"access": "public", "max_body_bytes": "10"}}}"#, "policies.p.max_body_bytes: invalid type: string"),
+            (
+                r#"{"policies": {"p": {"access": "public", "max_body_bytes": -1}}}"#,
+                "policies.p.max_body_bytes: invalid value: integer `-1`",
+            ),
+            (
+                r#"{"policies": {"p": {"access": "public", "max_body_bytes": "10"}}}"#,
+                "policies.p.max_body_bytes: invalid type: string",
+            ),
             (r#"{"policies": {"p": {"access": "everyone"}}}"#, "policies.p.access: unknown variant `everyone`"),
-            (r#"{"policies": {"p": {"access": "public"}}, "routes": [{"prefix": "/", "policy": "p"}, {"prefix": "/a", "policy": "q"}]}"#, "routes[1].policy: no policy named \"q\""),
-            (r#"{"policies": {"p": {"access": "public"}}, "routes": [{"prefix": "a", "policy": "p"}]}"#, "routes[0].prefix: must start with '/'"),
-            (r#"{"policies": {"p": {"access": "public"}}, "default_policy": "x"}"#, "default_policy: no policy named \"x\""),
-            (r#"{"policies": {"p": {"access": "public", "content_types": {"POST": ["json"]}}}}"#, "policies.p.content_types.POST[0]: \"json\" is not a media type"),
-            (r#"{"policies": {}, "security_headers": {"frame_options": ""}}"#, "security_headers.frame_options: must not be empty"),
-            (r#"{"policies": {}, "identity_headers": {"tier": "x-tollgate-subject"}}"#, "identity_headers.tier: \"x-tollgate-subject\" is used for two"),
-            (r#"{"policies": {}, "request_checks": {"content_types": {"BREW": []}}}"#, "request_checks.content_types: unknown variant `BREW`"),
+            (
+                r#"{"policies": {"p": {"access": "public"}}, "routes": [{"prefix": "/", "policy": "p"}, {"prefix": "/a", "policy": "q"}]}"#,
+                "routes[1].policy: no policy named \"q\"",
+            ),
+            (
+                r#"{"policies": {"p": {"access": "public"}}, "routes": [{"prefix": "a", "policy": "p"}]}"#,
+                "routes[0].prefix: must start with '/'",
+            ),
+            (
+                r#"{"policies": {"p": {"access": "public"}}, "default_policy": "x"}"#,
+                "default_policy: no policy named \"x\"",
+            ),
+            (
+                r#"{"policies": {"p": {"access": "public", "content_types": {"POST": ["json"]}}}}"#,
+                "policies.p.content_types.POST[0]: \"json\" is not a media type",
+            ),
+            (
+                r#"{"policies": {}, "security_headers": {"frame_options": ""}}"#,
+                "security_headers.frame_options: must not be empty",
+            ),
+            (
+                r#"{"policies": {}, "identity_headers": {"tier": "x-tollgate-subject"}}"#,
+                "identity_headers.tier: \"x-tollgate-subject\" is used for two",
+            ),
+            (
+                r#"{"policies": {}, "request_checks": {"content_types": {"BREW": []}}}"#,
+                "request_checks.content_types: unknown variant `BREW`",
+            ),
             (r#"{"policies": {}"#, "$: EOF while parsing"),
             (r#"{"policies": {}} trailing"#, "$: trailing characters"),
         ];

@@ -189,6 +189,9 @@ mod tests {
     use super::*;
     use std::collections::HashMap;
 
+    /// A local reply: status, headers, parsed body.
+    type Sent = (u16, Vec<(String, String)>, serde_json::Value);
+
     /// A proxy that records what the pipeline did.
     #[derive(Default)]
     struct FakeHost {
@@ -196,7 +199,7 @@ mod tests {
         properties: HashMap<String, Vec<u8>>,
         removed: Vec<String>,
         response: Vec<(String, String)>,
-        sent: Option<(u16, Vec<(String, String)>, serde_json::Value)>,
+        sent: Option<Sent>,
     }
 
     impl Host for FakeHost {
@@ -259,6 +262,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::type_complexity, reason = "a table of requests reads best inline")]
     fn denials_by_request() {
         let cases: &[(&str, &str, &[(&str, &str)], u16, &str)] = &[
             ("GET", "/health/../api", &[], 400, "invalid-path"),
@@ -272,7 +276,10 @@ mod tests {
             let (_, flow) = run(&mut host);
             assert_eq!(flow, Flow::Pause, "{method} {path}");
             let (got, _, body) = host.sent.as_ref().unwrap();
-            assert_eq!((*got, body["type"].as_str().unwrap()), (*status, format!("urn:tollgate:problem:{slug}").as_str()));
+            assert_eq!(
+                (*got, body["type"].as_str().unwrap()),
+                (*status, format!("urn:tollgate:problem:{slug}").as_str())
+            );
             assert_eq!(body["request_id"], "rid-1");
             assert_eq!(host.sent_header("content-type"), Some("application/problem+json"));
             assert_eq!(host.sent_header("x-frame-options"), Some("DENY"));
@@ -323,7 +330,8 @@ mod tests {
     fn responses_get_security_headers_and_lose_server() {
         let mut host = FakeHost::request("GET", "/static/app.js", &[("x-forwarded-proto", "https")]);
         let (mut stream, _) = run(&mut host);
-        host.response = vec![("server".to_owned(), "gunicorn".to_owned()), ("x-frame-options".to_owned(), "ALLOW".to_owned())];
+        host.response =
+            vec![("server".to_owned(), "gunicorn".to_owned()), ("x-frame-options".to_owned(), "ALLOW".to_owned())];
         stream.on_response_headers(&mut host);
         let get = |name: &str| host.response.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str());
         assert_eq!(get("server"), None);

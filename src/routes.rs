@@ -56,13 +56,9 @@ impl RouteTable {
         policies: BTreeMap<String, Policy>,
         unmatched: Policy,
     ) -> Result<RouteTable, ConfigError> {
-        let by_name: BTreeMap<String, Rc<Policy>> =
-            policies.into_iter().map(|(name, p)| (name, Rc::new(p))).collect();
+        let by_name: BTreeMap<String, Rc<Policy>> = policies.into_iter().map(|(name, p)| (name, Rc::new(p))).collect();
         let lookup = |path: String, name: &str| {
-            by_name.get(name).cloned().ok_or_else(|| ConfigError {
-                path,
-                message: format!("no policy named {name:?}"),
-            })
+            by_name.get(name).cloned().ok_or_else(|| ConfigError { path, message: format!("no policy named {name:?}") })
         };
 
         let mut routes: Vec<Route> = Vec::with_capacity(raw.len());
@@ -82,15 +78,19 @@ impl RouteTable {
             }
             let prefix = normalize_prefix(&r.prefix);
             let methods = r.methods.clone();
-            if let Some(j) = routes.iter().position(|other| other.prefix == prefix && overlap(&other.methods, &methods)) {
-                return Err(at("prefix", &format!("{:?} is already routed by routes[{j}] for the same methods", r.prefix)));
+            if let Some(j) = routes.iter().position(|other| other.prefix == prefix && overlap(&other.methods, &methods))
+            {
+                return Err(at(
+                    "prefix",
+                    &format!("{:?} is already routed by routes[{j}] for the same methods", r.prefix),
+                ));
             }
             let policy = lookup(format!("routes[{i}].policy"), &r.policy)?;
             routes.push(Route { prefix, methods, policy });
         }
         // Longest first, so the first match is the longest; a stable sort keeps method-specific
         // entries in the order they were written.
-        routes.sort_by(|a, b| b.prefix.len().cmp(&a.prefix.len()));
+        routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
 
         let default = match default_policy {
             Some(name) => lookup("default_policy".to_owned(), name)?,
@@ -122,7 +122,11 @@ impl RouteTable {
 
 fn normalize_prefix(prefix: &str) -> String {
     let trimmed = prefix.trim_end_matches('/');
-    if trimmed.is_empty() { "/".to_owned() } else { trimmed.to_owned() }
+    if trimmed.is_empty() {
+        "/".to_owned()
+    } else {
+        trimmed.to_owned()
+    }
 }
 
 fn overlap(a: &Option<Vec<Method>>, b: &Option<Vec<Method>>) -> bool {
@@ -213,8 +217,10 @@ mod tests {
             {"prefix": "/a/", "policy": "p"}, {"prefix": "/a", "methods": ["GET"], "policy": "p"}]}"#;
         let err = Config::from_json(dup.as_bytes()).unwrap_err().to_string();
         assert_eq!(err, "routes[1].prefix: \"/a\" is already routed by routes[0] for the same methods");
-        let err = Config::from_json(br#"{"policies": {"p": {"access": "public"}}, "routes": [
-            {"prefix": "/a", "methods": [], "policy": "p"}]}"#)
+        let err = Config::from_json(
+            br#"{"policies": {"p": {"access": "public"}}, "routes": [
+            {"prefix": "/a", "methods": [], "policy": "p"}]}"#,
+        )
         .unwrap_err()
         .to_string();
         assert!(err.starts_with("routes[0].methods: must list at least one"), "{err}");

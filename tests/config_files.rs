@@ -1,6 +1,7 @@
 //! The shipped configs: the committed JSON Schema matches the config types, every example plugin
 //! config validates against it and against the plugin's own parser, `tollgate check` reports
 //! mistakes by field path, and Envoy itself accepts every shipped Envoy config.
+#![allow(clippy::unwrap_used, reason = "test code: a failed step fails the test")]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -15,7 +16,9 @@ fn envoy_configs() -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(repo().join("envoy"))
         .unwrap()
         .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "yaml") && p.file_name().is_some_and(|n| n != "docker-compose.yaml"))
+        .filter(|p| {
+            p.extension().is_some_and(|x| x == "yaml") && p.file_name().is_some_and(|n| n != "docker-compose.yaml")
+        })
         .collect();
     files.sort();
     assert!(!files.is_empty());
@@ -64,7 +67,8 @@ fn example_configs_validate_against_the_schema_and_the_parser() {
         assert!(!configs.is_empty(), "{} has no tollgate filter", file.display());
         for json in configs {
             let instance: Value = serde_json::from_str(&json).unwrap();
-            let errors: Vec<String> = validator.iter_errors(&instance).map(|e| format!("{}: {e}", e.instance_path())).collect();
+            let errors: Vec<String> =
+                validator.iter_errors(&instance).map(|e| format!("{}: {e}", e.instance_path())).collect();
             assert!(errors.is_empty(), "{}: {errors:?}", file.display());
             tollgate::config::Config::from_json(json.as_bytes()).unwrap();
         }
@@ -115,7 +119,9 @@ fn tollgate_check_names_the_field_at_fault() {
         (
             // An Envoy config whose route metadata names a policy the plugin lacks.
             "envoy.yaml",
-            std::fs::read_to_string(repo().join("envoy/envoy.yaml")).unwrap().replace("policy: closed", "policy: clossed"),
+            std::fs::read_to_string(repo().join("envoy/envoy.yaml"))
+                .unwrap()
+                .replace("policy: closed", "policy: clossed"),
             "filter_metadata.tollgate.policy: no policy named \"clossed\"",
         ),
     ];
