@@ -1,0 +1,463 @@
+//! HMAC request signatures, as the seeds' `RequestSignatureMiddleware` does them: `X-Signature` is
+//! the hex HMAC-SHA256 of `METHOD:path:timestamp:body` under the caller's account secret, and
+//! `X-Timestamp` must be near the gateway's clock. Checked in two steps, because the body comes
+//! after the headers: `begin` at request headers, `PendingSignature::update` per body chunk (so
+//! nothing is buffered), `finish` at the end of the body.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::fmt;
+
+use hmac_sha256::HMAC;
+use serde::Deserialize;
+
+use super::{
+    decode_base64_any, decode_hex32, default_true, error_at, AuthError, Identity, RequestCredentials, SecretString,
+};
+use crate::config::{is_token_byte, ConfigError};
+
+/// Signature settings. Which routes require a signature is up to the route policy.
+#[derive(Debug, Deserialize)]
+#[cfg_attr(not(target_arch = "wasm32"), derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct RawSignatures {
+    /// The header with the hex signature.
+    #[serde(default = "default_signature_header")]
+    pub header: String,
+    /// The header with the Unix time in seconds the client signed.
+    #[serde(default = "default_timestamp_header")]
+    pub timestamp_header: String,
+    /// How far the timestamp may be from the gateway's clock, either way, in seconds. A signature
+    /// is remembered this long to refuse its replay.
+    #[serde(default = "default_max_skew_seconds")]
+    pub max_skew_seconds: u64,
+    /// Sign the path with its query string (`/a?b=1`). `false` signs the path alone, as the
+    /// seeds' middleware does, which leaves the query open to tampering.
+    #[serde(default = "default_true")]
+    pub sign_query: bool,
+    /// How many recent signatures each Envoy worker remembers (about 120 bytes each). When full
+    /// of unexpired ones, signed requests get 503 rather than risk an undetected replay.
+    #[serde(default = "default_replay_cache_entries")]
+    pub replay_cache_entries: usize,
+    /// A secret per account; the caller must have authenticated as that account.
+    pub secrets: Vec<RawSigningSecret>,
+}
+
+fn default_signature_header() -> String {
+    "x-signature".to_owned()
+}
+
+fn default_timestamp_header() -> String {
+    "x-timestamp".to_owned()
+}
+
+fn default_max_skew_seconds() -> u64 {
+    300
+}
+
+fn default_replay_cache_entries() -> usize {
+    16_384
+}
+
+/// One account's signing secret.
+#[derive(Debug, Deserialize)]
+#[cfg_attr(not(target_arch = "wasm32"), derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct RawSigningSecret {
+    /// The account, as the caller's identity names it (API key `account`, or the JWT account claim).
+    pub account: String,
+    /// The HMAC key, base64; at least 32 bytes.
+    pub secret: SecretString,
+}
+
+const MIN_SECRET_BYTES: usize = 32;
+
+/// Validated signature settings, each secret already keyed into an HMAC state.
+pub struct Signatures {
+    header: String,
+    timestamp_header: String,
+    max_skew_seconds: u64,
+    sign_query: bool,
+    replay_cache_entries: usize,
+    /// Each account's HMAC state with the key already absorbed; cloned per request.
+    secrets: HashMap<String, HMAC>,
+}
+
+impl fmt::Debug for Signatures {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut accounts: Vec<&String> = self.secrets.keys().collect();
+        accounts.sort();
+        f.debug_struct("Signatures")
+            .field("header", &self.header)
+            .field("timestamp_header", &self.timestamp_header)
+            .field("max_skew_seconds", &self.max_skew_seconds)
+            .field("accounts", &accounts)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Signatures {
+    pub(crate) fn compile(raw: &RawSignatures, path: &str) -> Result<Signatures, ConfigError> {
+        let header = header_name(&raw.header, &format!("{path}.header"))?;
+        let timestamp_header = header_name(&raw.timestamp_header, &format!("{path}.timestamp_header"))?;
+        if header == timestamp_header {
+            return Err(error_at(format!("{path}.timestamp_header"), "must differ from header"));
+        }
+        if raw.max_skew_seconds == 0 {
+            return Err(error_at(format!("{path}.max_skew_seconds"), "must be > 0"));
+        }
+        if raw.replay_cache_entries == 0 {
+            return Err(error_at(format!("{path}.replay_cache_entries"), "must be > 0"));
+        }
+        let mut secrets = HashMap::with_capacity(raw.secrets.len());
+        for (i, s) in raw.secrets.iter().enumerate() {
+            let at = |field: &str, message: String| error_at(format!("{path}.secrets[{i}].{field}"), message);
+            if s.account.is_empty() {
+                return Err(at("account", "must not be empty".to_owned()));
+            }
+            let key =
+                decode_base64_any(s.secret.expose()).ok_or_else(|| at("secret", "not valid base64".to_owned()))?;
+            if key.len() < MIN_SECRET_BYTES {
+                return Err(at(
+                    "secret",
+                    format!("must be at least {MIN_SECRET_BYTES} bytes, this one has {}", key.len()),
+                ));
+            }
+            if secrets.insert(s.account.clone(), HMAC::new(&key)).is_some() {
+                return Err(at("account", format!("{:?} has another secret already", s.account)));
+            }
+        }
+        Ok(Signatures {
+            header,
+            timestamp_header,
+            max_skew_seconds: raw.max_skew_seconds,
+            sign_query: raw.sign_query,
+            replay_cache_entries: raw.replay_cache_entries,
+            secrets,
+        })
+    }
+
+    /// An empty replay cache of the configured size, one per worker.
+    pub fn replay_cache(&self) -> ReplayCache {
+        ReplayCache::new(self.replay_cache_entries)
+    }
+
+    /// The header-time checks: both headers present and single, the timestamp within the skew, a
+    /// secret for the caller's account. The body goes into the returned state.
+    pub fn begin(
+        &self,
+        request: &RequestCredentials,
+        identity: Option<&Identity>,
+        now: u64,
+    ) -> Result<PendingSignature, AuthError> {
+        let signature = request.single_header(&self.header, "signature header")?;
+        let timestamp = request.single_header(&self.timestamp_header, "timestamp header")?;
+        let (Some(signature), Some(timestamp)) = (signature, timestamp) else {
+            return Err(AuthError::SignatureMissing);
+        };
+        let signature = decode_hex32(signature.trim()).ok_or(AuthError::SignatureMalformed)?;
+        let seconds = parse_seconds(timestamp).ok_or(AuthError::TimestampMalformed)?;
+        if now.abs_diff(seconds) > self.max_skew_seconds {
+            return Err(AuthError::TimestampOutsideSkew { max_skew_seconds: self.max_skew_seconds });
+        }
+        let mut mac =
+            identity.and_then(|id| self.secrets.get(&id.account)).cloned().ok_or(AuthError::NoSigningSecret)?;
+        let path = request.header(":path").unwrap_or_default();
+        let path = if self.sign_query { path } else { path.split(['?', '#']).next().unwrap_or_default() };
+        for part in [request.header(":method").unwrap_or_default(), path, timestamp] {
+            mac.update(part.as_bytes());
+            mac.update(b":");
+        }
+        Ok(PendingSignature { mac, signature, expires_at: seconds.saturating_add(self.max_skew_seconds) })
+    }
+}
+
+fn header_name(name: &str, path: &str) -> Result<String, ConfigError> {
+    if name.is_empty() || !name.bytes().all(is_token_byte) {
+        return Err(error_at(path, format!("{name:?} is not a valid header name")));
+    }
+    Ok(name.to_ascii_lowercase())
+}
+
+/// Decimal digits only: no sign, no fraction, nothing a lenient parser would guess at.
+fn parse_seconds(text: &str) -> Option<u64> {
+    if text.is_empty() || text.len() > 19 || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok()
+}
+
+/// A signature whose headers passed, waiting for the body.
+pub struct PendingSignature {
+    mac: HMAC,
+    signature: [u8; 32],
+    /// Until when a replay of this signature would pass the timestamp check.
+    expires_at: u64,
+}
+
+impl fmt::Debug for PendingSignature {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PendingSignature").field("expires_at", &self.expires_at).finish_non_exhaustive()
+    }
+}
+
+impl PendingSignature {
+    /// Feeds the next piece of the request body.
+    pub fn update(&mut self, chunk: &[u8]) {
+        self.mac.update(chunk);
+    }
+
+    /// Compares in constant time, then records the signature so the same request is accepted
+    /// once. Call when the whole body has been fed.
+    pub fn finish(self, replays: &mut ReplayCache, now: u64) -> Result<(), AuthError> {
+        // `finalize_verify` compares in constant time.
+        if !self.mac.finalize_verify(&self.signature) {
+            return Err(AuthError::SignatureMismatch);
+        }
+        replays.insert(self.signature, self.expires_at, now)
+    }
+}
+
+/// Recently accepted signatures, each until its timestamp leaves the skew window. Bounded: it
+/// never holds more than its capacity, and expired entries go first.
+#[derive(Debug)]
+pub struct ReplayCache {
+    capacity: usize,
+    expiry_of: HashMap<[u8; 32], u64>,
+    by_expiry: BinaryHeap<Reverse<(u64, [u8; 32])>>,
+}
+
+impl ReplayCache {
+    pub fn new(capacity: usize) -> ReplayCache {
+        ReplayCache { capacity, expiry_of: HashMap::new(), by_expiry: BinaryHeap::new() }
+    }
+
+    pub fn len(&self) -> usize {
+        self.expiry_of.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.expiry_of.is_empty()
+    }
+
+    /// Records `signature` until `expires_at`; refuses one already recorded and unexpired.
+    pub fn insert(&mut self, signature: [u8; 32], expires_at: u64, now: u64) -> Result<(), AuthError> {
+        while let Some(Reverse((at, old))) = self.by_expiry.peek().copied() {
+            if at >= now {
+                break;
+            }
+            self.by_expiry.pop();
+            self.expiry_of.remove(&old);
+        }
+        if self.expiry_of.contains_key(&signature) {
+            return Err(AuthError::SignatureReplayed);
+        }
+        if self.expiry_of.len() >= self.capacity {
+            return Err(AuthError::ReplayCacheFull);
+        }
+        self.expiry_of.insert(signature, expires_at);
+        self.by_expiry.push(Reverse((expires_at, signature)));
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::headers;
+    use super::super::AuthMethod;
+    use super::*;
+
+    const NOW: u64 = 1_800_000_000;
+    const SECRET: &[u8] = b"an account secret of 32+ bytes!!";
+
+    fn signatures(extra: serde_json::Value) -> Signatures {
+        use ct_codecs::{Base64, Encoder};
+        let mut raw =
+            serde_json::json!({"secrets": [{"account": "acme", "secret": Base64::encode_to_string(SECRET).unwrap()}]});
+        if let (Some(raw), Some(extra)) = (raw.as_object_mut(), extra.as_object()) {
+            raw.extend(extra.clone());
+        }
+        let raw: RawSignatures = serde_json::from_value(raw).unwrap();
+        Signatures::compile(&raw, "auth.signatures").unwrap()
+    }
+
+    fn identity(account: &str) -> Identity {
+        Identity {
+            subject: "k".to_owned(),
+            account: account.to_owned(),
+            tier: None,
+            method: AuthMethod::ApiKey,
+            key_id: Some("k".to_owned()),
+            scopes: Vec::new(),
+            remove_upstream: Vec::new(),
+        }
+    }
+
+    fn sign(message: &str) -> String {
+        HMAC::mac(message.as_bytes(), SECRET).iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    struct Request {
+        headers: Vec<(String, String)>,
+    }
+
+    impl Request {
+        fn new(path: &str, pairs: &[(&str, &str)]) -> Request {
+            let mut all = vec![(":method", "POST"), (":path", path)];
+            all.extend_from_slice(pairs);
+            Request { headers: headers(&all) }
+        }
+
+        fn check(
+            &self,
+            sigs: &Signatures,
+            account: &str,
+            body: &[&[u8]],
+            cache: &mut ReplayCache,
+            now: u64,
+        ) -> Result<(), AuthError> {
+            let identity = identity(account);
+            let mut pending = sigs.begin(&RequestCredentials::new(&self.headers), Some(&identity), now)?;
+            for chunk in body {
+                pending.update(chunk);
+            }
+            pending.finish(cache, now)
+        }
+    }
+
+    #[test]
+    fn signed_requests_pass_once() {
+        let sigs = signatures(serde_json::json!({}));
+        let mut cache = sigs.replay_cache();
+        let ts = NOW.to_string();
+        let good = sign(&format!("POST:/api/pay?x=1:{ts}:{{\"amount\":5}}"));
+        let request = Request::new("/api/pay?x=1", &[("x-signature", &good), ("x-timestamp", &ts)]);
+        assert_eq!(request.check(&sigs, "acme", &[b"{\"amount\"", b":5}"], &mut cache, NOW), Ok(()));
+        assert_eq!(
+            request.check(&sigs, "acme", &[b"{\"amount\":5}"], &mut cache, NOW + 10),
+            Err(AuthError::SignatureReplayed)
+        );
+        assert_eq!(cache.len(), 1);
+
+        let upper = good.to_uppercase();
+        let request = Request::new("/api/pay?x=1", &[("x-signature", &upper), ("x-timestamp", &ts)]);
+        assert_eq!(request.check(&sigs, "acme", &[b"{\"amount\":5}"], &mut sigs.replay_cache(), NOW), Ok(()));
+    }
+
+    #[test]
+    #[allow(clippy::type_complexity, reason = "a table of requests reads best inline")]
+    fn bad_signatures_are_refused() {
+        let sigs = signatures(serde_json::json!({}));
+        let ts = NOW.to_string();
+        let stale_ts = (NOW - 301).to_string();
+        let future_ts = (NOW + 301).to_string();
+        let good = sign(&format!("POST:/api/pay:{ts}:body"));
+        let stale = sign(&format!("POST:/api/pay:{stale_ts}:body"));
+        let future = sign(&format!("POST:/api/pay:{future_ts}:body"));
+        let skew = AuthError::TimestampOutsideSkew { max_skew_seconds: 300 };
+        let cases: Vec<(Vec<(&str, &str)>, &str, &[u8], AuthError)> = vec![
+            (vec![("x-signature", &good), ("x-timestamp", &ts)], "acme", b"tampered", AuthError::SignatureMismatch),
+            (vec![("x-signature", &stale), ("x-timestamp", &stale_ts)], "acme", b"body", skew.clone()),
+            (vec![("x-signature", &future), ("x-timestamp", &future_ts)], "acme", b"body", skew),
+            (
+                vec![("x-signature", &good), ("x-timestamp", &stale_ts)],
+                "acme",
+                b"body",
+                AuthError::TimestampOutsideSkew { max_skew_seconds: 300 },
+            ),
+            (vec![("x-signature", &good)], "acme", b"body", AuthError::SignatureMissing),
+            (vec![("x-timestamp", &ts)], "acme", b"body", AuthError::SignatureMissing),
+            (vec![("x-signature", "abc"), ("x-timestamp", &ts)], "acme", b"body", AuthError::SignatureMalformed),
+            (vec![("x-signature", &good), ("x-timestamp", "1.8e9")], "acme", b"body", AuthError::TimestampMalformed),
+            (vec![("x-signature", &good), ("x-timestamp", "-5")], "acme", b"body", AuthError::TimestampMalformed),
+            (vec![("x-signature", &good), ("x-timestamp", &ts)], "other", b"body", AuthError::NoSigningSecret),
+            (
+                vec![("x-signature", &good), ("x-signature", &good), ("x-timestamp", &ts)],
+                "acme",
+                b"body",
+                AuthError::DuplicateCredential("signature header"),
+            ),
+        ];
+        for (pairs, account, body, expected) in cases {
+            let request = Request::new("/api/pay", &pairs);
+            let result = request.check(&sigs, account, &[body], &mut sigs.replay_cache(), NOW);
+            assert_eq!(result, Err(expected), "{pairs:?} {account}");
+        }
+        let request = Request::new("/api/pay", &[("x-signature", &good), ("x-timestamp", &ts)]);
+        let pending = sigs.begin(&RequestCredentials::new(&request.headers), None, NOW);
+        assert_eq!(pending.unwrap_err(), AuthError::NoSigningSecret);
+    }
+
+    #[test]
+    fn the_query_is_signed_unless_configured_otherwise() {
+        let ts = NOW.to_string();
+        let path_only = sign(&format!("POST:/api/pay:{ts}:"));
+        let request = Request::new("/api/pay?amount=1000", &[("x-signature", &path_only), ("x-timestamp", &ts)]);
+        let sigs = signatures(serde_json::json!({}));
+        assert_eq!(request.check(&sigs, "acme", &[], &mut sigs.replay_cache(), NOW), Err(AuthError::SignatureMismatch));
+        let sigs = signatures(serde_json::json!({"sign_query": false}));
+        assert_eq!(request.check(&sigs, "acme", &[], &mut sigs.replay_cache(), NOW), Ok(()));
+    }
+
+    #[test]
+    fn the_replay_cache_forgets_expired_entries_and_stays_bounded() {
+        let mut cache = ReplayCache::new(2);
+        assert_eq!(cache.insert([1; 32], NOW + 10, NOW), Ok(()));
+        assert_eq!(cache.insert([2; 32], NOW + 20, NOW), Ok(()));
+        assert_eq!(cache.insert([3; 32], NOW + 30, NOW), Err(AuthError::ReplayCacheFull));
+        assert_eq!(cache.insert([1; 32], NOW + 10, NOW + 10), Err(AuthError::SignatureReplayed));
+        // Entry 1 has expired at NOW + 11: room again, and 1 is no longer a replay.
+        assert_eq!(cache.insert([3; 32], NOW + 30, NOW + 11), Ok(()));
+        assert_eq!(cache.len(), 2);
+        assert_eq!(cache.insert([1; 32], NOW + 40, NOW + 25), Ok(()));
+        assert_eq!(cache.len(), 2);
+    }
+
+    #[test]
+    fn config_errors_name_the_field() {
+        let cases = [
+            (
+                serde_json::json!({"secrets": [{"account": "a", "secret": "c2hvcnQ="}]}),
+                "auth.signatures.secrets[0].secret: must be at least 32 bytes, this one has 5",
+            ),
+            (
+                serde_json::json!({"secrets": [{"account": "a", "secret": "***"}]}),
+                "auth.signatures.secrets[0].secret: not valid base64",
+            ),
+            (
+                serde_json::json!({"secrets": [{"account": "", "secret": "x"}]}),
+                "auth.signatures.secrets[0].account: must not be empty",
+            ),
+            (
+                serde_json::json!({"secrets": [{"account": "a", "secret": "YWJjZGVmZ2hpamtsbW5vcHFyc3R1dnd4eXoxMjM0NTY="}, {"account": "a", "secret": "YWJjZGVmZ2hpamtsbW5vcHFyc3R1dnd4eXoxMjM0NTY="}]}),
+                "auth.signatures.secrets[1].account: \"a\" has another secret already",
+            ),
+            (
+                serde_json::json!({"secrets": [], "header": "x sig"}),
+                "auth.signatures.header: \"x sig\" is not a valid header name",
+            ),
+            (
+                serde_json::json!({"secrets": [], "timestamp_header": "X-Signature"}),
+                "auth.signatures.timestamp_header: must differ from header",
+            ),
+            (
+                serde_json::json!({"secrets": [], "max_skew_seconds": 0}),
+                "auth.signatures.max_skew_seconds: must be > 0",
+            ),
+            (
+                serde_json::json!({"secrets": [], "replay_cache_entries": 0}),
+                "auth.signatures.replay_cache_entries: must be > 0",
+            ),
+        ];
+        for (raw, expected) in cases {
+            let message = super::super::tests::parse(&serde_json::json!({"signatures": raw}).to_string()).unwrap_err();
+            assert!(message.starts_with(expected), "{raw}\n  gave: {message}\n  want: {expected}");
+        }
+    }
+
+    #[test]
+    fn debug_output_shows_no_secret() {
+        let text = format!("{:?}", signatures(serde_json::json!({})));
+        assert!(text.contains("acme") && !text.contains("account secret"), "{text}");
+    }
+}
