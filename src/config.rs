@@ -7,6 +7,7 @@ use std::fmt;
 
 use serde::Deserialize;
 
+use crate::auth::{Authenticator, RawAuth};
 use crate::routes::{Access, Policy, RouteTable};
 
 /// An HTTP method, as routes and content-type rules name it.
@@ -68,6 +69,9 @@ pub struct RawConfig {
     /// under these names is removed before the request goes on.
     #[serde(default)]
     pub identity_headers: RawIdentityHeaders,
+    /// How callers prove who they are: JWT providers, API keys, request signatures.
+    #[serde(default)]
+    pub auth: RawAuth,
 }
 
 /// What protections apply to the requests a route selects.
@@ -87,6 +91,13 @@ pub struct RawPolicy {
     /// `security_headers.cache_control`.
     #[serde(default)]
     pub cache_control: Option<String>,
+    /// Scopes the caller must all have (`authenticated` policies only); a caller without them
+    /// gets 403.
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// Require an HMAC request signature (`auth.signatures`) on top of the caller's credential.
+    #[serde(default)]
+    pub signature: bool,
 }
 
 /// One entry of the prefix table.
@@ -264,6 +275,7 @@ impl ConfigError {
 #[derive(Debug)]
 pub struct Config {
     pub routes: RouteTable,
+    pub auth: Authenticator,
     pub security_headers: SecurityHeaders,
     /// Lower-case names of the identity headers, in the order of `RawIdentityHeaders`.
     pub identity_headers: Vec<String>,
@@ -331,12 +343,24 @@ impl TryFrom<RawConfig> for Config {
                 check_content_types(&format!("{path}.content_types"), types)?;
             }
             header_value(&format!("{path}.cache_control"), &p.cache_control)?;
+            if p.access != Access::Authenticated && (!p.scopes.is_empty() || p.signature) {
+                let field = if p.signature { "signature" } else { "scopes" };
+                return Err(ConfigError::at(format!("{path}.{field}"), "needs \"access\": \"authenticated\""));
+            }
+            if let Some(i) = p.scopes.iter().position(|s| !crate::auth::is_scope_token(s)) {
+                return Err(ConfigError::at(format!("{path}.scopes[{i}]"), "is not a scope token"));
+            }
+            if p.signature && raw.auth.signatures.is_none() {
+                return Err(ConfigError::at(format!("{path}.signature"), "needs auth.signatures to be configured"));
+            }
             let policy = Policy {
                 name: name.clone(),
                 access: p.access,
                 max_body_bytes: p.max_body_bytes.unwrap_or(defaults.max_body_bytes),
                 content_types: lower_case(p.content_types.as_ref().unwrap_or(&defaults.content_types)),
                 cache_control: p.cache_control.clone().or_else(|| sec.cache_control.clone()),
+                scopes: p.scopes.clone(),
+                signature: p.signature,
             };
             policies.insert(name.clone(), policy);
         }
@@ -348,10 +372,13 @@ impl TryFrom<RawConfig> for Config {
             max_body_bytes: defaults.max_body_bytes,
             content_types: lower_case(&defaults.content_types),
             cache_control: sec.cache_control.clone(),
+            scopes: Vec::new(),
+            signature: false,
         };
         let routes = RouteTable::build(&raw.routes, raw.default_policy.as_deref(), policies, unmatched)?;
         Ok(Config {
             routes,
+            auth: Authenticator::try_from(&raw.auth)?,
             security_headers: security_headers(sec)?,
             identity_headers: identity_headers(&raw.identity_headers)?,
         })

@@ -1,6 +1,7 @@
 //! Headers the filter owns: client-sent identity headers removed on the way in, security headers
 //! set on the way out.
 
+use crate::auth::{remove_cookie, remove_query_param, CredentialLocation, Identity};
 use crate::config::SecurityHeaders;
 use crate::host::Host;
 
@@ -10,6 +11,46 @@ pub fn strip_identity(host: &mut dyn Host, request: &[(String, String)], identit
     for name in identity {
         if request.iter().any(|(n, _)| n == name) {
             host.remove_request_header(name);
+        }
+    }
+}
+
+/// Sets the verified caller's identity headers upstream, and removes the credentials it used
+/// (unless the config forwards them), as Envoy's `jwt_authn` does.
+pub fn forward_identity(host: &mut dyn Host, request: &[(String, String)], names: &[String], identity: &Identity) {
+    let scopes = identity.scopes.join(" ");
+    let values = [
+        Some(identity.subject.as_str()),
+        Some(identity.account.as_str()),
+        identity.tier.as_deref(),
+        Some(identity.method.as_str()),
+        identity.key_id.as_deref(),
+        Some(scopes.as_str()).filter(|s| !s.is_empty()),
+    ];
+    for (name, value) in names.iter().zip(values) {
+        if let Some(value) = value {
+            host.set_request_header(name, value);
+        }
+    }
+    let header = |name: &str| request.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str());
+    for location in &identity.remove_upstream {
+        match location {
+            CredentialLocation::Authorization => host.remove_request_header("authorization"),
+            CredentialLocation::Header(name) => host.remove_request_header(name),
+            CredentialLocation::Cookie(name) => {
+                // HTTP/2 may split cookies over several headers; they are joined back into one.
+                let joined: Vec<&str> =
+                    request.iter().filter(|(n, _)| n == "cookie").map(|(_, v)| v.as_str()).collect();
+                match remove_cookie(&joined.join("; "), name) {
+                    Some(rest) => host.set_request_header("cookie", &rest),
+                    None => host.remove_request_header("cookie"),
+                }
+            }
+            CredentialLocation::Query(name) => {
+                if let Some(path) = header(":path") {
+                    host.set_request_header(":path", &remove_query_param(path, name));
+                }
+            }
         }
     }
 }

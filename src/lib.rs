@@ -2,23 +2,28 @@
 //! the order of DESIGN.md; each step's logic lives in its own module, and `wasm/` is the only
 //! code that talks to proxy-wasm.
 
+pub mod auth;
 pub mod checks;
 pub mod config;
 pub mod headers;
 pub mod host;
+pub mod jwks_refresh;
 pub mod problem;
 pub mod routes;
+pub mod worker;
 
 #[cfg(target_arch = "wasm32")]
 mod wasm;
 
 use std::rc::Rc;
 
+use auth::{AuthError, PendingSignature, RequestCredentials};
 use checks::BodyCounter;
 use config::{Config, Method};
 use host::Host;
 use problem::Denial;
 use routes::{Access, Policy};
+use worker::Worker;
 
 /// Where an operator attaches a policy to an Envoy route: `metadata.filter_metadata.tollgate.policy`.
 const ROUTE_POLICY_PROPERTY: [&str; 5] = ["xds", "route_metadata", "filter_metadata", "tollgate", "policy"];
@@ -27,16 +32,37 @@ const ROUTE_POLICY_PROPERTY: [&str; 5] = ["xds", "route_metadata", "filter_metad
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Flow {
     Continue,
-    /// Stop here: the filter has answered the request itself.
+    /// Hold the request (and buffer its body): the filter answered it, or waits for something.
     Pause,
+}
+
+/// What a held request waits for.
+enum Waiting {
+    Nothing,
+    /// A JWKS refetch for an unknown `kid`; the answer comes back with this callout token.
+    /// Envoy holds the whole request meanwhile (proxy-wasm pauses headers and body together).
+    Jwks {
+        token: u32,
+        provider: usize,
+    },
+    /// The rest of the body, to check the request signature over it. Boxed: the HMAC state is
+    /// large and most streams never sign.
+    Body(Box<PendingSignature>),
 }
 
 /// One request's way through the filter.
 pub struct Stream {
     config: Rc<Config>,
+    worker: Rc<Worker>,
+    policy: Option<Rc<Policy>>,
     /// The selected policy's `Cache-Control`, resolved at request time for the response.
     cache_control: Option<String>,
     body: BodyCounter,
+    /// Body bytes Envoy holds for this filter because the last body callback paused; Envoy then
+    /// reports the whole held size, not the new chunk.
+    held: usize,
+    body_complete: bool,
+    waiting: Waiting,
     https: bool,
     request_id: String,
     /// The filter answered this request itself; its response already carries every header.
@@ -55,38 +81,43 @@ impl<'a> RequestView<'a> {
 }
 
 impl Stream {
-    pub fn new(config: Rc<Config>) -> Stream {
+    pub fn new(config: Rc<Config>, worker: Rc<Worker>) -> Stream {
         let cache_control = config.security_headers.cache_control.clone();
         Stream {
             body: BodyCounter::new(u64::MAX),
             config,
+            worker,
+            policy: None,
             cache_control,
+            held: 0,
+            body_complete: false,
+            waiting: Waiting::Nothing,
             https: false,
             request_id: String::new(),
             answered: false,
         }
     }
 
-    pub fn on_request_headers(&mut self, host: &mut dyn Host) -> Flow {
+    pub fn on_request_headers(&mut self, host: &mut dyn Host, end_of_stream: bool) -> Flow {
         let all = host.request_headers();
         let request = RequestView { all: &all };
         self.request_id = request.get("x-request-id").unwrap_or_default().to_owned();
         // Envoy sets X-Forwarded-Proto by its own trust rules (use_remote_address,
         // xff_num_trusted_hops), so a client cannot claim https through it.
         self.https = request.get("x-forwarded-proto").or(request.get(":scheme")) == Some("https");
-        match self.request_headers(host, &request) {
-            Ok(()) => Flow::Continue,
-            Err(denial) => self.deny(host, &denial),
-        }
+        self.body_complete = end_of_stream;
+        let flow = self.request_headers(host, &request);
+        self.outcome(host, flow)
     }
 
-    fn request_headers(&mut self, host: &mut dyn Host, request: &RequestView) -> Result<(), Denial> {
+    fn request_headers(&mut self, host: &mut dyn Host, request: &RequestView) -> Result<Flow, Denial> {
         let method = request.get(":method").and_then(Method::from_header);
         let raw_path = request.get(":path").ok_or(checks::CheckError::MissingPath)?;
 
         // 1. Route policy.
         let policy = self.route_policy(host, method, raw_path)?;
         self.cache_control = policy.cache_control.clone();
+        self.policy = Some(Rc::clone(&policy));
 
         // 2. Request checks.
         checks::path(raw_path)?;
@@ -97,12 +128,11 @@ impl Stream {
         // 3. Identity headers: nothing downstream may trust what the client sent under them.
         headers::strip_identity(host, request.all, &self.config.identity_headers);
 
-        // 4. Authentication and access. No credential is accepted yet (#3), so a route that
-        // needs a caller has none.
+        // 4. Authentication and access.
         match policy.access {
-            Access::Public => Ok(()),
-            Access::Authenticated => Err(Denial::Unauthenticated),
+            Access::Public => Ok(Flow::Continue),
             Access::Deny => Err(Denial::NotFound),
+            Access::Authenticated => self.authenticate(host, request.all, &policy, true),
         }
     }
 
@@ -122,16 +152,129 @@ impl Stream {
         Ok(self.config.routes.select(method, path).clone())
     }
 
-    /// Counts a streamed body chunk; `chunk_len` is what arrived since the last call, because
-    /// this filter never asks Envoy to buffer.
-    pub fn on_request_body(&mut self, host: &mut dyn Host, chunk_len: usize) -> Flow {
+    /// Step 4 for a route that needs a caller; a request held for a JWKS refetch comes back here.
+    fn authenticate(
+        &mut self,
+        host: &mut dyn Host,
+        request: &[(String, String)],
+        policy: &Policy,
+        may_refetch: bool,
+    ) -> Result<Flow, Denial> {
+        let credentials = RequestCredentials::new(request);
+        let now = host.now();
+        let identity = match self.config.auth.authenticate(&credentials, now) {
+            Ok(Some(identity)) => identity,
+            Ok(None) => return Err(Denial::Unauthenticated),
+            Err(AuthError::UnknownKeyId { provider }) if may_refetch => {
+                return self.refetch_jwks(host, provider, now).ok_or(AuthError::UnknownKeyId { provider }.into());
+            }
+            Err(err) => return Err(err.into()),
+        };
+        auth::require_scopes(&identity, &policy.scopes)?;
+        headers::forward_identity(host, request, &self.config.identity_headers, &identity);
+
+        match self.config.auth.signatures().filter(|_| policy.signature) {
+            None => Ok(Flow::Continue),
+            Some(signatures) => {
+                let pending = signatures.begin(&credentials, Some(&identity), now)?;
+                if self.body_complete {
+                    self.finish_signature(host, pending)
+                } else {
+                    // The headers go on: proxy-wasm only hands a filter the body of a request whose
+                    // headers continued. The body is held until the signature over it verifies,
+                    // so the upstream never gets a body, nor a complete request, that failed.
+                    self.waiting = Waiting::Body(Box::new(pending));
+                    Ok(Flow::Continue)
+                }
+            }
+        }
+    }
+
+    fn refetch_jwks(&mut self, host: &mut dyn Host, provider: usize, now: u64) -> Option<Flow> {
+        let remote = self.config.auth.providers().get(provider)?.remote_jwks()?;
+        if !self.worker.may_refetch(provider, now) {
+            return None;
+        }
+        let token = host.http_get(&remote.cluster, &remote.authority, &remote.path, remote.timeout_ms)?;
+        self.waiting = Waiting::Jwks { token, provider };
+        Some(Flow::Pause)
+    }
+
+    /// The answer to a JWKS refetch this stream made: install the keys, then authenticate again,
+    /// once; an unknown `kid` now is final.
+    pub fn on_http_call_response(&mut self, host: &mut dyn Host, token: u32, jwks: Option<Vec<u8>>) {
+        let Waiting::Jwks { token: expected, provider } = self.waiting else { return };
+        if token != expected || self.answered {
+            return;
+        }
+        self.waiting = Waiting::Nothing;
+        if let (Some(body), Some(p)) = (jwks, self.config.auth.providers().get(provider)) {
+            jwks_refresh::load_refetched(p, &body, host);
+        }
+        let Some(policy) = self.policy.clone() else { return };
+        let request = host.request_headers();
+        let flow = self.authenticate(host, &request, &policy, false);
+        if self.outcome(host, flow) == Flow::Continue {
+            host.resume_request();
+        }
+    }
+
+    /// Counts a body chunk, and feeds it to a pending signature check.
+    pub fn on_request_body(&mut self, host: &mut dyn Host, body_size: usize, end_of_stream: bool) -> Flow {
         if self.answered {
             return Flow::Pause;
         }
-        match self.body.add(chunk_len) {
-            Ok(()) => Flow::Continue,
-            Err(err) => self.deny(host, &Denial::from(err)),
+        let new = if self.held > 0 { body_size.saturating_sub(self.held) } else { body_size };
+        let start = self.held;
+        self.body_complete = end_of_stream;
+        let flow = match self.body.add(new) {
+            Err(err) => Err(Denial::from(err)),
+            Ok(()) => match &mut self.waiting {
+                Waiting::Nothing => Ok(Flow::Continue),
+                Waiting::Jwks { .. } => Ok(Flow::Pause),
+                Waiting::Body(pending) => {
+                    pending.update(&host.request_body(start, new));
+                    if end_of_stream {
+                        self.finish_pending(host)
+                    } else {
+                        Ok(Flow::Pause)
+                    }
+                }
+            },
+        };
+        let flow = self.outcome(host, flow);
+        self.held = if flow == Flow::Pause { body_size } else { 0 };
+        flow
+    }
+
+    /// With trailers the body callback never says `end_of_stream`; the body is complete here.
+    pub fn on_request_trailers(&mut self, host: &mut dyn Host) -> Flow {
+        if self.answered {
+            return Flow::Pause;
         }
+        self.body_complete = true;
+        let flow = match self.waiting {
+            Waiting::Body(_) => self.finish_pending(host),
+            Waiting::Jwks { .. } => Ok(Flow::Pause),
+            Waiting::Nothing => Ok(Flow::Continue),
+        };
+        self.outcome(host, flow)
+    }
+
+    fn finish_pending(&mut self, host: &mut dyn Host) -> Result<Flow, Denial> {
+        match std::mem::replace(&mut self.waiting, Waiting::Nothing) {
+            Waiting::Body(pending) => self.finish_signature(host, *pending),
+            other => {
+                self.waiting = other;
+                Ok(Flow::Pause)
+            }
+        }
+    }
+
+    fn finish_signature(&mut self, host: &dyn Host, pending: PendingSignature) -> Result<Flow, Denial> {
+        let mut replays = self.worker.replays.try_borrow_mut().map_err(|_| AuthError::ReplayCacheFull)?;
+        pending.finish(&mut replays, host.now())?;
+        Ok(Flow::Continue)
     }
 
     pub fn on_response_headers(&mut self, host: &mut dyn Host) -> Flow {
@@ -142,10 +285,16 @@ impl Stream {
         Flow::Continue
     }
 
-    fn deny(&mut self, host: &mut dyn Host, denial: &Denial) -> Flow {
-        self.answered = true;
-        respond(host, denial, &self.request_id, Some(&self.config), self.https);
-        Flow::Pause
+    /// Turns a step's result into what the proxy does, answering the request on a denial.
+    fn outcome(&mut self, host: &mut dyn Host, result: Result<Flow, Denial>) -> Flow {
+        match result {
+            Ok(flow) => flow,
+            Err(denial) => {
+                self.answered = true;
+                respond(host, &denial, &self.request_id, Some(&self.config), self.https);
+                Flow::Pause
+            }
+        }
     }
 }
 
@@ -170,8 +319,9 @@ fn respond(host: &mut dyn Host, denial: &Denial, request_id: &str, config: Optio
         // An error is never cacheable, whatever the route allows for its successes.
         headers.extend(headers::security(&config.security_headers, Some("no-store"), https));
     }
-    if *denial == Denial::Unauthenticated {
-        headers.push(("www-authenticate", "Bearer realm=\"tollgate\""));
+    let challenge = denial.www_authenticate();
+    if let Some(challenge) = &challenge {
+        headers.push(("www-authenticate", challenge));
     }
     host.send_response(kind.status, &headers, &problem::body(denial, request_id));
 }
@@ -196,18 +346,44 @@ mod tests {
     #[derive(Default)]
     struct FakeHost {
         request: Vec<(String, String)>,
+        /// The request body Envoy holds for the filter.
+        body: Vec<u8>,
         properties: HashMap<String, Vec<u8>>,
         removed: Vec<String>,
         response: Vec<(String, String)>,
         sent: Option<Sent>,
+        resumed: bool,
+        calls: Vec<String>,
     }
 
     impl Host for FakeHost {
         fn request_headers(&self) -> Vec<(String, String)> {
             self.request.clone()
         }
+        fn set_request_header(&mut self, name: &str, value: &str) {
+            self.request.retain(|(n, _)| n != name);
+            self.request.push((name.to_owned(), value.to_owned()));
+        }
         fn remove_request_header(&mut self, name: &str) {
+            self.request.retain(|(n, _)| n != name);
             self.removed.push(name.to_owned());
+        }
+        fn request_body(&self, start: usize, len: usize) -> Vec<u8> {
+            self.body[start..start + len].to_vec()
+        }
+        fn resume_request(&mut self) {
+            self.resumed = true;
+        }
+        fn now(&self) -> u64 {
+            NOW
+        }
+        fn shared_get(&self, _key: &str) -> Option<(Vec<u8>, u32)> {
+            None
+        }
+        fn shared_set(&mut self, _key: &str, _value: &[u8]) {}
+        fn http_get(&mut self, cluster: &str, _authority: &str, path: &str, _timeout_ms: u64) -> Option<u32> {
+            self.calls.push(format!("{cluster}{path}"));
+            Some(7)
         }
         fn set_response_header(&mut self, name: &str, value: &str) {
             self.response.retain(|(n, _)| n != name);
@@ -235,6 +411,9 @@ mod tests {
             request.extend(extra.iter().map(|(n, v)| ((*n).to_owned(), (*v).to_owned())));
             FakeHost { request, ..FakeHost::default() }
         }
+        fn upstream_header(&self, name: &str) -> Option<&str> {
+            self.request.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+        }
         fn sent_header(&self, name: &str) -> Option<&str> {
             let (_, headers, _) = self.sent.as_ref()?;
             headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
@@ -255,9 +434,17 @@ mod tests {
         ]
     }"#;
 
+    const NOW: u64 = 1_800_000_000;
+
     fn run(host: &mut FakeHost) -> (Stream, Flow) {
-        let mut stream = Stream::new(Rc::new(Config::from_json(CONFIG.as_bytes()).unwrap()));
-        let flow = stream.on_request_headers(host);
+        run_with(CONFIG, host, true)
+    }
+
+    fn run_with(config: &str, host: &mut FakeHost, end_of_stream: bool) -> (Stream, Flow) {
+        let config = Rc::new(Config::from_json(config.as_bytes()).unwrap());
+        let worker = Rc::new(Worker::new(&config));
+        let mut stream = Stream::new(config, worker);
+        let flow = stream.on_request_headers(host, end_of_stream);
         (stream, flow)
     }
 
@@ -306,10 +493,10 @@ mod tests {
     #[test]
     fn a_streamed_body_is_stopped_at_the_limit() {
         let mut host = FakeHost::request("POST", "/health", &[("transfer-encoding", "chunked")]);
-        let (mut stream, flow) = run(&mut host);
+        let (mut stream, flow) = run_with(CONFIG, &mut host, false);
         assert_eq!(flow, Flow::Continue);
-        assert_eq!(stream.on_request_body(&mut host, 5), Flow::Continue);
-        assert_eq!(stream.on_request_body(&mut host, 4), Flow::Pause);
+        assert_eq!(stream.on_request_body(&mut host, 5, false), Flow::Continue);
+        assert_eq!(stream.on_request_body(&mut host, 4, true), Flow::Pause);
         assert_eq!(host.sent.as_ref().unwrap().0, 413);
     }
 
@@ -348,5 +535,108 @@ mod tests {
         stream.on_response_headers(&mut host);
         assert!(host.response.iter().all(|(n, _)| n != "strict-transport-security"));
         assert!(host.response.iter().any(|(n, v)| n == "cache-control" && v == "no-store"));
+    }
+
+    fn sha256_hex(key: &str) -> String {
+        hmac_sha256::Hash::hash(key.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    fn auth_config() -> String {
+        format!(
+            r#"{{
+            "policies": {{
+                "api": {{"access": "authenticated"}},
+                "admin": {{"access": "authenticated", "scopes": ["admin"]}},
+                "signed": {{"access": "authenticated", "signature": true}}
+            }},
+            "routes": [
+                {{"prefix": "/api", "policy": "api"}},
+                {{"prefix": "/admin", "policy": "admin"}},
+                {{"prefix": "/signed", "policy": "signed"}}
+            ],
+            "auth": {{
+                "api_keys": {{"keys": [
+                    {{"id": "k1", "sha256": "{}", "account": "acme", "tier": "pro", "scopes": ["read", "write"]}}
+                ]}},
+                "signatures": {{"secrets": [{{"account": "acme", "secret": "c2lnbmluZy1zZWNyZXQtb2YtYXQtbGVhc3QtMzItYnl0ZXM="}}]}}
+            }}
+        }}"#,
+            sha256_hex("key-one")
+        )
+    }
+
+    #[test]
+    fn an_api_key_caller_reaches_the_upstream_as_its_identity_without_the_key() {
+        let mut host = FakeHost::request("GET", "/api/items", &[("x-api-key", "key-one"), ("x-tollgate-tier", "free")]);
+        let (_, flow) = run_with(&auth_config(), &mut host, true);
+        assert_eq!(flow, Flow::Continue, "{:?}", host.sent);
+        assert_eq!(host.upstream_header("x-tollgate-account"), Some("acme"));
+        assert_eq!(host.upstream_header("x-tollgate-tier"), Some("pro"));
+        assert_eq!(host.upstream_header("x-tollgate-auth-method"), Some("api_key"));
+        assert_eq!(host.upstream_header("x-tollgate-key-id"), Some("k1"));
+        assert_eq!(host.upstream_header("x-tollgate-scopes"), Some("read write"));
+        assert_eq!(host.upstream_header("x-api-key"), None);
+    }
+
+    #[test]
+    #[allow(clippy::type_complexity, reason = "a table of requests reads best inline")]
+    fn auth_failures_map_to_401_and_403() {
+        let cases: [(&str, &[(&str, &str)], u16, &str); 4] = [
+            ("/api/items", &[("x-api-key", "wrong")], 401, "invalid-credentials"),
+            (
+                "/api/items",
+                &[("x-api-key", "key-one"), ("authorization", "ApiKey key-one")],
+                401,
+                "invalid-credentials",
+            ),
+            ("/admin/users", &[("x-api-key", "key-one")], 403, "insufficient-scope"),
+            ("/api/items", &[], 401, "unauthenticated"),
+        ];
+        for (path, extra, status, slug) in cases {
+            let mut host = FakeHost::request("GET", path, extra);
+            run_with(&auth_config(), &mut host, true);
+            let (got, _, body) = host.sent.as_ref().unwrap();
+            assert_eq!(
+                (*got, body["type"].as_str().unwrap()),
+                (status, format!("urn:tollgate:problem:{slug}").as_str())
+            );
+            assert!(host.sent_header("www-authenticate").unwrap().starts_with("Bearer realm=\"tollgate\""));
+            assert!(!body.to_string().contains("key-one"), "the key leaked: {body}");
+        }
+    }
+
+    fn signed(method: &str, path: &str, body: &[u8], timestamp: u64) -> String {
+        let secret = b"signing-secret-of-at-least-32-bytes";
+        let mut mac = hmac_sha256::HMAC::new(secret);
+        for part in [method.as_bytes(), path.as_bytes(), timestamp.to_string().as_bytes()] {
+            mac.update(part);
+            mac.update(b":");
+        }
+        mac.update(body);
+        mac.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    #[test]
+    fn a_signed_request_is_held_until_its_body_verifies() {
+        let body = br#"{"amount": 5}"#;
+        for (tampered, want) in [(false, Flow::Continue), (true, Flow::Pause)] {
+            let signature = signed("POST", "/signed/pay", body, NOW);
+            let ts = NOW.to_string();
+            let mut host = FakeHost::request(
+                "POST",
+                "/signed/pay",
+                &[("x-api-key", "key-one"), ("x-signature", &signature), ("x-timestamp", &ts)],
+            );
+            let (mut stream, flow) = run_with(&auth_config(), &mut host, false);
+            assert_eq!(flow, Flow::Continue, "headers go on; the body is held");
+            host.body = body[..6].to_vec();
+            assert_eq!(stream.on_request_body(&mut host, 6, false), Flow::Pause);
+            host.body = body.to_vec();
+            if tampered {
+                host.body[11] = b'9';
+            }
+            assert_eq!(stream.on_request_body(&mut host, body.len(), true), want, "tampered: {tampered}");
+            assert_eq!(host.sent.as_ref().map(|s| s.0), if tampered { Some(401) } else { None });
+        }
     }
 }

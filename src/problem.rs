@@ -1,5 +1,6 @@
 //! Why the filter refuses a request, and the RFC 9457 `application/problem+json` response for it.
 
+use crate::auth::{self, AuthError};
 use crate::checks::CheckError;
 
 /// Every reason the filter answers a request itself instead of passing it on.
@@ -9,6 +10,8 @@ pub enum Denial {
     Check(#[from] CheckError),
     #[error("this route requires authentication")]
     Unauthenticated,
+    #[error(transparent)]
+    Auth(#[from] AuthError),
     #[error("no route for this path")]
     NotFound,
     /// The Envoy route names a policy the plugin does not define: refuse rather than guess.
@@ -39,11 +42,27 @@ impl Denial {
             Denial::Check(BodyTooLarge { .. }) => (413, "payload-too-large", "Payload too large"),
             Denial::Check(UnsupportedMediaType { .. }) => (415, "unsupported-media-type", "Unsupported media type"),
             Denial::Unauthenticated => (401, "unauthenticated", "Authentication required"),
+            Denial::Auth(err) => match err.status() {
+                403 => (403, "insufficient-scope", "Insufficient scope"),
+                503 => (503, "auth-unavailable", "Authentication unavailable"),
+                _ => (401, "invalid-credentials", "Invalid credentials"),
+            },
             Denial::NotFound => (404, "not-found", "Not found"),
             Denial::UnknownRoutePolicy { .. } => (500, "gateway-misconfigured", "Gateway misconfigured"),
             Denial::Unconfigured => (503, "gateway-unavailable", "Gateway unavailable"),
         };
         ProblemType { status, slug, title }
+    }
+}
+
+impl Denial {
+    /// The `WWW-Authenticate` challenge for a refused credential (RFC 6750), if any.
+    pub fn www_authenticate(&self) -> Option<String> {
+        match self {
+            Denial::Unauthenticated => Some(auth::challenge()),
+            Denial::Auth(err) => err.www_authenticate(),
+            _ => None,
+        }
     }
 }
 

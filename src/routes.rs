@@ -30,6 +30,10 @@ pub struct Policy {
     /// Lower-case media types per method; a method without an entry accepts any.
     pub content_types: BTreeMap<Method, Vec<String>>,
     pub cache_control: Option<String>,
+    /// Scopes an authenticated caller must all have.
+    pub scopes: Vec<String>,
+    /// An HMAC request signature is required.
+    pub signature: bool,
 }
 
 #[derive(Debug)]

@@ -1,18 +1,29 @@
 //! `Host` over proxy-wasm hostcalls. The SDK's trait defaults `unwrap` every status; here a failed
 //! hostcall is logged and the request carries on, because a panic would kill the worker's VM.
 
+use std::time::{Duration, UNIX_EPOCH};
+
 use proxy_wasm::hostcalls;
-use proxy_wasm::types::MapType;
+use proxy_wasm::types::{BufferType, MapType, Status};
 
 use crate::host::Host;
 
 pub struct WasmHost;
 
-fn logged<T: Default>(what: &str, result: Result<T, proxy_wasm::types::Status>) -> T {
+fn logged<T: Default>(what: &str, result: Result<T, Status>) -> T {
     result.unwrap_or_else(|status| {
         log::warn!("tollgate: hostcall {what} failed: {status:?}");
         T::default()
     })
+}
+
+/// The body of an HTTP callout's answer when its status is 200; anything else is a failure.
+pub fn call_response(body_size: usize) -> Option<Vec<u8>> {
+    let status = logged("get call status", hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status"));
+    if status.as_deref() != Some("200") {
+        return None;
+    }
+    logged("get call body", hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size))
 }
 
 impl Host for WasmHost {
@@ -20,8 +31,20 @@ impl Host for WasmHost {
         logged("get request headers", hostcalls::get_map(MapType::HttpRequestHeaders))
     }
 
+    fn set_request_header(&mut self, name: &str, value: &str) {
+        logged("set request header", hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(value)));
+    }
+
     fn remove_request_header(&mut self, name: &str) {
         logged("remove request header", hostcalls::set_map_value(MapType::HttpRequestHeaders, name, None));
+    }
+
+    fn request_body(&self, start: usize, len: usize) -> Vec<u8> {
+        logged("get request body", hostcalls::get_buffer(BufferType::HttpRequestBody, start, len)).unwrap_or_default()
+    }
+
+    fn resume_request(&mut self) {
+        logged("resume request", hostcalls::resume_http_request());
     }
 
     fn set_response_header(&mut self, name: &str, value: &str) {
@@ -38,5 +61,37 @@ impl Host for WasmHost {
 
     fn send_response(&mut self, status: u16, headers: &[(&str, &str)], body: &[u8]) {
         logged("send response", hostcalls::send_http_response(u32::from(status), headers.to_vec(), Some(body)));
+    }
+
+    fn now(&self) -> u64 {
+        let time = logged("get time", hostcalls::get_current_time().map(Some)).unwrap_or(UNIX_EPOCH);
+        time.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    }
+
+    fn shared_get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+        match hostcalls::get_shared_data(key) {
+            Ok((Some(value), Some(cas))) => Some((value, cas)),
+            Ok(_) => None,
+            Err(status) => {
+                log::warn!("tollgate: hostcall get shared data failed: {status:?}");
+                None
+            }
+        }
+    }
+
+    fn shared_set(&mut self, key: &str, value: &[u8]) {
+        logged("set shared data", hostcalls::set_shared_data(key, Some(value), None));
+    }
+
+    fn http_get(&mut self, cluster: &str, authority: &str, path: &str, timeout_ms: u64) -> Option<u32> {
+        let headers =
+            vec![(":method", "GET"), (":path", path), (":authority", authority), ("accept", "application/json")];
+        match hostcalls::dispatch_http_call(cluster, headers, None, vec![], Duration::from_millis(timeout_ms)) {
+            Ok(token) => Some(token),
+            Err(status) => {
+                log::warn!("tollgate: callout to cluster {cluster:?} failed: {status:?}");
+                None
+            }
+        }
     }
 }

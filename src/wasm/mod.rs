@@ -1,28 +1,45 @@
 //! The proxy-wasm glue, and the only code that imports `proxy_wasm`: the root context loads the
-//! config once, each HTTP context hands its callbacks to the pipeline's `Stream`.
+//! config once and keeps remote JWKS fresh; each HTTP context hands its callbacks to `Stream`.
 
 mod host;
 
 use std::rc::Rc;
+use std::time::Duration;
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel};
 
 use crate::config::Config;
+use crate::jwks_refresh::JwksFetcher;
+use crate::worker::Worker;
 use crate::{Flow, Stream};
 use host::WasmHost;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { config: None }) });
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { state: None }) });
 }}
 
 struct Root {
-    config: Option<Rc<Config>>,
+    state: Option<Configured>,
 }
 
-impl Context for Root {}
+/// What a root context holds once its configuration is valid.
+struct Configured {
+    config: Rc<Config>,
+    worker: Rc<Worker>,
+    jwks: JwksFetcher,
+}
+
+impl Context for Root {
+    fn on_http_call_response(&mut self, token_id: u32, _num_headers: usize, body_size: usize, _num_trailers: usize) {
+        if let Some(state) = &mut self.state {
+            let body = host::call_response(body_size);
+            state.jwks.on_response(&state.config, token_id, body, &mut WasmHost);
+        }
+    }
+}
 
 impl RootContext for Root {
     fn on_vm_start(&mut self, _vm_configuration_size: usize) -> bool {
@@ -39,20 +56,36 @@ impl RootContext for Root {
                 return false;
             }
         };
-        match Config::from_json(&bytes) {
-            Ok(config) => {
-                self.config = Some(Rc::new(config));
-                true
-            }
+        let config = match Config::from_json(&bytes) {
+            Ok(config) => Rc::new(config),
             Err(err) => {
                 log::error!("tollgate: invalid plugin configuration: {err}");
-                false
+                return false;
             }
+        };
+        let jwks = JwksFetcher::new(&config);
+        if jwks.is_needed() {
+            if let Err(status) = hostcalls::set_tick_period(Duration::from_secs(1)) {
+                log::error!("tollgate: cannot start the JWKS timer: {status:?}");
+                return false;
+            }
+        }
+        let worker = Rc::new(Worker::new(&config));
+        let mut state = Configured { config, worker, jwks };
+        state.jwks.on_tick(&state.config, &mut WasmHost);
+        self.state = Some(state);
+        true
+    }
+
+    fn on_tick(&mut self) {
+        if let Some(state) = &mut self.state {
+            state.jwks.on_tick(&state.config, &mut WasmHost);
         }
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Http { stream: self.config.clone().map(Stream::new) }))
+        let stream = self.state.as_ref().map(|s| Stream::new(Rc::clone(&s.config), Rc::clone(&s.worker)));
+        Some(Box::new(Http { stream }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -65,19 +98,32 @@ struct Http {
     stream: Option<Stream>,
 }
 
-impl Context for Http {}
+impl Context for Http {
+    fn on_http_call_response(&mut self, token_id: u32, _num_headers: usize, body_size: usize, _num_trailers: usize) {
+        if let Some(stream) = &mut self.stream {
+            stream.on_http_call_response(&mut WasmHost, token_id, host::call_response(body_size));
+        }
+    }
+}
 
 impl HttpContext for Http {
-    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         action(match &mut self.stream {
-            Some(stream) => stream.on_request_headers(&mut WasmHost),
+            Some(stream) => stream.on_request_headers(&mut WasmHost, end_of_stream),
             None => crate::refuse_unconfigured(&mut WasmHost),
         })
     }
 
-    fn on_http_request_body(&mut self, body_size: usize, _end_of_stream: bool) -> Action {
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         action(match &mut self.stream {
-            Some(stream) => stream.on_request_body(&mut WasmHost, body_size),
+            Some(stream) => stream.on_request_body(&mut WasmHost, body_size, end_of_stream),
+            None => Flow::Pause,
+        })
+    }
+
+    fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        action(match &mut self.stream {
+            Some(stream) => stream.on_request_trailers(&mut WasmHost),
             None => Flow::Pause,
         })
     }

@@ -39,6 +39,8 @@ struct Shared {
     /// Every accepted connection, to shut down on stop.
     connections: Mutex<Vec<TcpStream>>,
     stopping: AtomicBool,
+    /// When set, every request gets this status and JSON body instead of the echo.
+    reply: Mutex<Option<(u16, Vec<u8>)>>,
 }
 
 impl Shared {
@@ -105,12 +107,19 @@ impl Upstream {
         guard.iter().map(|(r, _)| r.clone()).collect()
     }
 
+    /// Answers every later request with `status` and this JSON body (a JWKS, say) instead of the
+    /// echo; `None` goes back to echoing.
+    pub fn set_reply(&self, reply: Option<(u16, Value)>) {
+        *self.shared.reply.lock().unwrap() = reply.map(|(status, body)| (status, serde_json::to_vec(&body).unwrap()));
+    }
+
     /// Forgets the requests recorded so far.
     pub fn clear(&self) {
         self.shared.update(Vec::clear);
     }
 
-    pub(super) fn stop(&mut self) {
+    /// Stops accepting and closes every connection, as a server that went down.
+    pub fn stop(&mut self) {
         let Some(acceptor) = self.acceptor.take() else { return };
         self.shared.stopping.store(true, Ordering::SeqCst);
         let _ = TcpStream::connect(("127.0.0.1", self.port)); // wakes the blocked accept
@@ -152,7 +161,12 @@ fn serve(stream: TcpStream, state: &Shared) {
             return;
         }
         let request = state.requests.lock().unwrap()[index].0.clone();
-        if output.write_all(&echo(&request)).is_err() || request.header("connection") == Some("close") {
+        let reply = state.reply.lock().unwrap().clone();
+        let answer = match reply {
+            Some((status, body)) => response(status, &[], body),
+            None => echo(&request),
+        };
+        if output.write_all(&answer).is_err() || request.header("connection") == Some("close") {
             return;
         }
     }
@@ -186,6 +200,10 @@ fn echo(request: &Recorded) -> Vec<u8> {
     if request.method == "HEAD" || status == 204 || status == 304 {
         body.clear();
     }
+    response(status, &extra, body)
+}
+
+fn response(status: u16, extra: &[(String, String)], body: Vec<u8>) -> Vec<u8> {
     let mut out = format!(
         "HTTP/1.1 {status} Upstream\r\ncontent-type: application/json\r\nserver: recording-upstream\r\ncontent-length: {}\r\n",
         body.len()
