@@ -51,6 +51,13 @@ Envoy's log: build/demo-envoy.log. Try:
   # /api/* and /billing/* need a caller: 401 with WWW-Authenticate and a problem+json body
   curl -i $g/api/items
 
+  # the demo API key (the config holds only its SHA-256; make your own with target/release/tollgate keygen):
+  # the upstream sees the caller as x-tollgate-* headers, and never the key
+  curl -s -H 'x-api-key: tg_demo_key_not_for_production' $g/api/items
+
+  # a wrong key: 401 with a problem+json body that says why, never echoing the key
+  curl -i -H 'x-api-key: tg_wrong' $g/api/items
+
   # paths no route names are refused (404); so is a route whose Envoy metadata names the closed policy
   curl -i $g/nowhere
   curl -i $g/internal/admin

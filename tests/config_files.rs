@@ -148,3 +148,27 @@ fn envoy_accepts_the_shipped_configs() {
         assert!(out.status.success(), "{}: {}", file.display(), String::from_utf8_lossy(&out.stderr));
     }
 }
+
+#[test]
+fn tollgate_keygen_makes_a_key_whose_entry_the_plugin_accepts() {
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["keygen", "--id", "acme-1", "--account", "acme", "--tier", "pro", "--scopes", "read,write"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let key = text.lines().next().unwrap().rsplit(' ').next().unwrap().to_owned();
+    assert!(key.starts_with("tg_") && key.len() == 67, "{key}");
+    let entry: Value = serde_json::from_str(text.split_once("keys:\n").unwrap().1).unwrap();
+    let digest: String = hmac_sha256::Hash::hash(key.as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(entry["sha256"], digest.as_str());
+    assert_eq!(entry["scopes"], serde_json::json!(["read", "write"]));
+    assert!(!entry.to_string().contains(&key), "the entry holds the key itself");
+
+    let bad = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["keygen", "--id", "x", "--account", "a", "--expires-at", "tomorrow"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("auth.api_keys.keys[0].expires_at"));
+}

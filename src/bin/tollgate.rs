@@ -10,7 +10,10 @@ const USAGE: &str = "usage:
   tollgate check FILE...   validate plugin configs: a JSON plugin config, or an Envoy config
                            (YAML or JSON) whose tollgate Wasm filters (root_id \"tollgate\") and
                            route metadata (filter_metadata.tollgate.policy) are checked together
-  tollgate schema          print the JSON Schema of the plugin config";
+  tollgate schema          print the JSON Schema of the plugin config
+  tollgate keygen --id ID --account ACCOUNT [--tier TIER] [--scopes a,b] [--expires-at RFC3339]
+                           make a new random API key: prints the key (give it to the caller, it is
+                           shown once) and the entry for auth.api_keys.keys (only its SHA-256)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -32,6 +35,13 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         }
+        Some("keygen") => match keygen(&args[1..]) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(message) => {
+                eprintln!("tollgate keygen: {message}\n\n{USAGE}");
+                ExitCode::from(2)
+            }
+        },
         Some("schema") if args.len() == 1 => {
             println!("{}", schema());
             ExitCode::SUCCESS
@@ -41,6 +51,46 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// A new key from the OS's randomness, and its config entry; the key itself is never stored.
+fn keygen(args: &[String]) -> Result<(), String> {
+    let mut entry = serde_json::Map::new();
+    let mut pairs = args.chunks(2);
+    for pair in &mut pairs {
+        let [flag, value] = pair else { return Err(format!("{} needs a value", pair[0])) };
+        let (field, value) = match flag.as_str() {
+            "--id" => ("id", Value::from(value.as_str())),
+            "--account" => ("account", Value::from(value.as_str())),
+            "--tier" => ("tier", Value::from(value.as_str())),
+            "--scopes" => ("scopes", value.split(',').filter(|s| !s.is_empty()).collect::<Vec<_>>().into()),
+            "--expires-at" => ("expires_at", Value::from(value.as_str())),
+            other => return Err(format!("unknown flag {other}")),
+        };
+        entry.insert(field.to_owned(), value);
+    }
+    for required in ["id", "account"] {
+        if !entry.contains_key(required) {
+            return Err(format!("--{required} is required"));
+        }
+    }
+    let mut random = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut random))
+        .map_err(|e| format!("cannot read /dev/urandom: {e}"))?;
+    let key = format!("tg_{}", hex(&random));
+    entry.insert("sha256".to_owned(), hex(&hmac_sha256::Hash::hash(key.as_bytes())).into());
+    // The same validation the plugin runs, so a bad --expires-at or scope fails here.
+    let config = serde_json::json!({"policies": {}, "auth": {"api_keys": {"keys": [entry]}}});
+    Config::from_json(config.to_string().as_bytes()).map_err(|e| e.to_string())?;
+    println!("key (give it to the caller; it is not stored anywhere): {key}");
+    println!("entry for auth.api_keys.keys:");
+    println!("{}", serde_json::to_string_pretty(&entry).unwrap_or_default());
+    Ok(())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn schema() -> String {
