@@ -24,6 +24,9 @@ pub trait Host {
     fn shared_get(&self, key: &str) -> Option<(Vec<u8>, u32)>;
     /// Stores a value in Envoy's shared data, whatever its current version.
     fn shared_set(&mut self, key: &str, value: &[u8]);
+    /// Stores a value only if the entry is still at `version` (`None`: whatever it is); `false`
+    /// when another worker changed it first.
+    fn shared_swap(&mut self, key: &str, value: &[u8], version: Option<u32>) -> bool;
     /// A GET to an Envoy cluster; the token its answer will come back with, or `None` when the
     /// call could not be made (unknown cluster, say).
     fn http_get(&mut self, cluster: &str, authority: &str, path: &str, timeout_ms: u64) -> Option<u32>;

@@ -9,6 +9,7 @@ pub mod headers;
 pub mod host;
 pub mod jwks_refresh;
 pub mod problem;
+pub mod replay;
 pub mod routes;
 pub mod worker;
 
@@ -271,9 +272,13 @@ impl Stream {
         }
     }
 
-    fn finish_signature(&mut self, host: &dyn Host, pending: PendingSignature) -> Result<Flow, Denial> {
-        let mut replays = self.worker.replays.try_borrow_mut().map_err(|_| AuthError::ReplayCacheFull)?;
-        pending.finish(&mut replays, host.now())?;
+    fn finish_signature(&mut self, host: &mut dyn Host, pending: PendingSignature) -> Result<Flow, Denial> {
+        let now = host.now();
+        let accepted = {
+            let mut replays = self.worker.replays.try_borrow_mut().map_err(|_| AuthError::ReplayCacheFull)?;
+            pending.finish(&mut replays, now)?
+        };
+        replay::record(host, &accepted, now)?;
         Ok(Flow::Continue)
     }
 
@@ -381,6 +386,9 @@ mod tests {
             None
         }
         fn shared_set(&mut self, _key: &str, _value: &[u8]) {}
+        fn shared_swap(&mut self, _key: &str, _value: &[u8], _version: Option<u32>) -> bool {
+            true
+        }
         fn http_get(&mut self, cluster: &str, _authority: &str, path: &str, _timeout_ms: u64) -> Option<u32> {
             self.calls.push(format!("{cluster}{path}"));
             Some(7)

@@ -20,7 +20,7 @@ pub use jwt::{
     JwksReport, Provider, RawClaimMapping, RawHmacAlgorithm, RawHmacSecret, RawJwt, RawProvider, RawRemoteJwks,
     RawTokenSources, RemoteJwks,
 };
-pub use signature::{PendingSignature, RawSignatures, RawSigningSecret, ReplayCache, Signatures};
+pub use signature::{Accepted, PendingSignature, RawSignatures, RawSigningSecret, ReplayCache, Signatures};
 
 /// Where the auth section sits in the plugin configuration; every error path starts with it.
 const PATH: &str = "auth";

@@ -209,13 +209,22 @@ impl PendingSignature {
 
     /// Compares in constant time, then records the signature so the same request is accepted
     /// once. Call when the whole body has been fed.
-    pub fn finish(self, replays: &mut ReplayCache, now: u64) -> Result<(), AuthError> {
+    pub fn finish(self, replays: &mut ReplayCache, now: u64) -> Result<Accepted, AuthError> {
         // `finalize_verify` compares in constant time.
         if !self.mac.finalize_verify(&self.signature) {
             return Err(AuthError::SignatureMismatch);
         }
-        replays.insert(self.signature, self.expires_at, now)
+        replays.insert(self.signature, self.expires_at, now)?;
+        Ok(Accepted { signature: self.signature, expires_at: self.expires_at })
     }
+}
+
+/// A signature that verified and was new to this worker, for the check across workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Accepted {
+    pub signature: [u8; 32],
+    /// Until when a replay would pass the timestamp check.
+    pub expires_at: u64,
 }
 
 /// Recently accepted signatures, each until its timestamp leaves the skew window. Bounded: it
@@ -321,7 +330,7 @@ mod tests {
             for chunk in body {
                 pending.update(chunk);
             }
-            pending.finish(cache, now)
+            pending.finish(cache, now).map(|_| ())
         }
     }
 

@@ -83,6 +83,17 @@ impl Host for WasmHost {
         logged("set shared data", hostcalls::set_shared_data(key, Some(value), None));
     }
 
+    fn shared_swap(&mut self, key: &str, value: &[u8], version: Option<u32>) -> bool {
+        match hostcalls::set_shared_data(key, Some(value), version) {
+            Ok(()) => true,
+            Err(Status::CasMismatch) => false,
+            Err(status) => {
+                log::warn!("tollgate: hostcall set shared data failed: {status:?}");
+                false
+            }
+        }
+    }
+
     fn http_get(&mut self, cluster: &str, authority: &str, path: &str, timeout_ms: u64) -> Option<u32> {
         let headers =
             vec![(":method", "GET"), (":path", path), (":authority", authority), ("accept", "application/json")];
