@@ -7,8 +7,8 @@ pub mod checks;
 pub mod config;
 pub mod headers;
 pub mod host;
-pub mod jwks_refresh;
 pub mod problem;
+pub mod refresh;
 pub mod replay;
 pub mod routes;
 pub mod worker;
@@ -210,7 +210,7 @@ impl Stream {
         }
         self.waiting = Waiting::Nothing;
         if let (Some(body), Some(p)) = (jwks, self.config.auth.providers().get(provider)) {
-            jwks_refresh::load_refetched(p, &body, host);
+            refresh::load_refetched(p, &body, host);
         }
         let Some(policy) = self.policy.clone() else { return };
         let request = host.request_headers();

@@ -388,22 +388,31 @@ fn request_signatures_valid_stale_tampered_and_replayed() {
     assert!(seen.iter().filter(|r| !r.complete).all(|r| r.body.is_empty()), "a refused body reached the upstream");
 }
 
+/// A gateway whose Envoy has a cluster `name` for each server.
+fn gateway_with_clusters(plugin_config: String, servers: &[(&str, &Upstream)]) -> Gateway {
+    let clusters: Vec<Value> = servers
+        .iter()
+        .map(|(name, server)| {
+            json!({
+                "name": name, "connect_timeout": "1s", "type": "STATIC",
+                "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {"address":
+                    {"socket_address": {"address": "127.0.0.1", "port_value": server.port()}}}}]}]}
+            })
+        })
+        .collect();
+    Gateway::start(GatewayOptions {
+        plugin_config: Some(plugin_config),
+        mutate: Some(Box::new(move |config| {
+            config["static_resources"]["clusters"].as_array_mut().unwrap().extend(clusters);
+        })),
+        ..GatewayOptions::default()
+    })
+}
+
 fn jwks_gateway() -> (Gateway, Upstream) {
     let jwks = Upstream::start();
     jwks.set_reply(Some((500, json!({"error": "not yet"}))));
-    let port = jwks.port();
-    let gw = Gateway::start(GatewayOptions {
-        plugin_config: Some(plugin_config(true)),
-        mutate: Some(Box::new(move |config| {
-            let clusters = config["static_resources"]["clusters"].as_array_mut().unwrap();
-            clusters.push(json!({
-                "name": "jwks", "connect_timeout": "1s", "type": "STATIC",
-                "load_assignment": {"cluster_name": "jwks", "endpoints": [{"lb_endpoints": [{"endpoint": {"address":
-                    {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}]}
-            }));
-        })),
-        ..GatewayOptions::default()
-    });
+    let gw = gateway_with_clusters(plugin_config(true), &[("jwks", &jwks)]);
     (gw, jwks)
 }
 
@@ -469,4 +478,32 @@ fn a_remote_jwks_is_503_until_loaded_then_rotates_and_survives_its_server() {
     for t in [&token, &rotated] {
         assert_eq!(gw.send(bearer(t)).status, 200);
     }
+}
+
+#[test]
+fn a_remote_revocation_list_is_503_until_loaded_then_refuses_revoked_tokens() {
+    let revocations = Upstream::start();
+    revocations.set_reply(Some((503, json!({}))));
+    let mut config: Value = serde_json::from_str(&plugin_config(false)).unwrap();
+    config["auth"]["jwt"]["providers"][0]["revoked_jti_remote"] =
+        json!({"cluster": "revocations", "path": "/revoked.json", "refresh_seconds": 1, "timeout_ms": 1000});
+    let gw = gateway_with_clusters(config.to_string(), &[("revocations", &revocations)]);
+    let with_jti = |jti: &str| {
+        let mut c = standard();
+        c.jwt_id = Some(jti.to_owned());
+        sign("HS256", c)
+    };
+    let (stolen, fine) = (with_jti("stolen"), with_jti("fine"));
+
+    assert_problem(&gw.send(bearer(&fine)), 503, "auth-unavailable");
+
+    revocations.set_reply(Some((200, json!({"revoked_jti": ["stolen"]}))));
+    assert_eq!(eventually(&gw, || bearer(&fine), 200).status, 200, "the list never loaded");
+    let resp = gw.send(bearer(&stolen));
+    assert_problem(&resp, 401, "invalid-credentials");
+    assert!(resp.json()["detail"].as_str().unwrap().contains("revoked"));
+
+    // A token verified (and cached) before is refused once a newer list revokes it.
+    revocations.set_reply(Some((200, json!(["stolen", "fine"]))));
+    assert_eq!(eventually(&gw, || bearer(&fine), 401).status, 401, "the new list was not applied");
 }

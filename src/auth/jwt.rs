@@ -71,6 +71,11 @@ pub struct RawProvider {
     /// Which claims become the identity.
     #[serde(default)]
     pub claims: RawClaimMapping,
+    /// A list of revoked `jti` values fetched like `remote_jwks` (a JSON array of strings, or
+    /// `{"revoked_jti": [...]}`), refreshed the same way and added to `revoked_jti`. Until it
+    /// first loads, this provider's tokens get 503: the gateway cannot tell which are revoked.
+    #[serde(default)]
+    pub revoked_jti_remote: Option<RawRemoteJwks>,
     /// `jti` values that are refused even when the token is otherwise valid.
     #[serde(default)]
     pub revoked_jti: Vec<String>,
@@ -246,6 +251,8 @@ pub struct Provider {
     remote: Option<RemoteJwks>,
     /// A `Cell` rather than a `RefCell`: reading can never fail or panic.
     remote_keys: Cell<Option<Rc<KeySet>>>,
+    revocation: Option<RemoteJwks>,
+    remote_revoked: Cell<Option<Rc<HashSet<String>>>>,
     claims: ClaimMapping,
     revoked_jti: HashSet<String>,
     forward: bool,
@@ -299,6 +306,38 @@ impl Provider {
             cache.clear();
         }
         Ok(report)
+    }
+
+    /// Where this provider's revocation list is fetched from, if it has one.
+    pub fn revocation_source(&self) -> Option<&RemoteJwks> {
+        self.revocation.as_ref()
+    }
+
+    /// Installs a fetched revocation list; on error the previous list stays in use.
+    pub fn load_revoked_jti(&self, body: &[u8]) -> Result<usize, ConfigError> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Document {
+            List(Vec<String>),
+            Object { revoked_jti: Vec<String> },
+        }
+        let list = match serde_json::from_slice(body) {
+            Ok(Document::List(list) | Document::Object { revoked_jti: list }) => list,
+            Err(err) => return Err(error_at("revoked_jti_remote", format!("not a list of jti values: {err}"))),
+        };
+        let count = list.len();
+        self.remote_revoked.set(Some(Rc::new(list.into_iter().collect())));
+        // A cached token may have just been revoked.
+        if let Ok(mut cache) = self.cache.try_borrow_mut() {
+            cache.clear();
+        }
+        Ok(count)
+    }
+
+    fn remote_revoked_set(&self) -> Option<Rc<HashSet<String>>> {
+        let set = self.remote_revoked.take();
+        self.remote_revoked.set(set.clone());
+        set
     }
 
     fn remote_key_set(&self) -> Option<Rc<KeySet>> {
@@ -380,6 +419,8 @@ fn compile_provider(raw: &RawProvider, path: &str, cache_entries: usize) -> Resu
         keys.push(Key::hmac(secret.kid.clone(), alg, &bytes, &format!("{path}.secret"))?);
     }
     let remote = raw.remote_jwks.as_ref().map(|r| remote_jwks(r, &format!("{path}.remote_jwks"))).transpose()?;
+    let revocation =
+        raw.revoked_jti_remote.as_ref().map(|r| remote_jwks(r, &format!("{path}.revoked_jti_remote"))).transpose()?;
     if keys.is_empty() && remote.is_none() {
         return Err(error_at(path, "has no keys: give jwks, secrets or remote_jwks"));
     }
@@ -419,6 +460,8 @@ fn compile_provider(raw: &RawProvider, path: &str, cache_entries: usize) -> Resu
         keys,
         remote,
         remote_keys: Cell::new(None),
+        revocation,
+        remote_revoked: Cell::new(None),
         claims,
         revoked_jti: raw.revoked_jti.iter().cloned().collect(),
         forward: raw.forward,
@@ -520,6 +563,9 @@ pub(crate) fn verify(
     }
     let chosen = choose_provider(providers, candidates)?;
     let provider = providers.get(chosen.provider).ok_or(AuthError::WrongIssuer)?;
+    if provider.revocation.is_some() && provider.remote_revoked_set().is_none() {
+        return Err(AuthError::KeysUnavailable { provider: chosen.provider });
+    }
     let key = provider.cache.try_borrow().ok().and_then(|cache| cache.key(&chosen.token));
     let cached = key.and_then(|key| provider.cache.try_borrow().ok()?.get(&key, now));
     let mut identity = match cached {
@@ -683,7 +729,11 @@ impl Provider {
         if let Some(missing) = self.required_claims.iter().find(|name| !has_claim(claims, name)) {
             return Err(AuthError::MissingClaim(missing.clone()));
         }
-        if claims.jwt_id.as_ref().is_some_and(|jti| self.revoked_jti.contains(jti)) {
+        let remote_revoked = self.remote_revoked_set();
+        let revoked = |jti: &String| {
+            self.revoked_jti.contains(jti) || remote_revoked.as_ref().is_some_and(|set| set.contains(jti))
+        };
+        if claims.jwt_id.as_ref().is_some_and(revoked) {
             return Err(AuthError::Revoked);
         }
         let mapping = &self.claims;

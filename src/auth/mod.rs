@@ -433,7 +433,7 @@ pub enum AuthError {
     #[error("the token's key id is not known")]
     UnknownKeyId { provider: usize },
     /// The provider's remote JWKS has never loaded: the gateway cannot tell, so 503, not 401.
-    #[error("the signing keys for this token are not available yet")]
+    #[error("the signing keys or revocation list for this token have not loaded yet")]
     KeysUnavailable { provider: usize },
     #[error("the token's signature is not valid")]
     BadSignature,

@@ -11,7 +11,7 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel};
 
 use crate::config::Config;
-use crate::jwks_refresh::JwksFetcher;
+use crate::refresh::Refresher;
 use crate::worker::Worker;
 use crate::{Flow, Stream};
 use host::WasmHost;
@@ -29,14 +29,14 @@ struct Root {
 struct Configured {
     config: Rc<Config>,
     worker: Rc<Worker>,
-    jwks: JwksFetcher,
+    refresh: Refresher,
 }
 
 impl Context for Root {
     fn on_http_call_response(&mut self, token_id: u32, _num_headers: usize, body_size: usize, _num_trailers: usize) {
         if let Some(state) = &mut self.state {
             let body = host::call_response(body_size);
-            state.jwks.on_response(&state.config, token_id, body, &mut WasmHost);
+            state.refresh.on_response(&state.config, token_id, body, &mut WasmHost);
         }
     }
 }
@@ -63,23 +63,23 @@ impl RootContext for Root {
                 return false;
             }
         };
-        let jwks = JwksFetcher::new(&config);
-        if jwks.is_needed() {
+        let refresh = Refresher::new(&config);
+        if refresh.is_needed() {
             if let Err(status) = hostcalls::set_tick_period(Duration::from_secs(1)) {
-                log::error!("tollgate: cannot start the JWKS timer: {status:?}");
+                log::error!("tollgate: cannot start the refresh timer: {status:?}");
                 return false;
             }
         }
         let worker = Rc::new(Worker::new(&config));
-        let mut state = Configured { config, worker, jwks };
-        state.jwks.on_tick(&state.config, &mut WasmHost);
+        let mut state = Configured { config, worker, refresh };
+        state.refresh.on_tick(&state.config, &mut WasmHost);
         self.state = Some(state);
         true
     }
 
     fn on_tick(&mut self) {
         if let Some(state) = &mut self.state {
-            state.jwks.on_tick(&state.config, &mut WasmHost);
+            state.refresh.on_tick(&state.config, &mut WasmHost);
         }
     }
 

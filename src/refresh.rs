@@ -1,0 +1,160 @@
+//! Keeps what JWT providers fetch through Envoy clusters fresh, from the root context: remote
+//! JWKS and revocation lists, fetched at start, again every `refresh_seconds`, and retried with
+//! backoff after a failure. A failed fetch keeps the last good copy: an unreachable identity
+//! provider must not lock every caller out.
+//!
+//! Each Envoy worker runs its own VM with its own copies. Every document a worker fetches is also
+//! put in Envoy's shared data, and every worker loads a newer one on its next tick, so a rotation
+//! that one worker learned (say, by a refetch for an unknown `kid`) reaches them all.
+
+use crate::auth::{Provider, RemoteJwks};
+use crate::config::Config;
+use crate::host::Host;
+
+/// Retry delays after a failure grow to this; a document that never loaded is retried at least
+/// this often, since until then the provider's requests get 503.
+const MAX_RETRY_SECONDS: u64 = 30;
+
+/// What a remote source holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Jwks,
+    RevokedJti,
+}
+
+#[derive(Debug)]
+struct Source {
+    provider: usize,
+    kind: Kind,
+    next_fetch_at: u64,
+    in_flight: Option<u32>,
+    failures: u32,
+    /// The shared-data version of the document this worker loaded last.
+    shared_version: Option<u32>,
+}
+
+pub struct Refresher {
+    sources: Vec<Source>,
+}
+
+impl Refresher {
+    pub fn new(config: &Config) -> Refresher {
+        let mut sources = Vec::new();
+        for (provider, p) in config.auth.providers().iter().enumerate() {
+            let kinds = [(Kind::Jwks, p.remote_jwks().is_some()), (Kind::RevokedJti, p.revocation_source().is_some())];
+            for (kind, present) in kinds {
+                if present {
+                    sources.push(Source {
+                        provider,
+                        kind,
+                        next_fetch_at: 0,
+                        in_flight: None,
+                        failures: 0,
+                        shared_version: None,
+                    });
+                }
+            }
+        }
+        Refresher { sources }
+    }
+
+    pub fn is_needed(&self) -> bool {
+        !self.sources.is_empty()
+    }
+
+    pub fn on_tick(&mut self, config: &Config, host: &mut dyn Host) {
+        let now = host.now();
+        for source in &mut self.sources {
+            let Some(provider) = config.auth.providers().get(source.provider) else { continue };
+            let Some(remote) = source.kind.remote(provider) else { continue };
+            if let Some((body, version)) = host.shared_get(&shared_key(remote)) {
+                if source.shared_version != Some(version) && source.kind.load(provider, &body).is_ok() {
+                    source.shared_version = Some(version);
+                }
+            }
+            if source.in_flight.is_some() || now < source.next_fetch_at {
+                continue;
+            }
+            match host.http_get(&remote.cluster, &remote.authority, &remote.path, remote.timeout_ms) {
+                Some(token) => source.in_flight = Some(token),
+                None => {
+                    source.failures = source.failures.saturating_add(1);
+                    source.next_fetch_at = now.saturating_add(backoff(source.failures));
+                }
+            }
+        }
+    }
+
+    /// A fetch came back: `body` is `Some` only for a 200 answer.
+    pub fn on_response(&mut self, config: &Config, token: u32, body: Option<Vec<u8>>, host: &mut dyn Host) {
+        let now = host.now();
+        let Some(source) = self.sources.iter_mut().find(|s| s.in_flight == Some(token)) else { return };
+        source.in_flight = None;
+        let Some(provider) = config.auth.providers().get(source.provider) else { return };
+        let Some(remote) = source.kind.remote(provider) else { return };
+        let what = format!("provider {} {:?} from {}{}", source.provider, source.kind, remote.cluster, remote.path);
+        let loaded = match &body {
+            Some(body) => match source.kind.load(provider, body) {
+                Ok(()) => {
+                    host.shared_set(&shared_key(remote), body);
+                    true
+                }
+                Err(err) => {
+                    log::warn!("tollgate: {what} rejected, keeping the last good copy: {err}");
+                    false
+                }
+            },
+            None => {
+                log::warn!("tollgate: {what}: fetch failed, keeping the last good copy");
+                false
+            }
+        };
+        if loaded {
+            source.failures = 0;
+            source.next_fetch_at = now.saturating_add(remote.refresh_seconds);
+        } else {
+            source.failures = source.failures.saturating_add(1);
+            source.next_fetch_at = now.saturating_add(backoff(source.failures).min(remote.refresh_seconds));
+        }
+    }
+}
+
+impl Kind {
+    fn remote(self, provider: &Provider) -> Option<&RemoteJwks> {
+        match self {
+            Kind::Jwks => provider.remote_jwks(),
+            Kind::RevokedJti => provider.revocation_source(),
+        }
+    }
+
+    fn load(self, provider: &Provider, body: &[u8]) -> Result<(), crate::config::ConfigError> {
+        match self {
+            Kind::Jwks => provider.load_remote_jwks(body).map(|report| {
+                for skipped in &report.skipped {
+                    log::warn!("tollgate: JWKS key left out: {skipped}");
+                }
+            }),
+            Kind::RevokedJti => provider.load_revoked_jti(body).map(|_| ()),
+        }
+    }
+}
+
+/// Loads a JWKS a stream fetched for an unknown `kid`, and shares it with the other workers.
+pub fn load_refetched(provider: &Provider, body: &[u8], host: &mut dyn Host) {
+    let Some(source) = provider.remote_jwks() else { return };
+    match provider.load_remote_jwks(body) {
+        Ok(_) => host.shared_set(&shared_key(source), body),
+        Err(err) => log::warn!("tollgate: JWKS refetch ignored: {err}"),
+    }
+}
+
+/// One shared-data entry per remote source (a handful, whatever the traffic), named after where
+/// it comes from so two filters with the same source share it.
+fn shared_key(source: &RemoteJwks) -> String {
+    format!("tollgate.remote.{}.{}{}", source.cluster, source.authority, source.path)
+}
+
+/// 1, 2, 4, … seconds, up to `MAX_RETRY_SECONDS`.
+fn backoff(failures: u32) -> u64 {
+    1u64.checked_shl(failures.saturating_sub(1)).unwrap_or(u64::MAX).min(MAX_RETRY_SECONDS)
+}
