@@ -31,3 +31,124 @@ pub trait Host {
     /// call could not be made (unknown cluster, say).
     fn http_get(&mut self, cluster: &str, authority: &str, path: &str, timeout_ms: u64) -> Option<u32>;
 }
+
+/// A recording proxy for unit tests: request and response headers, a held body, properties, a
+/// clock, shared data with versions, and the callouts made.
+#[cfg(test)]
+pub(crate) mod fake {
+    use std::collections::HashMap;
+
+    use super::Host;
+
+    pub const NOW: u64 = 1_800_000_000;
+
+    /// A local reply: status, headers, parsed body.
+    pub type Sent = (u16, Vec<(String, String)>, serde_json::Value);
+
+    pub struct FakeHost {
+        pub request: Vec<(String, String)>,
+        /// The request body Envoy holds for the filter.
+        pub body: Vec<u8>,
+        pub properties: HashMap<String, Vec<u8>>,
+        pub removed: Vec<String>,
+        pub response: Vec<(String, String)>,
+        pub sent: Option<Sent>,
+        pub resumed: bool,
+        pub now: u64,
+        pub shared: HashMap<String, (Vec<u8>, u32)>,
+        pub calls: Vec<String>,
+    }
+
+    impl Default for FakeHost {
+        fn default() -> Self {
+            FakeHost {
+                request: Vec::new(),
+                body: Vec::new(),
+                properties: HashMap::new(),
+                removed: Vec::new(),
+                response: Vec::new(),
+                sent: None,
+                resumed: false,
+                now: NOW,
+                shared: HashMap::new(),
+                calls: Vec::new(),
+            }
+        }
+    }
+
+    impl FakeHost {
+        pub fn request(method: &str, path: &str, extra: &[(&str, &str)]) -> FakeHost {
+            let mut request = vec![
+                (":method".to_owned(), method.to_owned()),
+                (":path".to_owned(), path.to_owned()),
+                ("x-request-id".to_owned(), "rid-1".to_owned()),
+            ];
+            request.extend(extra.iter().map(|(n, v)| ((*n).to_owned(), (*v).to_owned())));
+            FakeHost { request, ..FakeHost::default() }
+        }
+
+        pub fn upstream_header(&self, name: &str) -> Option<&str> {
+            self.request.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+        }
+
+        pub fn sent_header(&self, name: &str) -> Option<&str> {
+            let (_, headers, _) = self.sent.as_ref()?;
+            headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+        }
+    }
+
+    impl Host for FakeHost {
+        fn request_headers(&self) -> Vec<(String, String)> {
+            self.request.clone()
+        }
+        fn set_request_header(&mut self, name: &str, value: &str) {
+            self.request.retain(|(n, _)| n != name);
+            self.request.push((name.to_owned(), value.to_owned()));
+        }
+        fn remove_request_header(&mut self, name: &str) {
+            self.request.retain(|(n, _)| n != name);
+            self.removed.push(name.to_owned());
+        }
+        fn request_body(&self, start: usize, len: usize) -> Vec<u8> {
+            self.body[start..start + len].to_vec()
+        }
+        fn resume_request(&mut self) {
+            self.resumed = true;
+        }
+        fn set_response_header(&mut self, name: &str, value: &str) {
+            self.response.retain(|(n, _)| n != name);
+            self.response.push((name.to_owned(), value.to_owned()));
+        }
+        fn remove_response_header(&mut self, name: &str) {
+            self.response.retain(|(n, _)| n != name);
+        }
+        fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
+            self.properties.get(&path.join(".")).cloned()
+        }
+        fn send_response(&mut self, status: u16, headers: &[(&str, &str)], body: &[u8]) {
+            let headers = headers.iter().map(|(n, v)| ((*n).to_owned(), (*v).to_owned())).collect();
+            self.sent = Some((status, headers, serde_json::from_slice(body).unwrap()));
+        }
+        fn now(&self) -> u64 {
+            self.now
+        }
+        fn shared_get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+            self.shared.get(key).cloned()
+        }
+        fn shared_set(&mut self, key: &str, value: &[u8]) {
+            let version = self.shared.get(key).map_or(1, |(_, v)| v + 1);
+            self.shared.insert(key.to_owned(), (value.to_vec(), version));
+        }
+        fn shared_swap(&mut self, key: &str, value: &[u8], version: Option<u32>) -> bool {
+            if version.is_some() && self.shared.get(key).map(|(_, v)| *v) != version {
+                return false;
+            }
+            self.shared_set(key, value);
+            true
+        }
+        fn http_get(&mut self, cluster: &str, _authority: &str, path: &str, _timeout_ms: u64) -> Option<u32> {
+            self.calls.push(format!("{cluster}{path}"));
+            u32::try_from(self.calls.len()).ok()
+        }
+    }
+}

@@ -342,91 +342,7 @@ fn log_detail(denial: &Denial) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
-
-    /// A local reply: status, headers, parsed body.
-    type Sent = (u16, Vec<(String, String)>, serde_json::Value);
-
-    /// A proxy that records what the pipeline did.
-    #[derive(Default)]
-    struct FakeHost {
-        request: Vec<(String, String)>,
-        /// The request body Envoy holds for the filter.
-        body: Vec<u8>,
-        properties: HashMap<String, Vec<u8>>,
-        removed: Vec<String>,
-        response: Vec<(String, String)>,
-        sent: Option<Sent>,
-        resumed: bool,
-        calls: Vec<String>,
-    }
-
-    impl Host for FakeHost {
-        fn request_headers(&self) -> Vec<(String, String)> {
-            self.request.clone()
-        }
-        fn set_request_header(&mut self, name: &str, value: &str) {
-            self.request.retain(|(n, _)| n != name);
-            self.request.push((name.to_owned(), value.to_owned()));
-        }
-        fn remove_request_header(&mut self, name: &str) {
-            self.request.retain(|(n, _)| n != name);
-            self.removed.push(name.to_owned());
-        }
-        fn request_body(&self, start: usize, len: usize) -> Vec<u8> {
-            self.body[start..start + len].to_vec()
-        }
-        fn resume_request(&mut self) {
-            self.resumed = true;
-        }
-        fn now(&self) -> u64 {
-            NOW
-        }
-        fn shared_get(&self, _key: &str) -> Option<(Vec<u8>, u32)> {
-            None
-        }
-        fn shared_set(&mut self, _key: &str, _value: &[u8]) {}
-        fn shared_swap(&mut self, _key: &str, _value: &[u8], _version: Option<u32>) -> bool {
-            true
-        }
-        fn http_get(&mut self, cluster: &str, _authority: &str, path: &str, _timeout_ms: u64) -> Option<u32> {
-            self.calls.push(format!("{cluster}{path}"));
-            Some(7)
-        }
-        fn set_response_header(&mut self, name: &str, value: &str) {
-            self.response.retain(|(n, _)| n != name);
-            self.response.push((name.to_owned(), value.to_owned()));
-        }
-        fn remove_response_header(&mut self, name: &str) {
-            self.response.retain(|(n, _)| n != name);
-        }
-        fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
-            self.properties.get(&path.join(".")).cloned()
-        }
-        fn send_response(&mut self, status: u16, headers: &[(&str, &str)], body: &[u8]) {
-            let headers = headers.iter().map(|(n, v)| ((*n).to_owned(), (*v).to_owned())).collect();
-            self.sent = Some((status, headers, serde_json::from_slice(body).unwrap()));
-        }
-    }
-
-    impl FakeHost {
-        fn request(method: &str, path: &str, extra: &[(&str, &str)]) -> FakeHost {
-            let mut request = vec![
-                (":method".to_owned(), method.to_owned()),
-                (":path".to_owned(), path.to_owned()),
-                ("x-request-id".to_owned(), "rid-1".to_owned()),
-            ];
-            request.extend(extra.iter().map(|(n, v)| ((*n).to_owned(), (*v).to_owned())));
-            FakeHost { request, ..FakeHost::default() }
-        }
-        fn upstream_header(&self, name: &str) -> Option<&str> {
-            self.request.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
-        }
-        fn sent_header(&self, name: &str) -> Option<&str> {
-            let (_, headers, _) = self.sent.as_ref()?;
-            headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
-        }
-    }
+    use crate::host::fake::FakeHost;
 
     const CONFIG: &str = r#"{
         "policies": {
@@ -442,7 +358,7 @@ mod tests {
         ]
     }"#;
 
-    const NOW: u64 = 1_800_000_000;
+    const NOW: u64 = crate::host::fake::NOW;
 
     fn run(host: &mut FakeHost) -> (Stream, Flow) {
         run_with(CONFIG, host, true)

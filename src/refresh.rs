@@ -158,3 +158,71 @@ fn shared_key(source: &RemoteJwks) -> String {
 fn backoff(failures: u32) -> u64 {
     1u64.checked_shl(failures.saturating_sub(1)).unwrap_or(u64::MAX).min(MAX_RETRY_SECONDS)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::fake::FakeHost as Fake;
+
+    const JWKS: &str =
+        r#"{"keys": [{"kty": "oct", "kid": "k", "alg": "HS256", "k": "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE"}]}"#;
+
+    fn config() -> Config {
+        Config::from_json(
+            br#"{"policies": {}, "auth": {"jwt": {"providers": [{
+                "remote_jwks": {"cluster": "idp", "path": "/jwks", "refresh_seconds": 600},
+                "revoked_jti_remote": {"cluster": "idp", "path": "/revoked", "refresh_seconds": 60}}]}}}"#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn fetches_at_start_then_on_schedule_and_backs_off_after_failures() {
+        let config = config();
+        let mut refresher = Refresher::new(&config);
+        let mut host = Fake { now: 1000, ..Fake::default() };
+        refresher.on_tick(&config, &mut host);
+        assert_eq!(host.calls, ["idp/jwks", "idp/revoked"]);
+        refresher.on_tick(&config, &mut host);
+        assert_eq!(host.calls.len(), 2, "no second fetch while one is in flight");
+
+        refresher.on_response(&config, 1, Some(JWKS.as_bytes().to_vec()), &mut host);
+        refresher.on_response(&config, 2, None, &mut host);
+        assert!(config.auth.providers()[0].has_remote_keys());
+        assert!(host.shared.contains_key("tollgate.remote.idp.idp/jwks"), "the JWKS was not shared");
+
+        host.now = 1001;
+        refresher.on_tick(&config, &mut host);
+        assert_eq!(host.calls.last().map(String::as_str), Some("idp/revoked"), "a failure retries after 1 s");
+        refresher.on_response(&config, 3, None, &mut host);
+        host.now = 1002;
+        refresher.on_tick(&config, &mut host);
+        assert_eq!(host.calls.len(), 3, "the second failure waits 2 s");
+        host.now = 1600;
+        refresher.on_tick(&config, &mut host);
+        assert!(host.calls.contains(&"idp/jwks".to_owned()) && host.calls.len() == 5, "{:?}", host.calls);
+    }
+
+    #[test]
+    fn a_bad_document_keeps_the_last_good_copy() {
+        let config = config();
+        let mut refresher = Refresher::new(&config);
+        let mut host = Fake { now: 0, ..Fake::default() };
+        refresher.on_tick(&config, &mut host);
+        refresher.on_response(&config, 1, Some(JWKS.as_bytes().to_vec()), &mut host);
+        host.now = 700;
+        refresher.on_tick(&config, &mut host);
+        refresher.on_response(&config, 3, Some(b"{not json".to_vec()), &mut host);
+        assert!(config.auth.providers()[0].has_remote_keys());
+    }
+
+    #[test]
+    fn another_workers_copy_is_loaded_from_shared_data() {
+        let config = config();
+        let mut refresher = Refresher::new(&config);
+        let mut host = Fake::default();
+        host.shared_set("tollgate.remote.idp.idp/jwks", JWKS.as_bytes());
+        refresher.on_tick(&config, &mut host);
+        assert!(config.auth.providers()[0].has_remote_keys());
+    }
+}

@@ -49,3 +49,46 @@ pub fn record(host: &mut dyn Host, accepted: &Accepted, now: u64) -> Result<(), 
     }
     Err(AuthError::ReplayCacheFull)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::fake::{FakeHost, NOW};
+
+    fn accepted(first: u8, second: u8, tail: u8, expires_at: u64) -> Accepted {
+        let mut signature = [tail; 32];
+        signature[0] = first;
+        signature[1] = second;
+        Accepted { signature, expires_at }
+    }
+
+    #[test]
+    fn a_signature_is_accepted_once_across_workers() {
+        // Both "workers" see the same shared data, as Envoy's workers do.
+        let mut host = FakeHost::default();
+        let sig = accepted(1, 2, 3, NOW + 300);
+        assert_eq!(record(&mut host, &sig, NOW), Ok(()));
+        assert_eq!(record(&mut host, &sig, NOW + 10), Err(AuthError::SignatureReplayed));
+        assert_eq!(record(&mut host, &accepted(1, 2, 4, NOW + 300), NOW), Ok(()), "a neighbour in the slot");
+    }
+
+    #[test]
+    fn expired_signatures_leave_their_slot() {
+        let mut host = FakeHost::default();
+        let sig = accepted(9, 9, 9, NOW + 300);
+        assert_eq!(record(&mut host, &sig, NOW), Ok(()));
+        assert_eq!(record(&mut host, &sig, NOW + 301), Ok(()), "an expired entry still blocked");
+        let (slot, _) = host.shared.values().next().unwrap();
+        assert_eq!(slot.len(), RECORD, "the expired entry was not pruned");
+    }
+
+    #[test]
+    fn a_full_slot_refuses_rather_than_forgets() {
+        let mut host = FakeHost::default();
+        for tail in 0..u8::try_from(SLOT_CAPACITY).unwrap() {
+            assert_eq!(record(&mut host, &accepted(5, 5, tail, NOW + 300), NOW), Ok(()));
+        }
+        assert_eq!(record(&mut host, &accepted(5, 5, 200, NOW + 300), NOW), Err(AuthError::ReplayCacheFull));
+        assert_eq!(host.shared.len(), 1, "one slot, whatever the number of signatures");
+    }
+}
