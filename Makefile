@@ -49,6 +49,9 @@ unit: ## unit tests only (no Envoy)
 	cargo test --lib --bins
 
 lint: ## clippy with the project's rules, and formatting
+	@rustup component list --installed | grep -q '^clippy' || rustup component add clippy
+	@rustup component list --installed | grep -q '^rustfmt' || rustup component add rustfmt
+	@rustup target list --installed | grep -qx $(WASM_TARGET) || rustup target add $(WASM_TARGET)
 	cargo clippy --all-targets -- -D warnings
 	cargo clippy --release --target $(WASM_TARGET) --lib -- -D warnings
 	cargo fmt --check
