@@ -5,8 +5,9 @@
 //! Shared-data entries cannot be deleted, so the store is a fixed set of slots: a signature's
 //! first bytes pick one of `SLOTS` entries, each holding the unexpired signatures of its slot
 //! (16-byte prefix and expiry, 24 bytes each), pruned on every write. Memory is at most
-//! `SLOTS × SLOT_CAPACITY × 24` bytes (6 MiB) whatever the traffic; a slot that is full of
-//! unexpired signatures answers 503 rather than risk an undetected replay.
+//! `SLOTS × (SLOT_CAPACITY × 24 + ~90)` bytes (about 6.5 MB; Envoy keeps ~90 bytes per key)
+//! whatever the traffic; a slot full of unexpired signatures answers 503 rather than risk an
+//! undetected replay.
 
 use crate::auth::{Accepted, AuthError};
 use crate::host::Host;
