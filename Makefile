@@ -9,7 +9,7 @@ WASM          := build/tollgate.wasm
 CLI           := target/release/tollgate
 DEMO_PORT     := 10000
 
-.PHONY: help wasm cli envoy demo test unit e2e check-configs lint fmt clean
+.PHONY: help wasm cli envoy demo test unit bench check-configs lint fmt clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -19,7 +19,7 @@ wasm: $(WASM) ## build the filter module at build/tollgate.wasm (the path the En
 # Cargo decides what is stale; make always asks it.
 $(WASM): FORCE
 	@rustup target list --installed | grep -qx $(WASM_TARGET) || rustup target add $(WASM_TARGET)
-	cargo build --release --target $(WASM_TARGET) --lib
+	cargo rustc --release --target $(WASM_TARGET) --lib --crate-type cdylib
 	@mkdir -p build
 	@cp target/$(WASM_TARGET)/release/tollgate.wasm $(WASM).tmp && mv $(WASM).tmp $(WASM)
 	@echo "$(WASM): $$(wc -c < $(WASM)) bytes"
@@ -44,6 +44,10 @@ demo: wasm cli envoy ## run Envoy + tollgate + a sample upstream on localhost; C
 
 test: wasm envoy ## the whole suite: unit tests and end-to-end tests against a real Envoy
 	cargo test --all-targets
+
+bench: wasm envoy ## load-test Envoy with and without tollgate (wrk); writes build/bench.md
+	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
+	cargo bench --bench gateway
 
 unit: ## unit tests only (no Envoy)
 	cargo test --lib --bins

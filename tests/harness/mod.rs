@@ -224,6 +224,12 @@ impl Gateway {
         self.listeners.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("no listener {name:?}")).1
     }
 
+    /// Envoy's process id (the wrapper execs the binary, so it is Envoy's own), for benchmarks
+    /// that pin it to a core or read its CPU time.
+    pub fn envoy_pid(&self) -> u32 {
+        self.envoy.id()
+    }
+
     pub fn admin_port(&self) -> u16 {
         self.admin_port
     }
