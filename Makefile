@@ -43,7 +43,8 @@ demo: wasm cli envoy ## run Envoy + tollgate + a sample upstream on localhost; C
 	@bash envoy/demo.sh $(ENVOY) $(DEMO_PORT)
 
 test: wasm envoy ## the whole suite: unit tests and end-to-end tests against a real Envoy
-	cargo test --all-targets
+	@# Not --all-targets: that would also run the benchmark, which is `make bench`'s.
+	cargo test --lib --bins --tests
 
 bench: wasm envoy ## load-test Envoy with and without tollgate (wrk); writes build/bench.md
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
