@@ -406,6 +406,14 @@ fn is_token_or_slash(b: u8) -> bool {
     b == b'/' || is_token_byte(b)
 }
 
+/// A configured header name, lower-case as Envoy hands headers to the filter.
+pub(crate) fn header_name(name: &str, path: &str) -> Result<String, ConfigError> {
+    if name.is_empty() || !name.bytes().all(is_token_byte) {
+        return Err(ConfigError::at(path, format!("{name:?} is not a valid header name")));
+    }
+    Ok(name.to_ascii_lowercase())
+}
+
 /// RFC 9110 `tchar`: what header names and media type parts are made of.
 pub(crate) fn is_token_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
@@ -479,10 +487,7 @@ fn identity_headers(raw: &RawIdentityHeaders) -> Result<Vec<String>, ConfigError
     let mut names = Vec::new();
     for (field, name) in fields {
         let path = format!("identity_headers.{field}");
-        if name.is_empty() || !name.bytes().all(is_token_byte) {
-            return Err(ConfigError::at(path, format!("{name:?} is not a valid header name")));
-        }
-        let lower = name.to_ascii_lowercase();
+        let lower = header_name(name, &path)?;
         if !seen.insert(lower.clone()) {
             return Err(ConfigError::at(path, format!("{name:?} is used for two identity fields")));
         }

@@ -14,7 +14,7 @@ use serde::Deserialize;
 use super::{
     decode_base64_any, decode_hex32, default_true, error_at, AuthError, Identity, RequestCredentials, SecretString,
 };
-use crate::config::{is_token_byte, ConfigError};
+use crate::config::{header_name, ConfigError};
 
 /// Signature settings. Which routes require a signature is up to the route policy.
 #[derive(Debug, Deserialize)]
@@ -170,13 +170,6 @@ impl Signatures {
         }
         Ok(PendingSignature { mac, signature, expires_at: seconds.saturating_add(self.max_skew_seconds) })
     }
-}
-
-fn header_name(name: &str, path: &str) -> Result<String, ConfigError> {
-    if name.is_empty() || !name.bytes().all(is_token_byte) {
-        return Err(error_at(path, format!("{name:?} is not a valid header name")));
-    }
-    Ok(name.to_ascii_lowercase())
 }
 
 /// Decimal digits only: no sign, no fraction, nothing a lenient parser would guess at.
