@@ -8,6 +8,7 @@ use std::fmt;
 use serde::Deserialize;
 
 use crate::auth::{Authenticator, RawAuth};
+use crate::ratelimit::{RateLimits, RawPolicyLimit, RawRateLimits};
 use crate::routes::{Access, Policy, RouteTable};
 
 /// An HTTP method, as routes and content-type rules name it.
@@ -72,6 +73,10 @@ pub struct RawConfig {
     /// How callers prove who they are: JWT providers, API keys, request signatures.
     #[serde(default)]
     pub auth: RawAuth,
+    /// Tier and anonymous limits, and the shared-data table the counts live in. Policies opt in
+    /// with `rate_limit`.
+    #[serde(default)]
+    pub rate_limits: Option<RawRateLimits>,
 }
 
 /// What protections apply to the requests a route selects.
@@ -98,6 +103,9 @@ pub struct RawPolicy {
     /// Require an HMAC request signature (`auth.signatures`) on top of the caller's credential.
     #[serde(default)]
     pub signature: bool,
+    /// Rate-limit this policy's requests. Omitted: never limited.
+    #[serde(default)]
+    pub rate_limit: Option<RawPolicyLimit>,
 }
 
 /// One entry of the prefix table.
@@ -276,6 +284,8 @@ impl ConfigError {
 pub struct Config {
     pub routes: RouteTable,
     pub auth: Authenticator,
+    /// `None` when no policy is rate-limited.
+    pub rate_limits: Option<RateLimits>,
     pub security_headers: SecurityHeaders,
     /// Lower-case names of the identity headers, in the order of `RawIdentityHeaders`.
     pub identity_headers: Vec<String>,
@@ -297,7 +307,7 @@ impl Config {
     /// start and `tollgate check` both call it.
     pub fn from_json(bytes: &[u8]) -> Result<Config, ConfigError> {
         let raw = parse(bytes)?;
-        Config::try_from(raw)
+        Config::build(raw, hmac_sha256::Hash::hash(bytes))
     }
 }
 
@@ -324,14 +334,18 @@ fn strip_position(message: &str) -> String {
     }
 }
 
-impl TryFrom<RawConfig> for Config {
-    type Error = ConfigError;
-
-    fn try_from(raw: RawConfig) -> Result<Config, ConfigError> {
+impl Config {
+    /// The one validation step. `seed` is a digest of the configuration's bytes: every worker
+    /// computes the same one, and a client cannot guess it without the config.
+    fn build(raw: RawConfig, seed: [u8; 32]) -> Result<Config, ConfigError> {
         let sec = &raw.security_headers;
         header_value("security_headers.cache_control", &sec.cache_control)?;
         let defaults = &raw.request_checks;
         check_content_types("request_checks.content_types", &defaults.content_types)?;
+
+        let limited = raw.policies.iter().map(|(name, p)| (name.clone(), (p.access, p.rate_limit.as_ref()))).collect();
+        let (rate_limits, mut policy_limits) = RateLimits::build(raw.rate_limits.as_ref(), &limited, seed)?;
+        check_tiers(&raw)?;
 
         let mut policies = BTreeMap::new();
         for (name, p) in &raw.policies {
@@ -361,6 +375,7 @@ impl TryFrom<RawConfig> for Config {
                 cache_control: p.cache_control.clone().or_else(|| sec.cache_control.clone()),
                 scopes: p.scopes.clone(),
                 signature: p.signature,
+                rate_limit: policy_limits.remove(name),
             };
             policies.insert(name.clone(), policy);
         }
@@ -374,15 +389,34 @@ impl TryFrom<RawConfig> for Config {
             cache_control: sec.cache_control.clone(),
             scopes: Vec::new(),
             signature: false,
+            rate_limit: None,
         };
         let routes = RouteTable::build(&raw.routes, raw.default_policy.as_deref(), policies, unmatched)?;
         Ok(Config {
             routes,
             auth: Authenticator::try_from(&raw.auth)?,
+            rate_limits,
             security_headers: security_headers(sec)?,
             identity_headers: identity_headers(&raw.identity_headers)?,
         })
     }
+}
+
+/// Tiers that API keys and JWT providers name must be configured, so a typo is not silently the
+/// default tier.
+fn check_tiers(raw: &RawConfig) -> Result<(), ConfigError> {
+    let limits = raw.rate_limits.as_ref();
+    for (i, key) in raw.auth.api_keys.iter().flat_map(|k| k.keys.iter()).enumerate() {
+        if let Some(tier) = &key.tier {
+            RateLimits::check_tier(limits, tier, &format!("auth.api_keys.keys[{i}].tier"))?;
+        }
+    }
+    for (i, provider) in raw.auth.jwt.iter().flat_map(|j| j.providers.iter()).enumerate() {
+        if let Some(tier) = &provider.claims.default_tier {
+            RateLimits::check_tier(limits, tier, &format!("auth.jwt.providers[{i}].claims.default_tier"))?;
+        }
+    }
+    Ok(())
 }
 
 fn check_content_types(path: &str, types: &BTreeMap<Method, Vec<String>>) -> Result<(), ConfigError> {

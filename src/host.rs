@@ -19,7 +19,11 @@ pub trait Host {
     /// Answers the request without the upstream.
     fn send_response(&mut self, status: u16, headers: &[(&str, &str)], body: &[u8]);
     /// Unix time in seconds, from the proxy's clock.
-    fn now(&self) -> u64;
+    fn now(&self) -> u64 {
+        self.now_nanos() / 1_000_000_000
+    }
+    /// Unix time in nanoseconds, from the proxy's clock.
+    fn now_nanos(&self) -> u64;
     /// A value in Envoy's shared data (one store for all workers of the VM) and its version.
     fn shared_get(&self, key: &str) -> Option<(Vec<u8>, u32)>;
     /// Stores a value in Envoy's shared data, whatever its current version.
@@ -55,7 +59,11 @@ pub(crate) mod fake {
         pub sent: Option<Sent>,
         pub resumed: bool,
         pub now: u64,
+        /// Nanoseconds past `now`.
+        pub nanos: u64,
         pub shared: HashMap<String, (Vec<u8>, u32)>,
+        /// This many compare-and-swaps fail, as if another worker won the race.
+        pub lose_swaps: u32,
         pub calls: Vec<String>,
     }
 
@@ -70,7 +78,9 @@ pub(crate) mod fake {
                 sent: None,
                 resumed: false,
                 now: NOW,
+                nanos: 0,
                 shared: HashMap::new(),
+                lose_swaps: 0,
                 calls: Vec::new(),
             }
         }
@@ -129,8 +139,8 @@ pub(crate) mod fake {
             let headers = headers.iter().map(|(n, v)| ((*n).to_owned(), (*v).to_owned())).collect();
             self.sent = Some((status, headers, serde_json::from_slice(body).unwrap()));
         }
-        fn now(&self) -> u64 {
-            self.now
+        fn now_nanos(&self) -> u64 {
+            self.now * 1_000_000_000 + self.nanos
         }
         fn shared_get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
             self.shared.get(key).cloned()
@@ -140,6 +150,10 @@ pub(crate) mod fake {
             self.shared.insert(key.to_owned(), (value.to_vec(), version));
         }
         fn shared_swap(&mut self, key: &str, value: &[u8], version: Option<u32>) -> bool {
+            if self.lose_swaps > 0 {
+                self.lose_swaps -= 1;
+                return false;
+            }
             if version.is_some() && self.shared.get(key).map(|(_, v)| *v) != version {
                 return false;
             }

@@ -8,6 +8,7 @@ pub mod config;
 pub mod headers;
 pub mod host;
 pub mod problem;
+pub mod ratelimit;
 pub mod refresh;
 pub mod replay;
 pub mod routes;
@@ -18,16 +19,20 @@ mod wasm;
 
 use std::rc::Rc;
 
-use auth::{AuthError, PendingSignature, RequestCredentials};
+use auth::{AuthError, Identity, PendingSignature, RequestCredentials};
 use checks::BodyCounter;
 use config::{Config, Method};
 use host::Host;
 use problem::Denial;
+use ratelimit::{Caller, Quota};
 use routes::{Access, Policy};
 use worker::Worker;
 
 /// Where an operator attaches a policy to an Envoy route: `metadata.filter_metadata.tollgate.policy`.
 const ROUTE_POLICY_PROPERTY: [&str; 5] = ["xds", "route_metadata", "filter_metadata", "tollgate", "policy"];
+/// The client address as Envoy resolved it: its trusted-proxy rules (`use_remote_address`,
+/// `xff_num_trusted_hops`) decide, so a client cannot pick its own by sending `X-Forwarded-For`.
+const CLIENT_ADDRESS_PROPERTY: [&str; 2] = ["source", "address"];
 
 /// What the proxy should do with the request or response after a callback.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,6 +73,8 @@ pub struct Stream {
     request_id: String,
     /// The filter answered this request itself; its response already carries every header.
     answered: bool,
+    /// The rate-limit window the response reports, and when (Unix seconds) it was counted.
+    quota: Option<(Quota, u64)>,
 }
 
 /// The request headers the pipeline reads, taken from one hostcall.
@@ -96,6 +103,7 @@ impl Stream {
             https: false,
             request_id: String::new(),
             answered: false,
+            quota: None,
         }
     }
 
@@ -129,12 +137,30 @@ impl Stream {
         // 3. Identity headers: nothing downstream may trust what the client sent under them.
         headers::strip_identity(host, request.all, &self.config.identity_headers);
 
+        self.admit(host, request.all, &policy, true)
+    }
+
+    /// Steps 4 and 5; a request held for a JWKS refetch comes back here.
+    fn admit(
+        &mut self,
+        host: &mut dyn Host,
+        request: &[(String, String)],
+        policy: &Policy,
+        may_refetch: bool,
+    ) -> Result<Flow, Denial> {
         // 4. Authentication and access.
-        match policy.access {
-            Access::Public => Ok(Flow::Continue),
-            Access::Deny => Err(Denial::NotFound),
-            Access::Authenticated => self.authenticate(host, request.all, &policy, true),
-        }
+        let identity = match policy.access {
+            Access::Public => None,
+            Access::Deny => return Err(Denial::NotFound),
+            Access::Authenticated => match self.authenticate(host, request, policy, may_refetch)? {
+                Some(identity) => Some(identity),
+                None => return Ok(Flow::Pause),
+            },
+        };
+
+        // 5. Rate limiting.
+        self.rate_limit(host, policy, identity.as_ref())?;
+        Ok(Flow::Continue)
     }
 
     /// Envoy route metadata, when the route carries it, wins over the prefix table: it is the
@@ -153,52 +179,70 @@ impl Stream {
         Ok(self.config.routes.select(method, path).clone())
     }
 
-    /// Step 4 for a route that needs a caller; a request held for a JWKS refetch comes back here.
+    /// Step 4 for a route that needs a caller: the verified identity, or `None` while the request
+    /// waits for a JWKS refetch.
     fn authenticate(
         &mut self,
         host: &mut dyn Host,
         request: &[(String, String)],
         policy: &Policy,
         may_refetch: bool,
-    ) -> Result<Flow, Denial> {
+    ) -> Result<Option<Identity>, Denial> {
         let credentials = RequestCredentials::new(request);
         let now = host.now();
         let identity = match self.config.auth.authenticate(&credentials, now) {
             Ok(Some(identity)) => identity,
             Ok(None) => return Err(Denial::Unauthenticated),
             Err(AuthError::UnknownKeyId { provider }) if may_refetch => {
-                return self.refetch_jwks(host, provider, now).ok_or(AuthError::UnknownKeyId { provider }.into());
+                return match self.refetch_jwks(host, provider, now) {
+                    Some(()) => Ok(None),
+                    None => Err(AuthError::UnknownKeyId { provider }.into()),
+                };
             }
             Err(err) => return Err(err.into()),
         };
         auth::require_scopes(&identity, &policy.scopes)?;
         headers::forward_identity(host, request, &self.config.identity_headers, &identity);
 
-        match self.config.auth.signatures().filter(|_| policy.signature) {
-            None => Ok(Flow::Continue),
-            Some(signatures) => {
-                let pending = signatures.begin(&credentials, Some(&identity), now)?;
-                if self.body_complete {
-                    self.finish_signature(host, pending)
-                } else {
-                    // The headers go on: proxy-wasm only hands a filter the body of a request whose
-                    // headers continued. The body is held until the signature over it verifies,
-                    // so the upstream never gets a body, nor a complete request, that failed.
-                    self.waiting = Waiting::Body(Box::new(pending));
-                    Ok(Flow::Continue)
-                }
+        if let Some(signatures) = self.config.auth.signatures().filter(|_| policy.signature) {
+            let pending = signatures.begin(&credentials, Some(&identity), now)?;
+            if self.body_complete {
+                self.finish_signature(host, pending)?;
+            } else {
+                // The headers go on: proxy-wasm only hands a filter the body of a request whose
+                // headers continued. The body is held until the signature over it verifies, so
+                // the upstream never gets a body, nor a complete request, that failed.
+                self.waiting = Waiting::Body(Box::new(pending));
             }
         }
+        Ok(Some(identity))
     }
 
-    fn refetch_jwks(&mut self, host: &mut dyn Host, provider: usize, now: u64) -> Option<Flow> {
+    fn refetch_jwks(&mut self, host: &mut dyn Host, provider: usize, now: u64) -> Option<()> {
         let remote = self.config.auth.providers().get(provider)?.remote_jwks()?;
         if !self.worker.may_refetch(provider, now) {
             return None;
         }
         let token = host.http_get(&remote.cluster, &remote.authority, &remote.path, remote.timeout_ms)?;
         self.waiting = Waiting::Jwks { token, provider };
-        Some(Flow::Pause)
+        Some(())
+    }
+
+    /// Step 5: counts the request against the caller's limits, if the policy has any.
+    fn rate_limit(&mut self, host: &mut dyn Host, policy: &Policy, identity: Option<&Identity>) -> Result<(), Denial> {
+        let (Some(limits), Some(limit)) = (&self.config.rate_limits, &policy.rate_limit) else { return Ok(()) };
+        let address = match identity {
+            Some(_) => None,
+            None => host.property(&CLIENT_ADDRESS_PROPERTY),
+        };
+        let address = address.as_deref().map(String::from_utf8_lossy);
+        let caller = match identity {
+            Some(identity) => Caller::Identity(identity),
+            None => Caller::Address(address.as_deref()),
+        };
+        let checked = limits.check(host, limit, &caller);
+        self.quota = checked.result?.map(|quota| (quota, host.now()));
+        Ok(())
     }
 
     /// The answer to a JWKS refetch this stream made: install the keys, then authenticate again,
@@ -214,7 +258,7 @@ impl Stream {
         }
         let Some(policy) = self.policy.clone() else { return };
         let request = host.request_headers();
-        let flow = self.authenticate(host, &request, &policy, false);
+        let flow = self.admit(host, &request, &policy, false);
         if self.outcome(host, flow) == Flow::Continue {
             host.resume_request();
         }
@@ -264,7 +308,7 @@ impl Stream {
 
     fn finish_pending(&mut self, host: &mut dyn Host) -> Result<Flow, Denial> {
         match std::mem::replace(&mut self.waiting, Waiting::Nothing) {
-            Waiting::Body(pending) => self.finish_signature(host, *pending),
+            Waiting::Body(pending) => self.finish_signature(host, *pending).map(|()| Flow::Continue),
             other => {
                 self.waiting = other;
                 Ok(Flow::Pause)
@@ -272,20 +316,25 @@ impl Stream {
         }
     }
 
-    fn finish_signature(&mut self, host: &mut dyn Host, pending: PendingSignature) -> Result<Flow, Denial> {
+    fn finish_signature(&mut self, host: &mut dyn Host, pending: PendingSignature) -> Result<(), Denial> {
         let now = host.now();
         let accepted = {
             let mut replays = self.worker.replays.try_borrow_mut().map_err(|_| AuthError::ReplayCacheFull)?;
             pending.finish(&mut replays, now)?
         };
         replay::record(host, &accepted, now)?;
-        Ok(Flow::Continue)
+        Ok(())
     }
 
     pub fn on_response_headers(&mut self, host: &mut dyn Host) -> Flow {
         if !self.answered {
             let cache_control = self.cache_control.as_deref();
             headers::secure_response(host, &self.config.security_headers, cache_control, self.https);
+            if let Some((quota, counted_at)) = &self.quota {
+                for (name, value) in quota.headers(*counted_at) {
+                    host.set_response_header(name, &value);
+                }
+            }
         }
         Flow::Continue
     }
@@ -328,6 +377,8 @@ fn respond(host: &mut dyn Host, denial: &Denial, request_id: &str, config: Optio
     if let Some(challenge) = &challenge {
         headers.push(("www-authenticate", challenge));
     }
+    let limits = denial.rate_limit_headers(host.now());
+    headers.extend(limits.iter().map(|(name, value)| (*name, value.as_str())));
     host.send_response(kind.status, &headers, &problem::body(denial, request_id));
 }
 

@@ -2,6 +2,7 @@
 
 use crate::auth::{self, AuthError};
 use crate::checks::CheckError;
+use crate::ratelimit::Limited;
 
 /// Every reason the filter answers a request itself instead of passing it on.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -14,6 +15,8 @@ pub enum Denial {
     Auth(#[from] AuthError),
     #[error("no route for this path")]
     NotFound,
+    #[error(transparent)]
+    RateLimited(#[from] Limited),
     /// The Envoy route names a policy the plugin does not define: refuse rather than guess.
     #[error("the gateway is misconfigured for this route")]
     UnknownRoutePolicy { name: String },
@@ -48,6 +51,7 @@ impl Denial {
                 _ => (401, "invalid-credentials", "Invalid credentials"),
             },
             Denial::NotFound => (404, "not-found", "Not found"),
+            Denial::RateLimited(_) => (429, "rate-limited", "Too many requests"),
             Denial::UnknownRoutePolicy { .. } => (500, "gateway-misconfigured", "Gateway misconfigured"),
             Denial::Unconfigured => (503, "gateway-unavailable", "Gateway unavailable"),
         };
@@ -62,6 +66,21 @@ impl Denial {
             Denial::Unauthenticated => Some(auth::challenge()),
             Denial::Auth(err) => err.www_authenticate(),
             _ => None,
+        }
+    }
+}
+
+impl Denial {
+    /// `Retry-After` and the limit's headers on a 429, so a client knows when to come back.
+    pub fn rate_limit_headers(&self, now: u64) -> Vec<(&'static str, String)> {
+        match self {
+            Denial::RateLimited(Limited::Exceeded { quota, retry_after }) => {
+                let mut headers = vec![("retry-after", retry_after.to_string())];
+                headers.extend(quota.headers(now));
+                headers
+            }
+            Denial::RateLimited(Limited::Contended) => vec![("retry-after", "1".to_owned())],
+            _ => Vec::new(),
         }
     }
 }

@@ -7,6 +7,7 @@ use std::rc::Rc;
 use serde::Deserialize;
 
 use crate::config::{ConfigError, Method, RawRoute};
+use crate::ratelimit::PolicyLimit;
 
 /// Who may call the routes of a policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -34,6 +35,8 @@ pub struct Policy {
     pub scopes: Vec<String>,
     /// An HMAC request signature is required.
     pub signature: bool,
+    /// `None`: never rate-limited.
+    pub rate_limit: Option<PolicyLimit>,
 }
 
 #[derive(Debug)]

@@ -63,9 +63,9 @@ impl Host for WasmHost {
         logged("send response", hostcalls::send_http_response(u32::from(status), headers.to_vec(), Some(body)));
     }
 
-    fn now(&self) -> u64 {
+    fn now_nanos(&self) -> u64 {
         let time = logged("get time", hostcalls::get_current_time().map(Some)).unwrap_or(UNIX_EPOCH);
-        time.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+        time.duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
     }
 
     fn shared_get(&self, key: &str) -> Option<(Vec<u8>, u32)> {

@@ -63,6 +63,9 @@ impl RootContext for Root {
                 return false;
             }
         };
+        if let Some(limits) = &config.rate_limits {
+            limits.create_slots(&mut WasmHost);
+        }
         let refresh = Refresher::new(&config);
         if refresh.is_needed() {
             if let Err(status) = hostcalls::set_tick_period(Duration::from_secs(1)) {

@@ -1,0 +1,584 @@
+//! Step 5: rate limiting. A caller is its account when authenticated, else its client address
+//! (Envoy's resolved downstream address, IPv6 by prefix). A policy's `rate_limit` applies the
+//! caller's tier limits, its own per-route limits, or both; every window of every limit must
+//! allow the request, and then all of them count it in one compare-and-swap.
+
+mod gcra;
+mod table;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv6Addr};
+
+use serde::Deserialize;
+
+use crate::auth::Identity;
+use crate::config::ConfigError;
+use crate::host::Host;
+pub use gcra::Period;
+use gcra::{ceil_seconds, Verdict, Window};
+use table::Table;
+
+/// Tier windows take the first positions of a caller's state, one per period, shared by all
+/// tiers (a caller has one tier at a time); route windows follow.
+const TIER_POSITIONS: usize = Period::ALL.len();
+
+/// `rate_limits`: the tiers and the shared table.
+#[derive(Debug, Deserialize)]
+#[cfg_attr(not(target_arch = "wasm32"), derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct RawRateLimits {
+    /// Limits per tier name, the tier coming from the caller's identity (API key `tier`, JWT
+    /// tier claim). Applied on policies whose `rate_limit.tiers` is true.
+    #[serde(default)]
+    pub tiers: BTreeMap<String, RawLimits>,
+    /// The tier of callers whose identity names none, or one not in `tiers`. Required with `tiers`.
+    #[serde(default)]
+    pub default_tier: Option<String>,
+    /// Limits for unauthenticated callers (public policies), per client address.
+    #[serde(default)]
+    pub anonymous: Option<RawLimits>,
+    /// Callers tracked at once: the size of the table in Envoy's shared data, fixed at start. Each
+    /// slot costs about 100 bytes plus 8 per window; see the README for the memory bound.
+    #[serde(default = "default_slots")]
+    pub slots: u32,
+    /// IPv6 clients are limited per network of this prefix length (one host often owns a /64).
+    #[serde(default = "default_ipv6_prefix")]
+    pub ipv6_prefix_length: u8,
+}
+
+fn default_slots() -> u32 {
+    65_536
+}
+fn default_ipv6_prefix() -> u8 {
+    64
+}
+
+/// Requests allowed per period; several periods may be set at once and all apply.
+#[derive(Debug, Default, Deserialize)]
+#[cfg_attr(not(target_arch = "wasm32"), derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    pub per_second: Option<u64>,
+    pub per_minute: Option<u64>,
+    pub per_hour: Option<u64>,
+    pub per_day: Option<u64>,
+    /// The most requests allowed back to back. By default each period's whole limit may be spent
+    /// at once; a smaller burst spreads it out. Must not exceed any limit set.
+    pub burst: Option<u64>,
+}
+
+/// A policy's `rate_limit`. A policy without one is never limited (health checks, say).
+#[derive(Debug, Deserialize)]
+#[cfg_attr(not(target_arch = "wasm32"), derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct RawPolicyLimit {
+    /// Apply the caller's tier limits (`rate_limits.tiers`; `rate_limits.anonymous` on public
+    /// policies). They are one budget across every policy that applies them.
+    #[serde(default = "default_true")]
+    pub tiers: bool,
+    /// Limits of this policy's own, per caller, on top of the tier limits (`/auth/login`: 5 per
+    /// minute per client address, say).
+    #[serde(default)]
+    pub route: Option<RawLimits>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// A validated window with the name the `RateLimit` headers give it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Limit {
+    window: Window,
+    name: String,
+}
+
+/// What a policy's requests are limited by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyLimit {
+    tiers: bool,
+    route: Vec<Limit>,
+}
+
+/// The validated `rate_limits`, and the table the counts live in.
+#[derive(Debug)]
+pub struct RateLimits {
+    tiers: BTreeMap<String, Vec<Limit>>,
+    default_tier: Option<String>,
+    anonymous: Vec<Limit>,
+    ipv6_prefix: u8,
+    table: Table,
+}
+
+/// Who a request is counted against.
+pub enum Caller<'a> {
+    Identity(&'a Identity),
+    /// Envoy's `source.address` (`ip:port`), or `None` when Envoy gave none.
+    Address(Option<&'a str>),
+}
+
+/// The tightest window after this request: what the `X-RateLimit-*` and `RateLimit` headers say.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Quota {
+    pub name: String,
+    pub limit: u64,
+    pub remaining: u64,
+    /// Seconds until the window's bucket is full again.
+    pub reset: u64,
+    pub window: u64,
+}
+
+/// Why a request was not let through.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Limited {
+    #[error("rate limit exceeded; retry after {retry_after} s")]
+    Exceeded { quota: Quota, retry_after: u64 },
+    /// Workers kept racing on the caller's count; refused rather than counted loosely.
+    #[error("rate limit state is busy; retry shortly")]
+    Contended,
+}
+
+/// What a check did, for the caller and for the metrics.
+pub struct Checked {
+    pub result: Result<Option<Quota>, Limited>,
+    pub retries: u32,
+}
+
+impl RateLimits {
+    /// Validates `rate_limits` and every policy's `rate_limit`, and lays out the callers' state.
+    /// `seed` keys the slot hash: a digest of the whole configuration, identical in every worker.
+    pub fn build(
+        raw: Option<&RawRateLimits>,
+        policies: &BTreeMap<String, (crate::routes::Access, Option<&RawPolicyLimit>)>,
+        seed: [u8; 32],
+    ) -> Result<(Option<RateLimits>, BTreeMap<String, PolicyLimit>), ConfigError> {
+        let empty = RawRateLimits {
+            tiers: BTreeMap::new(),
+            default_tier: None,
+            anonymous: None,
+            slots: default_slots(),
+            ipv6_prefix_length: default_ipv6_prefix(),
+        };
+        let raw_limits = raw.unwrap_or(&empty);
+        let mut tiers = BTreeMap::new();
+        for (name, limits) in &raw_limits.tiers {
+            tiers.insert(name.clone(), limits_of(&format!("rate_limits.tiers.{name}"), limits, name, None)?);
+        }
+        match &raw_limits.default_tier {
+            Some(name) if !tiers.contains_key(name) => {
+                return Err(ConfigError { path: "rate_limits.default_tier".into(), message: no_tier(name) })
+            }
+            None if !tiers.is_empty() => {
+                return Err(ConfigError {
+                    path: "rate_limits.default_tier".into(),
+                    message: "is required with tiers: it is the tier of callers whose identity names none".into(),
+                })
+            }
+            _ => {}
+        }
+        let anonymous = match &raw_limits.anonymous {
+            Some(limits) => limits_of("rate_limits.anonymous", limits, "anonymous", None)?,
+            None => Vec::new(),
+        };
+        if !(1..=128).contains(&raw_limits.ipv6_prefix_length) {
+            return Err(ConfigError {
+                path: "rate_limits.ipv6_prefix_length".into(),
+                message: "must be between 1 and 128".into(),
+            });
+        }
+        if !(256..=4_194_304).contains(&raw_limits.slots) {
+            return Err(ConfigError {
+                path: "rate_limits.slots".into(),
+                message: "must be between 256 and 4194304".into(),
+            });
+        }
+
+        let mut width = TIER_POSITIONS;
+        let mut by_policy = BTreeMap::new();
+        for (name, (access, limit)) in policies {
+            let Some(limit) = limit else { continue };
+            let path = format!("policies.{name}.rate_limit");
+            let at = |message: &str| ConfigError { path: path.clone(), message: message.to_owned() };
+            if *access == crate::routes::Access::Deny {
+                return Err(at("a deny policy answers 404 before any limit; remove rate_limit"));
+            }
+            if limit.tiers {
+                let public = *access == crate::routes::Access::Public;
+                if public && anonymous.is_empty() {
+                    return Err(at("tier limits on a public policy need rate_limits.anonymous"));
+                }
+                if !public && tiers.is_empty() {
+                    return Err(at("tier limits need rate_limits.tiers"));
+                }
+            }
+            let route = match &limit.route {
+                Some(limits) => limits_of(&format!("{path}.route"), limits, name, Some(&mut width))?,
+                None if !limit.tiers => return Err(at("limits nothing: set route limits, or tiers: true")),
+                None => Vec::new(),
+            };
+            by_policy.insert(name.clone(), PolicyLimit { tiers: limit.tiers, route });
+        }
+        let limits = (!by_policy.is_empty()).then(|| RateLimits {
+            tiers,
+            default_tier: raw_limits.default_tier.clone(),
+            anonymous,
+            ipv6_prefix: raw_limits.ipv6_prefix_length,
+            table: Table::new(raw_limits.slots, width, seed),
+        });
+        Ok((limits, by_policy))
+    }
+
+    /// Whether `tier`, as an API key or JWT provider names it, is a configured tier.
+    pub fn check_tier(raw: Option<&RawRateLimits>, tier: &str, path: &str) -> Result<(), ConfigError> {
+        match raw {
+            Some(raw) if !raw.tiers.is_empty() && !raw.tiers.contains_key(tier) => {
+                Err(ConfigError { path: path.to_owned(), message: no_tier(tier) })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Creates the shared-data table; the root context calls this when the plugin starts.
+    pub fn create_slots(&self, host: &mut dyn Host) {
+        self.table.create_slots(host);
+    }
+
+    /// Counts one request against every window that applies; refused, it counts nowhere.
+    pub fn check(&self, host: &mut dyn Host, policy: &PolicyLimit, caller: &Caller) -> Checked {
+        let tier = if policy.tiers { self.tier_limits(caller) } else { &[] };
+        let limits: Vec<&Limit> = tier.iter().chain(&policy.route).collect();
+        if limits.is_empty() {
+            return Checked { result: Ok(None), retries: 0 };
+        }
+        let key = self.caller_key(caller);
+        let now = host.now_nanos();
+        let applied = self.table.update(host, key.as_bytes(), now, |tats| decide(&limits, tats, now));
+        match applied {
+            Ok(applied) => Checked { result: applied.value.map(Some), retries: applied.retries },
+            Err(table::Contended) => Checked { result: Err(Limited::Contended), retries: 0 },
+        }
+    }
+
+    fn tier_limits(&self, caller: &Caller) -> &[Limit] {
+        match caller {
+            Caller::Address(_) => &self.anonymous,
+            Caller::Identity(identity) => identity
+                .tier
+                .as_ref()
+                .and_then(|t| self.tiers.get(t))
+                .or_else(|| self.default_tier.as_ref().and_then(|t| self.tiers.get(t)))
+                .map_or(&[], Vec::as_slice),
+        }
+    }
+
+    /// The bytes the slot hash is taken over; an address never reaches shared data as such.
+    fn caller_key(&self, caller: &Caller) -> String {
+        match caller {
+            Caller::Identity(identity) => format!("account:{}", identity.account),
+            Caller::Address(address) => {
+                let ip = address.and_then(parse_ip);
+                match ip {
+                    Some(IpAddr::V6(v6)) => format!("ip:{}/{}", mask(v6, self.ipv6_prefix), self.ipv6_prefix),
+                    Some(IpAddr::V4(v4)) => format!("ip:{v4}"),
+                    None => "ip:unknown".to_owned(),
+                }
+            }
+        }
+    }
+}
+
+fn no_tier(name: &str) -> String {
+    format!("no tier named {name:?} in rate_limits.tiers")
+}
+
+/// Validates one set of limits into windows. Route windows (`width` given) take new positions
+/// in the caller's state; tier windows share the fixed first ones.
+fn limits_of(path: &str, raw: &RawLimits, label: &str, width: Option<&mut usize>) -> Result<Vec<Limit>, ConfigError> {
+    let set: Vec<(Period, u64)> = Period::ALL
+        .into_iter()
+        .zip([raw.per_second, raw.per_minute, raw.per_hour, raw.per_day])
+        .filter_map(|(period, limit)| limit.map(|l| (period, l)))
+        .collect();
+    if set.is_empty() {
+        return Err(ConfigError {
+            path: path.to_owned(),
+            message: "set at least one of per_second, per_minute, per_hour, per_day".into(),
+        });
+    }
+    for (period, limit) in &set {
+        if *limit == 0 {
+            return Err(ConfigError {
+                path: format!("{path}.{}", period.field()),
+                message: "must be > 0; leave it out for no limit, or use a deny policy".into(),
+            });
+        }
+    }
+    if let Some(burst) = raw.burst {
+        if burst == 0 {
+            return Err(ConfigError { path: format!("{path}.burst"), message: "must be > 0".into() });
+        }
+        if let Some((period, limit)) = set.iter().find(|(_, limit)| burst > *limit) {
+            return Err(ConfigError {
+                path: format!("{path}.burst"),
+                message: format!("must not exceed {} ({limit})", period.field()),
+            });
+        }
+    }
+    let mut next = width;
+    Ok(set
+        .into_iter()
+        .map(|(period, limit)| {
+            let position = match next.as_deref_mut() {
+                Some(width) => {
+                    *width += 1;
+                    *width - 1
+                }
+                None => period as usize,
+            };
+            let window = Window::new(period, limit, raw.burst.unwrap_or(limit), position);
+            Limit { window, name: format!("{label}-{}", period.field().replace('_', "-")) }
+        })
+        .collect())
+}
+
+/// Every window decides; all must allow. Refused: nothing is stored, and the client is told the
+/// longest wait. Allowed: the window with the fewest requests left is the one reported.
+fn decide(limits: &[&Limit], tats: &[u64], now: u64) -> (Result<Quota, Limited>, Option<Vec<u64>>) {
+    let mut next = tats.to_vec();
+    let mut tightest: Option<(u64, u64, &Limit)> = None;
+    let mut refused: Option<(u64, u64, &Limit)> = None;
+    for limit in limits {
+        let tat = tats.get(limit.window.position).copied().unwrap_or(0);
+        match limit.window.check(tat, now) {
+            Verdict::Allow { tat, remaining, full_in } => {
+                if let Some(slot) = next.get_mut(limit.window.position) {
+                    *slot = tat;
+                }
+                if tightest.is_none_or(|(r, f, _)| remaining < r || (remaining == r && full_in > f)) {
+                    tightest = Some((remaining, full_in, limit));
+                }
+            }
+            Verdict::Deny { wait, full_in } => {
+                if refused.is_none_or(|(w, _, _)| wait > w) {
+                    refused = Some((wait, full_in, limit));
+                }
+            }
+        }
+    }
+    let quota = |remaining: u64, full_in: u64, limit: &Limit| Quota {
+        name: limit.name.clone(),
+        limit: limit.window.limit,
+        remaining,
+        reset: ceil_seconds(full_in),
+        window: limit.window.period.seconds(),
+    };
+    match (refused, tightest) {
+        (Some((wait, full_in, limit)), _) => {
+            (Err(Limited::Exceeded { quota: quota(0, full_in, limit), retry_after: ceil_seconds(wait) }), None)
+        }
+        (None, Some((remaining, full_in, limit))) => (Ok(quota(remaining, full_in, limit)), Some(next)),
+        (None, None) => (Err(Limited::Contended), None),
+    }
+}
+
+/// `ip:port`, `[v6]:port` or a bare address, as Envoy writes `source.address`. An IPv4 client on
+/// a dual-stack listener counts as its IPv4 address.
+fn parse_ip(address: &str) -> Option<IpAddr> {
+    let ip: IpAddr = if let Some(rest) = address.strip_prefix('[') {
+        rest.split(']').next()?.parse().ok()?
+    } else if let Ok(ip) = address.parse() {
+        ip
+    } else {
+        address.rsplit_once(':')?.0.parse().ok()?
+    };
+    Some(match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    })
+}
+
+fn mask(ip: Ipv6Addr, prefix: u8) -> Ipv6Addr {
+    let bits = u128::from(ip);
+    let kept = if prefix >= 128 { u128::MAX } else { !(u128::MAX >> prefix) };
+    Ipv6Addr::from(bits & kept)
+}
+
+impl Quota {
+    /// The response headers for this quota: the de-facto `X-RateLimit-*` trio (reset as a Unix
+    /// time, as GitHub and the seeds send it) and the IETF `RateLimit-Policy` / `RateLimit` fields
+    /// (draft-ietf-httpapi-ratelimit-headers), all describing the same window.
+    pub fn headers(&self, now_seconds: u64) -> [(&'static str, String); 5] {
+        [
+            ("x-ratelimit-limit", self.limit.to_string()),
+            ("x-ratelimit-remaining", self.remaining.to_string()),
+            ("x-ratelimit-reset", (now_seconds + self.reset).to_string()),
+            ("ratelimit-policy", format!("\"{}\";q={};w={}", self.name, self.limit, self.window)),
+            ("ratelimit", format!("\"{}\";r={};t={}", self.name, self.remaining, self.reset)),
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::AuthMethod;
+    use crate::host::fake::FakeHost;
+    use crate::routes::Access;
+
+    fn limits(
+        raw: &str,
+        policies: &[(&str, Access, &str)],
+    ) -> Result<(RateLimits, BTreeMap<String, PolicyLimit>), String> {
+        let raw: RawRateLimits = serde_json::from_str(raw).map_err(|e| e.to_string())?;
+        let parsed: Vec<(String, Access, RawPolicyLimit)> =
+            policies.iter().map(|(n, a, l)| ((*n).to_owned(), *a, serde_json::from_str(l).unwrap())).collect();
+        let by_name = parsed.iter().map(|(n, a, l)| (n.clone(), (*a, Some(l)))).collect();
+        let (limits, policies) = RateLimits::build(Some(&raw), &by_name, [9; 32]).map_err(|e| e.to_string())?;
+        Ok((limits.unwrap(), policies))
+    }
+
+    const TIERS: &str = r#"{"tiers": {"free": {"per_minute": 3}, "pro": {"per_minute": 10, "per_hour": 100}},
+        "default_tier": "free", "anonymous": {"per_second": 2}, "slots": 256}"#;
+
+    fn identity(account: &str, tier: Option<&str>) -> Identity {
+        Identity {
+            subject: account.to_owned(),
+            account: account.to_owned(),
+            tier: tier.map(str::to_owned),
+            method: AuthMethod::ApiKey,
+            key_id: None,
+            scopes: Vec::new(),
+            remove_upstream: Vec::new(),
+        }
+    }
+
+    fn setup() -> (RateLimits, BTreeMap<String, PolicyLimit>, FakeHost) {
+        let (limits, policies) = limits(
+            TIERS,
+            &[
+                ("api", Access::Authenticated, "{}"),
+                ("login", Access::Public, r#"{"tiers": false, "route": {"per_minute": 5}}"#),
+                ("search", Access::Authenticated, r#"{"route": {"per_minute": 2}}"#),
+            ],
+        )
+        .unwrap();
+        let mut host = FakeHost::default();
+        limits.create_slots(&mut host);
+        (limits, policies, host)
+    }
+
+    fn passes(limits: &RateLimits, policy: &PolicyLimit, host: &mut FakeHost, caller: &Caller) -> usize {
+        (0..50).take_while(|_| limits.check(host, policy, caller).result.is_ok()).count()
+    }
+
+    #[test]
+    fn each_tier_gets_its_own_limit_and_unknown_tiers_the_default() {
+        let (limits, policies, mut host) = setup();
+        let api = &policies["api"];
+        let cases = [("a", Some("free"), 3), ("b", Some("pro"), 10), ("c", None, 3), ("d", Some("gold"), 3)];
+        for (account, tier, want) in cases {
+            let id = identity(account, tier);
+            assert_eq!(passes(&limits, api, &mut host, &Caller::Identity(&id)), want, "{account} {tier:?}");
+        }
+    }
+
+    #[test]
+    fn a_route_limit_applies_on_top_of_the_tier_and_a_refusal_spends_nothing() {
+        let (limits, policies, mut host) = setup();
+        let pro = identity("acme", Some("pro"));
+        let caller = Caller::Identity(&pro);
+        assert_eq!(passes(&limits, &policies["search"], &mut host, &caller), 2);
+        assert_eq!(passes(&limits, &policies["api"], &mut host, &caller), 8, "10 per minute, 2 spent on search");
+    }
+
+    #[test]
+    fn the_tightest_window_is_reported_and_a_refusal_says_how_long_to_wait() {
+        let (limits, policies, mut host) = setup();
+        let pro = identity("acme", Some("pro"));
+        let caller = Caller::Identity(&pro);
+        let first = limits.check(&mut host, &policies["search"], &caller).result.unwrap().unwrap();
+        assert_eq!(first, Quota { name: "search-per-minute".into(), limit: 2, remaining: 1, reset: 30, window: 60 });
+        limits.check(&mut host, &policies["search"], &caller).result.unwrap();
+        let Err(Limited::Exceeded { quota, retry_after }) =
+            limits.check(&mut host, &policies["search"], &caller).result
+        else {
+            panic!("not refused")
+        };
+        assert_eq!((quota.remaining, quota.reset, retry_after), (0, 60, 30));
+        host.now += retry_after;
+        assert!(limits.check(&mut host, &policies["search"], &caller).result.is_ok(), "Retry-After is honest");
+    }
+
+    #[test]
+    fn anonymous_callers_are_limited_per_address_and_ipv6_per_prefix() {
+        let (limits, policies, mut host) = setup();
+        let login = &policies["login"];
+        let one = Caller::Address(Some("203.0.113.7:5000"));
+        assert_eq!(passes(&limits, login, &mut host, &one), 5);
+        assert_eq!(passes(&limits, login, &mut host, &Caller::Address(Some("203.0.113.7:6001"))), 0, "port ignored");
+        assert_eq!(passes(&limits, login, &mut host, &Caller::Address(Some("203.0.113.8:5000"))), 5);
+        assert_eq!(passes(&limits, login, &mut host, &Caller::Address(Some("[2001:db8:1:2::1]:443"))), 5);
+        assert_eq!(passes(&limits, login, &mut host, &Caller::Address(Some("[2001:db8:1:2:ffff::9]:80"))), 0);
+        assert_eq!(passes(&limits, login, &mut host, &Caller::Address(Some("[2001:db8:1:3::1]:80"))), 5);
+    }
+
+    #[test]
+    fn headers_agree_with_each_other() {
+        let quota = Quota { name: "pro-per-minute".into(), limit: 10, remaining: 4, reset: 36, window: 60 };
+        let headers = quota.headers(1_000);
+        assert_eq!(
+            headers.map(|(_, v)| v),
+            ["10", "4", "1036", "\"pro-per-minute\";q=10;w=60", "\"pro-per-minute\";r=4;t=36"].map(String::from)
+        );
+    }
+
+    #[test]
+    #[allow(clippy::type_complexity, reason = "a table of configs reads best inline")]
+    fn config_errors_name_the_field() {
+        let api = [("api", Access::Authenticated, "{}")];
+        let cases: [(&str, &[(&str, Access, &str)], &str); 9] = [
+            (
+                r#"{"tiers": {"free": {"per_minute": 0}}, "default_tier": "free"}"#,
+                &api,
+                "rate_limits.tiers.free.per_minute: must be > 0",
+            ),
+            (
+                r#"{"tiers": {"free": {"burst": 3}}, "default_tier": "free"}"#,
+                &api,
+                "rate_limits.tiers.free: set at least one",
+            ),
+            (
+                r#"{"tiers": {"free": {"per_second": 2, "burst": 3}}, "default_tier": "free"}"#,
+                &api,
+                "rate_limits.tiers.free.burst: must not exceed per_second (2)",
+            ),
+            (r#"{"tiers": {"free": {"per_second": 2}}}"#, &api, "rate_limits.default_tier: is required"),
+            (
+                r#"{"tiers": {"free": {"per_second": 2}}, "default_tier": "gold"}"#,
+                &api,
+                "rate_limits.default_tier: no tier named \"gold\"",
+            ),
+            (r#"{}"#, &api, "policies.api.rate_limit: tier limits need rate_limits.tiers"),
+            (r#"{}"#, &[("p", Access::Public, "{}")], "policies.p.rate_limit: tier limits on a public policy need"),
+            (r#"{}"#, &[("p", Access::Public, r#"{"tiers": false}"#)], "policies.p.rate_limit: limits nothing"),
+            (
+                r#"{"slots": 10}"#,
+                &[("p", Access::Public, r#"{"tiers": false, "route": {"per_day": 1}}"#)],
+                "rate_limits.slots: must be between",
+            ),
+        ];
+        for (raw, policies, want) in cases {
+            let got = limits(raw, policies).err().unwrap_or_default();
+            assert!(got.starts_with(want), "{raw}\n  got:  {got}\n  want: {want}");
+        }
+    }
+
+    #[test]
+    fn addresses_parse_as_envoy_writes_them() {
+        assert_eq!(parse_ip("10.0.0.1:80"), Some("10.0.0.1".parse().unwrap()));
+        assert_eq!(parse_ip("[::1]:80"), Some("::1".parse().unwrap()));
+        assert_eq!(parse_ip("[::ffff:10.0.0.1]:80"), Some("10.0.0.1".parse().unwrap()));
+        assert_eq!(parse_ip("::1"), Some("::1".parse().unwrap()));
+        assert_eq!(parse_ip("garbage"), None);
+    }
+}
