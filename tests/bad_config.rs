@@ -43,5 +43,11 @@ fn a_negative_limit_is_named() {
 #[test]
 fn a_dangling_policy_reference_is_named() {
     let config = shipped_plugin_config().replacen("\"policy\": \"account\"", "\"policy\": \"acount\"", 1);
-    refused(config, "invalid plugin configuration: routes[2].policy: no policy named \"acount\"");
+    refused(config, "invalid plugin configuration: routes[3].policy: no policy named \"acount\"");
+}
+
+#[test]
+fn a_zero_rate_limit_is_named() {
+    let config = shipped_plugin_config().replacen("\"per_minute\": 60,", "\"per_minute\": 0,", 1);
+    refused(config, "invalid plugin configuration: rate_limits.tiers.free.per_minute: must be > 0");
 }

@@ -2,7 +2,7 @@
 //! and the message framing it shares with the upstream.
 
 use std::io::{self, ErrorKind, Read, Write};
-use std::net::{Shutdown, TcpStream};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream};
 use std::thread;
 
 use serde_json::Value;
@@ -24,11 +24,20 @@ pub struct Request {
     path: Vec<u8>,
     headers: Vec<(String, String)>,
     body: Body,
+    source: Option<Ipv4Addr>,
 }
 
 impl Request {
     pub fn new(method: &str, path: &str) -> Request {
-        Request { method: method.to_owned(), path: path.as_bytes().to_vec(), headers: Vec::new(), body: Body::None }
+        let path = path.as_bytes().to_vec();
+        Request { method: method.to_owned(), path, headers: Vec::new(), body: Body::None, source: None }
+    }
+
+    /// Sends from this loopback address (any of 127.0.0.0/8), as a distinct client would.
+    #[allow(dead_code, reason = "not every test file sends from other addresses")]
+    pub fn sent_from(mut self, source: Ipv4Addr) -> Request {
+        self.source = Some(source);
+        self
     }
 
     pub fn get(path: &str) -> Request {
@@ -143,14 +152,27 @@ impl Response {
 }
 
 pub(super) fn send_to(port: u16, request: &Request) -> Result<Response, String> {
-    exchange(port, request.to_bytes(), request.method == "HEAD")
+    exchange_from(port, request.source, request.to_bytes(), request.method == "HEAD")
+}
+
+pub(super) fn exchange(port: u16, bytes: Vec<u8>, head_request: bool) -> Result<Response, String> {
+    exchange_from(port, None, bytes, head_request)
+}
+
+fn connect(port: u16, source: Option<Ipv4Addr>) -> io::Result<TcpStream> {
+    let target = SocketAddr::from(([127, 0, 0, 1], port));
+    let Some(source) = source else { return TcpStream::connect(target) };
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    socket.bind(&SocketAddr::from((source, 0)).into())?;
+    socket.connect(&target.into())?;
+    Ok(socket.into())
 }
 
 /// One request on a new connection. The request is written on its own thread while this one reads:
 /// Envoy may answer early (413) and stop reading or reset the connection mid-body, and the write
 /// error must not hide the response that is already there to read.
-pub(super) fn exchange(port: u16, bytes: Vec<u8>, head_request: bool) -> Result<Response, String> {
-    let stream = TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect to port {port}: {e}"))?;
+fn exchange_from(port: u16, source: Option<Ipv4Addr>, bytes: Vec<u8>, head_request: bool) -> Result<Response, String> {
+    let stream = connect(port, source).map_err(|e| format!("connect to port {port}: {e}"))?;
     stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
     stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
     let mut writer = stream.try_clone().unwrap();
