@@ -8,8 +8,26 @@ ENVOY         := $(VENV)/bin/envoy
 WASM          := build/tollgate.wasm
 CLI           := target/release/tollgate
 DEMO_PORT     := 10000
+# The OCI image: a layout under build/, tagged with the crate's version.
+OCI_LAYOUT    := build/oci
+OCI_TAG       := $(shell sed -n '/^\[package\]/,/^\[/s/^version = "\(.*\)"$$/\1/p' Cargo.toml | head -n 1)
+# Debian packages, each named after the command it provides: the OCI steps', and what the tests
+# also run (a local registry, docker-compose to check the compose file).
+OCI_TOOLS     := skopeo umoci
+TEST_TOOLS    := $(OCI_TOOLS) docker-registry docker-compose
+SUDO          := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help wasm cli envoy demo test unit bench check-configs lint fmt clean
+.PHONY: help wasm cli envoy demo test test-tools unit bench check-configs lint fmt oci oci-tools oci-push clean
+
+# Installs the Debian packages among $(1) whose command is missing.
+define apt_install
+	@missing=$$(for c in $(1); do command -v $$c >/dev/null || echo $$c; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing" $$missing; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq -o DPkg::Lock::Timeout=300 $$missing; \
+	fi
+endef
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -42,13 +60,28 @@ demo: wasm cli envoy ## run Envoy + tollgate + a sample upstream on localhost; C
 	@$(CLI) check envoy/envoy.yaml
 	@bash envoy/demo.sh $(ENVOY) $(DEMO_PORT)
 
-test: wasm envoy ## the whole suite: unit tests and end-to-end tests against a real Envoy
+test: wasm envoy oci test-tools ## the whole suite: unit tests and end-to-end tests against a real Envoy
 	@# Not --all-targets: that would also run the benchmark, which is `make bench`'s.
 	cargo test --lib --bins --tests
 
 bench: wasm envoy ## load-test Envoy with and without tollgate (wrk); writes build/bench.md
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
 	cargo bench --bench gateway
+
+test-tools: ## install what the tests run besides Envoy: skopeo, umoci, docker-registry, docker-compose
+	$(call apt_install,$(TEST_TOOLS))
+
+oci-tools: ## install umoci and skopeo (Debian packages), which build and push the OCI image
+	$(call apt_install,$(OCI_TOOLS))
+
+oci: wasm oci-tools ## package the module as a Wasm OCI image (compat format) in build/oci, tag = crate version
+	@bash envoy/oci.sh build $(WASM) $(OCI_LAYOUT) $(OCI_TAG)
+
+# e.g. make oci-push REGISTRY=ghcr.io/acme/tollgate:0.1.0
+#      make oci-push REGISTRY=127.0.0.1:5000/tollgate:dev OCI_PUSH_FLAGS=--dest-tls-verify=false
+oci-push: oci ## push build/oci to REGISTRY=host[:port]/repo[:tag]; extra skopeo flags in OCI_PUSH_FLAGS
+	@test -n "$(REGISTRY)" || { echo "usage: make oci-push REGISTRY=host[:port]/repository[:tag]" >&2; exit 2; }
+	@bash envoy/oci.sh push $(OCI_LAYOUT) $(OCI_TAG) $(REGISTRY) $(OCI_PUSH_FLAGS)
 
 unit: ## unit tests only (no Envoy)
 	cargo test --lib --bins

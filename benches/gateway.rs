@@ -81,6 +81,7 @@ fn start(scenario: &Scenario, plugin: &str) -> Gateway {
     Gateway::start(GatewayOptions {
         plugin_config: Some(plugin.to_owned()),
         concurrency: 1,
+        wasm: None,
         mutate: Some(Box::new(move |config| {
             if !tollgate {
                 remove_tollgate_filter(config);

@@ -151,7 +151,8 @@ impl Response {
     }
 }
 
-pub(super) fn send_to(port: u16, request: &Request) -> Result<Response, String> {
+/// One request to any HTTP/1.1 server on 127.0.0.1 (Envoy, its admin, or another server a test runs).
+pub fn send_to(port: u16, request: &Request) -> Result<Response, String> {
     exchange_from(port, request.source, request.to_bytes(), request.method == "HEAD")
 }
 

@@ -21,7 +21,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use http::{exchange, send_to};
+use http::exchange;
+#[allow(unused_imports, reason = "not every test file talks to other servers")]
+pub use http::send_to;
 #[allow(unused_imports, reason = "not every test file names every type")]
 pub use http::{Request, Response};
 #[allow(unused_imports, reason = "not every test file names every type")]
@@ -99,6 +101,11 @@ fn envoy_config(opts: GatewayOptions, upstream_port: u16) -> Value {
         }
     }
     absolutize_modules(&mut config);
+    if let Some(wasm) = opts.wasm {
+        let filename = wasm.to_str().expect("UTF-8 module path");
+        tollgate_filter(&mut config)["typed_config"]["config"]["vm_config"]["code"] =
+            json!({"local": {"filename": filename}});
+    }
     if let Some(value) = opts.plugin_config {
         *plugin_config(&mut config) = value.into();
     }
@@ -134,11 +141,14 @@ pub struct GatewayOptions {
     pub mutate: Option<Mutation>,
     /// Envoy worker threads (`--concurrency`).
     pub concurrency: u32,
+    /// The module the tollgate filter loads instead of `build/tollgate.wasm` (e.g. one pulled from a
+    /// registry).
+    pub wasm: Option<PathBuf>,
 }
 
 impl Default for GatewayOptions {
     fn default() -> Self {
-        GatewayOptions { plugin_config: None, mutate: None, concurrency: 2 }
+        GatewayOptions { plugin_config: None, mutate: None, concurrency: 2, wasm: None }
     }
 }
 
