@@ -1,6 +1,8 @@
 //! The one door from the pipeline to the proxy. The wasm adapter implements it with proxy-wasm
 //! hostcalls; unit tests implement it with a recording fake.
 
+use crate::metrics::Metric;
+
 /// What the pipeline asks of the proxy. Methods do not fail: the adapter logs a hostcall error
 /// and carries on, because a request is better served than a worker's VM killed by a panic.
 pub trait Host {
@@ -31,6 +33,8 @@ pub trait Host {
     /// Stores a value only if the entry is still at `version` (`None`: whatever it is); `false`
     /// when another worker changed it first.
     fn shared_swap(&mut self, key: &str, value: &[u8], version: Option<u32>) -> bool;
+    /// Adds `value` to a counter, or records it in a histogram.
+    fn count(&mut self, metric: Metric, value: u64);
     /// A GET to an Envoy cluster; the token its answer will come back with, or `None` when the
     /// call could not be made (unknown cluster, say).
     fn http_get(&mut self, cluster: &str, authority: &str, path: &str, timeout_ms: u64) -> Option<u32>;
@@ -43,6 +47,7 @@ pub(crate) mod fake {
     use std::collections::HashMap;
 
     use super::Host;
+    use crate::metrics::Metric;
 
     pub const NOW: u64 = 1_800_000_000;
 
@@ -65,6 +70,7 @@ pub(crate) mod fake {
         /// This many compare-and-swaps fail, as if another worker won the race.
         pub lose_swaps: u32,
         pub calls: Vec<String>,
+        pub metrics: HashMap<&'static str, u64>,
     }
 
     impl Default for FakeHost {
@@ -82,6 +88,7 @@ pub(crate) mod fake {
                 shared: HashMap::new(),
                 lose_swaps: 0,
                 calls: Vec::new(),
+                metrics: HashMap::new(),
             }
         }
     }
@@ -99,6 +106,10 @@ pub(crate) mod fake {
 
         pub fn upstream_header(&self, name: &str) -> Option<&str> {
             self.request.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+        }
+
+        pub fn metric(&self, metric: Metric) -> u64 {
+            self.metrics.get(metric.name()).copied().unwrap_or(0)
         }
 
         pub fn sent_header(&self, name: &str) -> Option<&str> {
@@ -159,6 +170,9 @@ pub(crate) mod fake {
             }
             self.shared_set(key, value);
             true
+        }
+        fn count(&mut self, metric: Metric, value: u64) {
+            *self.metrics.entry(metric.name()).or_default() += value;
         }
         fn http_get(&mut self, cluster: &str, _authority: &str, path: &str, _timeout_ms: u64) -> Option<u32> {
             self.calls.push(format!("{cluster}{path}"));

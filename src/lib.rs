@@ -7,6 +7,7 @@ pub mod checks;
 pub mod config;
 pub mod headers;
 pub mod host;
+pub mod metrics;
 pub mod problem;
 pub mod ratelimit;
 pub mod refresh;
@@ -23,6 +24,7 @@ use auth::{AuthError, Identity, PendingSignature, RequestCredentials};
 use checks::BodyCounter;
 use config::{Config, Method};
 use host::Host;
+use metrics::Metric;
 use problem::Denial;
 use ratelimit::{Caller, Quota};
 use routes::{Access, Policy};
@@ -73,6 +75,8 @@ pub struct Stream {
     request_id: String,
     /// The filter answered this request itself; its response already carries every header.
     answered: bool,
+    /// The request has passed every step and gone on to the upstream.
+    allowed: bool,
     /// The rate-limit window the response reports, and when (Unix seconds) it was counted.
     quota: Option<(Quota, u64)>,
 }
@@ -103,6 +107,7 @@ impl Stream {
             https: false,
             request_id: String::new(),
             answered: false,
+            allowed: false,
             quota: None,
         }
     }
@@ -223,8 +228,12 @@ impl Stream {
         if !self.worker.may_refetch(provider, now) {
             return None;
         }
-        let token = host.http_get(&remote.cluster, &remote.authority, &remote.path, remote.timeout_ms)?;
-        self.waiting = Waiting::Jwks { token, provider };
+        host.count(Metric::RemoteFetches, 1);
+        let token = host.http_get(&remote.cluster, &remote.authority, &remote.path, remote.timeout_ms);
+        if token.is_none() {
+            host.count(Metric::RemoteFetchFailures, 1);
+        }
+        self.waiting = Waiting::Jwks { token: token?, provider };
         Some(())
     }
 
@@ -241,6 +250,10 @@ impl Stream {
             None => Caller::Address(address.as_deref()),
         };
         let checked = limits.check(host, limit, &caller);
+        host.count(Metric::RateLimitCasRetries, u64::from(checked.retries));
+        if checked.result == Err(ratelimit::Limited::Contended) {
+            host.count(Metric::RateLimitContended, 1);
+        }
         self.quota = checked.result?.map(|quota| (quota, host.now()));
         Ok(())
     }
@@ -253,8 +266,9 @@ impl Stream {
             return;
         }
         self.waiting = Waiting::Nothing;
-        if let (Some(body), Some(p)) = (jwks, self.config.auth.providers().get(provider)) {
-            refresh::load_refetched(p, &body, host);
+        match (jwks, self.config.auth.providers().get(provider)) {
+            (Some(body), Some(p)) => refresh::load_refetched(p, &body, host),
+            _ => host.count(Metric::RemoteFetchFailures, 1),
         }
         let Some(policy) = self.policy.clone() else { return };
         let request = host.request_headers();
@@ -342,10 +356,17 @@ impl Stream {
     /// Turns a step's result into what the proxy does, answering the request on a denial.
     fn outcome(&mut self, host: &mut dyn Host, result: Result<Flow, Denial>) -> Flow {
         match result {
-            Ok(flow) => flow,
+            Ok(flow) => {
+                if flow == Flow::Continue && matches!(self.waiting, Waiting::Nothing) && !self.allowed {
+                    self.allowed = true;
+                    host.count(Metric::Allowed, 1);
+                }
+                flow
+            }
             Err(denial) => {
                 self.answered = true;
-                respond(host, &denial, &self.request_id, Some(&self.config), self.https);
+                let policy = self.policy.as_ref().map_or("", |p| p.name.as_str());
+                respond(host, &denial, &self.request_id, policy, Some(&self.config), self.https);
                 Flow::Pause
             }
         }
@@ -355,16 +376,20 @@ impl Stream {
 /// Answers a request that reached a VM whose configuration never loaded. Envoy does not create
 /// streams for such a plugin; this is the fail-closed answer should one appear anyway.
 pub fn refuse_unconfigured(host: &mut dyn Host) -> Flow {
-    respond(host, &Denial::Unconfigured, "", None, false);
+    respond(host, &Denial::Unconfigured, "", "", None, false);
     Flow::Pause
 }
 
-fn respond(host: &mut dyn Host, denial: &Denial, request_id: &str, config: Option<&Config>, https: bool) {
+fn respond(host: &mut dyn Host, denial: &Denial, request_id: &str, policy: &str, config: Option<&Config>, https: bool) {
     let kind = denial.problem_type();
+    host.count(Metric::denied(kind.status), 1);
+    // One logfmt line per denial: what and where, never a header value, a credential or a path
+    // (a query may carry a token).
     log::info!(
-        "denied status={} type={} request_id={} detail={:?}",
+        "denied status={} type={} policy={:?} request_id={:?} detail={:?}",
         kind.status,
         kind.slug,
+        policy,
         request_id,
         log_detail(denial)
     );
@@ -446,6 +471,7 @@ mod tests {
             assert_eq!(host.sent_header("content-type"), Some("application/problem+json"));
             assert_eq!(host.sent_header("x-frame-options"), Some("DENY"));
             assert_eq!(host.sent_header("cache-control"), Some("no-store"));
+            assert_eq!((host.metric(Metric::denied(*status)), host.metric(Metric::Allowed)), (1, 0));
         }
     }
 
@@ -463,6 +489,7 @@ mod tests {
         assert_eq!(flow, Flow::Continue);
         assert!(host.sent.is_none());
         assert_eq!(host.removed, ["x-tollgate-account"]);
+        assert_eq!(host.metric(Metric::Allowed), 1);
     }
 
     #[test]
@@ -611,6 +638,7 @@ mod tests {
                 host.body[11] = b'9';
             }
             assert_eq!(stream.on_request_body(&mut host, body.len(), true), want, "tampered: {tampered}");
+            assert_eq!(host.metric(Metric::Allowed), u64::from(!tampered), "counted once, when the body verified");
             assert_eq!(host.sent.as_ref().map(|s| s.0), if tampered { Some(401) } else { None });
         }
     }

@@ -10,6 +10,7 @@
 use crate::auth::{Provider, RemoteJwks};
 use crate::config::Config;
 use crate::host::Host;
+use crate::metrics::Metric;
 
 /// Retry delays after a failure grow to this; a document that never loaded is retried at least
 /// this often, since until then the provider's requests get 503.
@@ -75,9 +76,11 @@ impl Refresher {
             if source.in_flight.is_some() || now < source.next_fetch_at {
                 continue;
             }
+            host.count(Metric::RemoteFetches, 1);
             match host.http_get(&remote.cluster, &remote.authority, &remote.path, remote.timeout_ms) {
                 Some(token) => source.in_flight = Some(token),
                 None => {
+                    host.count(Metric::RemoteFetchFailures, 1);
                     source.failures = source.failures.saturating_add(1);
                     source.next_fetch_at = now.saturating_add(backoff(source.failures));
                 }
@@ -113,6 +116,7 @@ impl Refresher {
             source.failures = 0;
             source.next_fetch_at = now.saturating_add(remote.refresh_seconds);
         } else {
+            host.count(Metric::RemoteFetchFailures, 1);
             source.failures = source.failures.saturating_add(1);
             source.next_fetch_at = now.saturating_add(backoff(source.failures).min(remote.refresh_seconds));
         }

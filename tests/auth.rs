@@ -507,4 +507,11 @@ fn a_remote_revocation_list_is_503_until_loaded_then_refuses_revoked_tokens() {
     // A token verified (and cached) before is refused once a newer list revokes it.
     revocations.set_reply(Some((200, json!(["stolen", "fine"]))));
     assert_eq!(eventually(&gw, || bearer(&fine), 401).status, 401, "the new list was not applied");
+
+    // Every fetch counts, and the 503 answers as failures.
+    let (fetches, failures) = (gw.metric("tollgate_remote_fetches"), gw.metric("tollgate_remote_fetch_failures"));
+    let served = revocations.requests().len() as u64;
+    // Each VM (two workers, and the main thread's) may have one fetch on its way.
+    assert!((served..=served + 3).contains(&fetches), "{fetches} fetches counted, {served} served");
+    assert!(failures >= 1 && failures < fetches, "{failures} of {fetches} failed");
 }

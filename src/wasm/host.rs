@@ -4,11 +4,32 @@
 use std::time::{Duration, UNIX_EPOCH};
 
 use proxy_wasm::hostcalls;
-use proxy_wasm::types::{BufferType, MapType, Status};
+use std::cell::RefCell;
+
+use proxy_wasm::types::{BufferType, MapType, MetricType, Status};
 
 use crate::host::Host;
+use crate::metrics::Metric;
 
 pub struct WasmHost;
+
+thread_local! {
+    /// Envoy's id for each of `Metric::ALL`, defined once per VM.
+    static METRIC_IDS: RefCell<Vec<Option<u32>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Defines the filter's metrics in this VM; Envoy returns the existing id for a name another VM
+/// defined, so all workers add to the same stat.
+pub fn define_metrics() {
+    let ids = Metric::ALL
+        .iter()
+        .map(|m| {
+            let kind = if m.is_histogram() { MetricType::Histogram } else { MetricType::Counter };
+            logged("define metric", hostcalls::define_metric(kind, m.name()).map(Some))
+        })
+        .collect();
+    METRIC_IDS.with(|cell| *cell.borrow_mut() = ids);
+}
 
 fn logged<T: Default>(what: &str, result: Result<T, Status>) -> T {
     result.unwrap_or_else(|status| {
@@ -91,6 +112,15 @@ impl Host for WasmHost {
                 log::warn!("tollgate: hostcall set shared data failed: {status:?}");
                 false
             }
+        }
+    }
+
+    fn count(&mut self, metric: Metric, value: u64) {
+        let Some(id) = METRIC_IDS.with(|cell| cell.borrow().get(metric.index()).copied().flatten()) else { return };
+        if metric.is_histogram() {
+            logged("record metric", hostcalls::record_metric(id, value));
+        } else if value > 0 {
+            logged("increment metric", hostcalls::increment_metric(id, i64::try_from(value).unwrap_or(i64::MAX)));
         }
     }
 

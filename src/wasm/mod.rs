@@ -44,6 +44,7 @@ impl Context for Root {
 impl RootContext for Root {
     fn on_vm_start(&mut self, _vm_configuration_size: usize) -> bool {
         log::info!("tollgate {} ({}) starting", env!("CARGO_PKG_VERSION"), env!("TOLLGATE_GIT_HASH"));
+        host::define_metrics();
         true
     }
 

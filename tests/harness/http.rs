@@ -72,7 +72,7 @@ impl Request {
         self.headers.iter().any(|(n, _)| n.eq_ignore_ascii_case(name))
     }
 
-    pub(super) fn describe(&self) -> String {
+    pub fn describe(&self) -> String {
         format!("{} {}", self.method, String::from_utf8_lossy(&self.path).escape_debug())
     }
 

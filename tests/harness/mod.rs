@@ -249,6 +249,17 @@ impl Gateway {
         send_to(self.admin_port, &Request::get(path)).unwrap_or_else(|e| panic!("admin {path}: {e}"))
     }
 
+    /// A metric's value in Envoy's Prometheus output, summed over label sets; 0 when absent.
+    #[allow(dead_code, reason = "not every test file reads metrics")]
+    pub fn metric(&self, name: &str) -> u64 {
+        let text = self.admin("/stats/prometheus").text();
+        text.lines()
+            .filter(|line| line.split(['{', ' ']).next() == Some(name))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .map(|v| v as u64)
+            .sum()
+    }
+
     pub fn upstream(&self) -> &Upstream {
         &self.upstream
     }
