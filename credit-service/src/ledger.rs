@@ -522,8 +522,9 @@ fn entry(row: &AnyRow) -> Result<Entry> {
     })
 }
 
-/// WAL lets readers run beside the writer; synchronous=FULL keeps every committed charge across a power
-/// cut; the busy timeout waits out another process's write lock instead of failing.
+/// The busy timeout waits out another process's write lock instead of failing (first, so that switching
+/// to WAL waits too); WAL lets readers run beside the writer; synchronous=FULL keeps every committed
+/// charge across a power cut.
 fn sqlite_pragmas(
     conn: &mut AnyConnection,
     _: PoolConnectionMetadata,
@@ -531,9 +532,9 @@ fn sqlite_pragmas(
     Box::pin(async move {
         // One statement each: `raw_sql`'s future is not provably `Send`, which the pool requires here.
         for pragma in [
+            "PRAGMA busy_timeout = 5000",
             "PRAGMA journal_mode = WAL",
             "PRAGMA synchronous = FULL",
-            "PRAGMA busy_timeout = 5000",
             "PRAGMA foreign_keys = ON",
         ] {
             sqlx::query(pragma).execute(&mut *conn).await?;
