@@ -22,7 +22,8 @@ pub enum LedgerError {
     AmountExceedsReservation { amount: i64, reserved: i64 },
     #[error("the top-up would take the account's credits over {max}")]
     BalanceLimit { max: i64 },
-    #[error("database URL must start with sqlite: or postgres:// (got {0:?})")]
+    /// Carries the scheme only: the rest of a URL may hold a password.
+    #[error("--database must be sqlite://PATH, sqlite:PATH or postgres://… (got a {0:?} URL)")]
     UnsupportedUrl(String),
     #[error("applying migration {version} ({name}): {source}")]
     Migration { version: i64, name: &'static str, source: sqlx::Error },

@@ -553,7 +553,7 @@ fn normalize_url(url: &str) -> Result<(Backend, String)> {
         Some(path) if !path.is_empty() && !path.contains('?') && path != ":memory:" => {
             Ok((Backend::Sqlite, format!("sqlite://{path}?mode=rwc")))
         }
-        _ => Err(LedgerError::UnsupportedUrl(url.to_owned())),
+        _ => Err(LedgerError::UnsupportedUrl(url.split(':').next().unwrap_or_default().to_owned())),
     }
 }
 
