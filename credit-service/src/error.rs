@@ -92,12 +92,13 @@ fn is_unavailable(error: &sqlx::Error) -> bool {
         sqlx::Error::Database(db) => {
             let code = db.code().unwrap_or_default();
             if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
-                // SQLITE_BUSY and SQLITE_LOCKED, with their extended codes.
-                code.parse::<i32>().is_ok_and(|n| matches!(n & 0xff, 5 | 6))
+                // BUSY, LOCKED, IOERR, FULL, CANTOPEN, with their extended codes.
+                code.parse::<i32>().is_ok_and(|n| matches!(n & 0xff, 5 | 6 | 10 | 13 | 14))
             } else {
-                // PostgreSQL classes: connection exception, insufficient resources, operator
-                // intervention, transaction rollback (serialization failure, deadlock).
-                ["08", "53", "57", "40"].iter().any(|class| code.starts_with(class))
+                // PostgreSQL classes: connection exception, invalid authorization, transaction
+                // rollback (serialization failure, deadlock), invalid catalog (the database is
+                // gone), insufficient resources, operator intervention.
+                ["08", "28", "40", "3D", "53", "57"].iter().any(|class| code.starts_with(class))
             }
         }
         _ => false,

@@ -23,6 +23,7 @@ on_both_backends!(
     bad_input_changes_nothing,
     restart_keeps_the_ledger,
     sigterm_exits_cleanly,
+    database_trouble_is_503,
 );
 
 async fn accounts_and_idempotent_top_ups(db: Db) {
@@ -600,6 +601,30 @@ async fn sigterm_exits_cleanly(db: Db) {
     svc.funded_account("acme", 1).await;
     let status = svc.terminate();
     assert_eq!(status.code(), Some(0), "{status:?}");
+}
+
+async fn database_trouble_is_503(db: Db) {
+    let svc = Service::start(&db);
+    svc.funded_account("acme", 100).await;
+    let mut other = db.meddle().await;
+    if db.is_sqlite() {
+        // Another process holds the write lock for longer than the busy timeout.
+        sqlx::Executor::execute(&mut other, "BEGIN IMMEDIATE").await.unwrap();
+    } else {
+        sqlx::Executor::execute(&mut other, format!("DROP DATABASE {} WITH (FORCE)", db.name()).as_str())
+            .await
+            .unwrap();
+    }
+    let (status, body) = svc.reserve("acme", 10, "req-1").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["error"], "unavailable");
+    let message = body["message"].as_str().unwrap();
+    assert!(!message.contains(&db.name()) && !message.contains("SQL") && !message.contains("database"), "{message}");
+    if db.is_sqlite() {
+        sqlx::Executor::execute(&mut other, "ROLLBACK").await.unwrap();
+        let (status, body) = svc.reserve("acme", 10, "req-1").await;
+        assert_eq!(status, StatusCode::CREATED, "once the lock is gone: {body}");
+    }
 }
 
 /// Sends every reservation at once; the answers in order.

@@ -61,6 +61,25 @@ impl Db {
         }
     }
 
+    /// A connection to the server's maintenance database (PostgreSQL) or to the file (SQLite), for a
+    /// test to get in the service's way.
+    pub async fn meddle(&self) -> sqlx::AnyConnection {
+        sqlx::any::install_default_drivers();
+        let url = match self {
+            Db::Sqlite { .. } => self.url(),
+            Db::Postgres { .. } => format!("{}/postgres", postgres_admin_url()),
+        };
+        sqlx::AnyConnection::connect(&url).await.unwrap()
+    }
+
+    /// The directory (SQLite) or database name (PostgreSQL): what an error must not reveal.
+    pub fn name(&self) -> String {
+        match self {
+            Db::Sqlite { dir } => dir.display().to_string(),
+            Db::Postgres { name } => name.clone(),
+        }
+    }
+
     pub fn is_sqlite(&self) -> bool {
         matches!(self, Db::Sqlite { .. })
     }
