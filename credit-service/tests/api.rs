@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use common::{Db, Service, ADMIN_TOKEN, SERVICE_TOKEN};
 use reqwest::{Method, StatusCode};
 use serde_json::json;
+use sqlx::Executor;
 
 on_both_backends!(
     accounts_and_idempotent_top_ups,
@@ -23,6 +24,7 @@ on_both_backends!(
     bad_input_changes_nothing,
     restart_keeps_the_ledger,
     sigterm_exits_cleanly,
+    sigterm_lets_in_flight_requests_finish,
     database_trouble_is_503,
 );
 
@@ -603,17 +605,42 @@ async fn sigterm_exits_cleanly(db: Db) {
     assert_eq!(status.code(), Some(0), "{status:?}");
 }
 
+async fn sigterm_lets_in_flight_requests_finish(db: Db) {
+    let mut svc = Service::start(&db);
+    svc.funded_account("acme", 100).await;
+    // Hold the account where the service needs it, so a reservation is still in flight at SIGTERM.
+    let mut other = db.connect().await;
+    if db.is_sqlite() {
+        other.execute("BEGIN IMMEDIATE").await.unwrap();
+    } else {
+        other.execute("BEGIN").await.unwrap();
+        other.execute("SELECT balance FROM accounts WHERE id = 'acme' FOR UPDATE").await.unwrap();
+    }
+    let body = json!({ "account": "acme", "amount": 10, "request_id": "req-1", "route": "/api" });
+    let request = svc.http.post(format!("{}/v1/reservations", svc.base)).bearer_auth(SERVICE_TOKEN).json(&body);
+    let in_flight = tokio::spawn(async move { request.send().await.unwrap().status() });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    svc.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!svc.has_exited(), "exited with a request in flight");
+    let fresh = reqwest::Client::new().get(format!("{}/v1/accounts/acme", svc.base)).send().await;
+    assert!(fresh.is_err(), "a new connection was accepted after SIGTERM: {fresh:?}");
+
+    other.execute("ROLLBACK").await.unwrap();
+    assert_eq!(in_flight.await.unwrap(), StatusCode::CREATED);
+    assert_eq!(svc.wait().code(), Some(0));
+}
+
 async fn database_trouble_is_503(db: Db) {
     let svc = Service::start(&db);
     svc.funded_account("acme", 100).await;
-    let mut other = db.meddle().await;
+    let mut other = db.connect().await;
     if db.is_sqlite() {
         // Another process holds the write lock for longer than the busy timeout.
-        sqlx::Executor::execute(&mut other, "BEGIN IMMEDIATE").await.unwrap();
+        other.execute("BEGIN IMMEDIATE").await.unwrap();
     } else {
-        sqlx::Executor::execute(&mut other, format!("DROP DATABASE {} WITH (FORCE)", db.name()).as_str())
-            .await
-            .unwrap();
+        db.drop_under_service().await;
     }
     let (status, body) = svc.reserve("acme", 10, "req-1").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
@@ -621,7 +648,7 @@ async fn database_trouble_is_503(db: Db) {
     let message = body["message"].as_str().unwrap();
     assert!(!message.contains(&db.name()) && !message.contains("SQL") && !message.contains("database"), "{message}");
     if db.is_sqlite() {
-        sqlx::Executor::execute(&mut other, "ROLLBACK").await.unwrap();
+        other.execute("ROLLBACK").await.unwrap();
         let (status, body) = svc.reserve("acme", 10, "req-1").await;
         assert_eq!(status, StatusCode::CREATED, "once the lock is gone: {body}");
     }

@@ -61,15 +61,17 @@ impl Db {
         }
     }
 
-    /// A connection to the server's maintenance database (PostgreSQL) or to the file (SQLite), for a
-    /// test to get in the service's way.
-    pub async fn meddle(&self) -> sqlx::AnyConnection {
+    /// A connection of the test's own to the service's database, to get in the service's way.
+    pub async fn connect(&self) -> sqlx::AnyConnection {
         sqlx::any::install_default_drivers();
-        let url = match self {
-            Db::Sqlite { .. } => self.url(),
-            Db::Postgres { .. } => format!("{}/postgres", postgres_admin_url()),
-        };
-        sqlx::AnyConnection::connect(&url).await.unwrap()
+        sqlx::AnyConnection::connect(&self.url()).await.unwrap()
+    }
+
+    /// PostgreSQL only: drops the database under the running service.
+    pub async fn drop_under_service(&self) {
+        let Db::Postgres { name } = self else { panic!("not a PostgreSQL database") };
+        let mut conn = sqlx::PgConnection::connect(&format!("{}/postgres", postgres_admin_url())).await.unwrap();
+        sqlx::query(&format!("DROP DATABASE {name} WITH (FORCE)")).execute(&mut conn).await.unwrap();
     }
 
     /// The directory (SQLite) or database name (PostgreSQL): what an error must not reveal.
@@ -180,16 +182,29 @@ impl Service {
     }
 
     /// SIGTERM, then the exit status.
-    pub fn terminate(mut self) -> ExitStatus {
+    pub fn terminate(self) -> ExitStatus {
+        self.signal("TERM");
+        self.wait()
+    }
+
+    pub fn signal(&self, name: &str) {
         let pid = self.child.id().to_string();
-        assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+        assert!(Command::new("kill").args([&format!("-{name}"), &pid]).status().unwrap().success());
+    }
+
+    pub fn has_exited(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_some()
+    }
+
+    /// The exit status, once the service exits by itself (within 5 s).
+    pub fn wait(mut self) -> ExitStatus {
         for _ in 0..200 {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
             std::thread::sleep(Duration::from_millis(25));
         }
-        panic!("no exit within 5 s of SIGTERM; log:\n{}", self.log());
+        panic!("no exit within 5 s; log:\n{}", self.log());
     }
 
     /// One call: the status and the JSON body (Null when there is none).
