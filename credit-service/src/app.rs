@@ -1,0 +1,406 @@
+//! The HTTP API: routes, bearer-token roles, request validation, JSON in and out.
+
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
+use axum::http::{header, StatusCode};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use subtle::ConstantTimeEq;
+
+use crate::error::AppError;
+use crate::ledger::{Ledger, MAX_AMOUNT};
+
+/// Request bodies are a few short fields; anything larger is a mistake or an attack.
+const MAX_BODY: usize = 16 * 1024;
+/// The longest request id, route or reference kept.
+const MAX_TEXT: usize = 256;
+const MAX_ACCOUNT_ID: usize = 128;
+/// Journal rows per page.
+const MAX_PAGE: i64 = 1000;
+
+pub struct AppState {
+    pub ledger: Ledger,
+    /// SHA-256 of each token: comparing fixed-size digests in constant time leaks neither the tokens
+    /// nor their lengths.
+    service_token: [u8; 32],
+    admin_token: [u8; 32],
+}
+
+impl AppState {
+    pub fn new(ledger: Ledger, service_token: &str, admin_token: &str) -> Self {
+        Self { ledger, service_token: digest(service_token), admin_token: digest(admin_token) }
+    }
+}
+
+fn digest(token: &str) -> [u8; 32] {
+    hmac_sha256::Hash::hash(token.as_bytes())
+}
+
+pub fn app(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/accounts/{id}", put(create_account).get(get_account))
+        .route("/v1/accounts/{id}/credits", post(top_up))
+        .route("/v1/accounts/{id}/transactions", get(transactions))
+        .route("/v1/reservations", post(reserve))
+        .route("/v1/reservations/{id}/commit", post(commit))
+        .route("/v1/reservations/{id}/release", post(release))
+        .fallback(|| async { AppError::NoRoute })
+        .method_not_allowed_fallback(|| async { AppError::MethodNotAllowed })
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(state)
+}
+
+// ---- who may call what -------------------------------------------------------------------------
+
+/// A caller proven to hold a token of role `R`. Taken first in every handler, so nothing about the
+/// request is looked at, or echoed back, before the caller is known.
+struct Caller<R>(PhantomData<R>);
+
+/// The gateway: reservations, commit, release.
+struct Service;
+/// Operators: accounts, top-ups, the journal.
+struct Admin;
+/// Either of them: reading a balance.
+struct AnyRole;
+
+trait Role {
+    fn allows(state: &AppState, token: &[u8; 32]) -> bool;
+}
+
+impl Role for Service {
+    fn allows(state: &AppState, token: &[u8; 32]) -> bool {
+        token.ct_eq(&state.service_token).into()
+    }
+}
+
+impl Role for Admin {
+    fn allows(state: &AppState, token: &[u8; 32]) -> bool {
+        token.ct_eq(&state.admin_token).into()
+    }
+}
+
+impl Role for AnyRole {
+    fn allows(state: &AppState, token: &[u8; 32]) -> bool {
+        // Both comparisons always run: which token matched takes no longer than a miss.
+        (token.ct_eq(&state.service_token) | token.ct_eq(&state.admin_token)).into()
+    }
+}
+
+impl<R: Role> FromRequestParts<Arc<AppState>> for Caller<R> {
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, AppError> {
+        let token = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim())
+            .ok_or(AppError::Unauthorized)?;
+        if R::allows(state, &digest(token)) {
+            Ok(Self(PhantomData))
+        } else {
+            Err(AppError::Unauthorized)
+        }
+    }
+}
+
+// ---- extractors that answer in the service's JSON error format ----------------------------------
+
+/// An account id from the path, checked.
+struct AccountId(String);
+
+impl<S: Send + Sync> FromRequestParts<S> for AccountId {
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, AppError> {
+        let Path(id) = Path::<String>::from_request_parts(parts, state).await.map_err(|_| INVALID_ACCOUNT)?;
+        account_id(id).map(Self)
+    }
+}
+
+/// A reservation id from the path. One that cannot be ours is simply not found, without a lookup.
+struct ReservationId(String);
+
+impl<S: Send + Sync> FromRequestParts<S> for ReservationId {
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, AppError> {
+        let Path(id) = Path::<String>::from_request_parts(parts, state).await.map_err(|_| AppError::NoRoute)?;
+        let ours = id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if ours {
+            Ok(Self(id))
+        } else {
+            Err(crate::error::LedgerError::ReservationNotFound(id).into())
+        }
+    }
+}
+
+/// A JSON body of type `T`. An empty body reads as `{}`, so calls whose fields are all optional
+/// (commit, release, account creation) may send none.
+struct Body<T>(T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
+    type Rejection = AppError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, AppError> {
+        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                AppError::BodyTooLarge(MAX_BODY)
+            } else {
+                AppError::UnreadableBody
+            }
+        })?;
+        let json: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) { b"{}" } else { &bytes };
+        serde_json::from_slice(json).map(Self).map_err(AppError::InvalidJson)
+    }
+}
+
+// ---- validation ----------------------------------------------------------------------------------
+
+const INVALID_ACCOUNT: AppError =
+    AppError::InvalidField { field: "account", reason: "must be 1 to 128 characters of A-Z a-z 0-9 . _ : @ -" };
+
+fn account_id(id: String) -> Result<String, AppError> {
+    let valid = !id.is_empty()
+        && id.len() <= MAX_ACCOUNT_ID
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b".-_:@".contains(&b));
+    if valid {
+        Ok(id)
+    } else {
+        Err(INVALID_ACCOUNT)
+    }
+}
+
+fn amount(field: &'static str, value: i64) -> Result<i64, AppError> {
+    if (1..=MAX_AMOUNT).contains(&value) {
+        Ok(value)
+    } else {
+        Err(AppError::InvalidField { field, reason: "must be a whole number from 1 to 1000000000000" })
+    }
+}
+
+/// What a commit may charge. Zero is valid: the upstream may report that the call cost nothing.
+fn charge(value: Option<i64>) -> Result<Option<i64>, AppError> {
+    match value {
+        Some(v) if !(0..=MAX_AMOUNT).contains(&v) => Err(AppError::InvalidField {
+            field: "amount",
+            reason: "must be a whole number from 0 to the amount reserved",
+        }),
+        _ => Ok(value),
+    }
+}
+
+fn text(field: &'static str, value: String) -> Result<String, AppError> {
+    if value.is_empty() || value.chars().count() > MAX_TEXT {
+        Err(AppError::InvalidField { field, reason: "must be 1 to 256 characters" })
+    } else if value.chars().any(char::is_control) {
+        Err(AppError::InvalidField { field, reason: "must not contain control characters" })
+    } else {
+        Ok(value)
+    }
+}
+
+// ---- wire types ----------------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Empty {}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TopUpRequest {
+    amount: i64,
+    reference: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReserveRequest {
+    account: String,
+    amount: i64,
+    request_id: String,
+    route: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CommitRequest {
+    #[serde(default)]
+    amount: Option<i64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Page {
+    after: Option<i64>,
+    limit: Option<i64>,
+}
+
+#[derive(Serialize)]
+struct AccountCreated {
+    account: String,
+    balance: i64,
+}
+
+#[derive(Serialize)]
+struct AccountView {
+    account: String,
+    balance: i64,
+    held: i64,
+}
+
+#[derive(Serialize)]
+struct TopUpView {
+    balance: i64,
+    transaction_id: i64,
+}
+
+#[derive(Serialize)]
+struct Transactions {
+    account: String,
+    transactions: Vec<EntryView>,
+}
+
+#[derive(Serialize)]
+struct EntryView {
+    id: i64,
+    kind: String,
+    amount: i64,
+    balance_after: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reservation_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reference: Option<String>,
+    /// RFC 3339, UTC, milliseconds.
+    created_at: String,
+}
+
+#[derive(Serialize)]
+struct Reserved {
+    reservation_id: String,
+    balance: i64,
+}
+
+#[derive(Serialize)]
+struct Committed {
+    charged: i64,
+    balance: i64,
+}
+
+#[derive(Serialize)]
+struct Released {
+    released: i64,
+    balance: i64,
+}
+
+/// 201 for what this call created, 200 for what an earlier call did.
+fn created_if(created: bool) -> StatusCode {
+    if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    }
+}
+
+type Reply<T> = Result<(StatusCode, Json<T>), AppError>;
+type St = State<Arc<AppState>>;
+
+// ---- handlers ------------------------------------------------------------------------------------
+
+async fn create_account(
+    _: Caller<Admin>,
+    State(s): St,
+    AccountId(id): AccountId,
+    _: Body<Empty>,
+) -> Reply<AccountCreated> {
+    let (account, created) = s.ledger.create_account(&id).await?;
+    Ok((created_if(created), Json(AccountCreated { account: id, balance: account.balance })))
+}
+
+async fn get_account(_: Caller<AnyRole>, State(s): St, AccountId(id): AccountId) -> Reply<AccountView> {
+    let account = s.ledger.account(&id).await?;
+    Ok((StatusCode::OK, Json(AccountView { account: id, balance: account.balance, held: account.held })))
+}
+
+async fn top_up(
+    _: Caller<Admin>,
+    State(s): St,
+    AccountId(id): AccountId,
+    Body(req): Body<TopUpRequest>,
+) -> Reply<TopUpView> {
+    let amount = amount("amount", req.amount)?;
+    let reference = text("reference", req.reference)?;
+    let done = s.ledger.top_up(&id, amount, &reference).await?;
+    Ok((created_if(!done.replayed), Json(TopUpView { balance: done.balance, transaction_id: done.transaction_id })))
+}
+
+async fn transactions(
+    _: Caller<Admin>,
+    State(s): St,
+    AccountId(id): AccountId,
+    page: Result<Query<Page>, QueryRejection>,
+) -> Reply<Transactions> {
+    let Query(page) = page.map_err(|rejection| AppError::InvalidQuery(rejection.body_text()))?;
+    let limit = page.limit.unwrap_or(MAX_PAGE);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(AppError::InvalidField { field: "limit", reason: "must be from 1 to 1000" });
+    }
+    let entries = s.ledger.transactions(&id, page.after.unwrap_or(0), limit).await?;
+    let transactions = entries
+        .into_iter()
+        .map(|e| EntryView {
+            id: e.id,
+            kind: e.kind,
+            amount: e.amount,
+            balance_after: e.balance_after,
+            reservation_id: e.reservation_id,
+            reference: e.reference,
+            created_at: rfc3339(e.created_at_ms),
+        })
+        .collect();
+    Ok((StatusCode::OK, Json(Transactions { account: id, transactions })))
+}
+
+async fn reserve(_: Caller<Service>, State(s): St, Body(req): Body<ReserveRequest>) -> Reply<Reserved> {
+    let account = account_id(req.account)?;
+    let amount = amount("amount", req.amount)?;
+    let request_id = text("request_id", req.request_id)?;
+    let route = text("route", req.route)?;
+    let hold = s.ledger.reserve(&account, amount, &request_id, &route).await?;
+    Ok((created_if(!hold.replayed), Json(Reserved { reservation_id: hold.reservation_id, balance: hold.balance })))
+}
+
+async fn commit(
+    _: Caller<Service>,
+    State(s): St,
+    ReservationId(id): ReservationId,
+    Body(req): Body<CommitRequest>,
+) -> Reply<Committed> {
+    let (charged, balance) = s.ledger.commit(&id, charge(req.amount)?).await?;
+    Ok((StatusCode::OK, Json(Committed { charged, balance })))
+}
+
+async fn release(
+    _: Caller<Service>,
+    State(s): St,
+    ReservationId(id): ReservationId,
+    _: Body<Empty>,
+) -> Reply<Released> {
+    let (released, balance) = s.ledger.release(&id).await?;
+    Ok((StatusCode::OK, Json(Released { released, balance })))
+}
+
+fn rfc3339(ms: i64) -> String {
+    let at = UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+    humantime::format_rfc3339_millis(at).to_string()
+}
