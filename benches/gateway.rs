@@ -81,7 +81,6 @@ fn start(scenario: &Scenario, plugin: &str) -> Gateway {
     Gateway::start(GatewayOptions {
         plugin_config: Some(plugin.to_owned()),
         concurrency: 1,
-        wasm: None,
         mutate: Some(Box::new(move |config| {
             if !tollgate {
                 remove_tollgate_filter(config);
@@ -91,6 +90,7 @@ fn start(scenario: &Scenario, plugin: &str) -> Gateway {
                 {"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": "ok"}}}
             ]);
         })),
+        ..GatewayOptions::default()
     })
 }
 

@@ -8,6 +8,7 @@ use std::fmt;
 use serde::Deserialize;
 
 use crate::auth::{Authenticator, RawAuth};
+use crate::credits::{Credits, PolicyCredits, RawCredits, RawPolicyCredits};
 use crate::ratelimit::{RateLimits, RawPolicyLimit, RawRateLimits};
 use crate::routes::{Access, Policy, RouteTable};
 
@@ -77,6 +78,9 @@ pub struct RawConfig {
     /// with `rate_limit`.
     #[serde(default)]
     pub rate_limits: Option<RawRateLimits>,
+    /// The credit service that billed policies (`credits` on a policy) reserve their cost with.
+    #[serde(default)]
+    pub credits: Option<RawCredits>,
 }
 
 /// What protections apply to the requests a route selects.
@@ -106,6 +110,9 @@ pub struct RawPolicy {
     /// Rate-limit this policy's requests. Omitted: never limited.
     #[serde(default)]
     pub rate_limit: Option<RawPolicyLimit>,
+    /// Bill this policy's requests to the caller's account (`authenticated` policies only).
+    #[serde(default)]
+    pub credits: Option<RawPolicyCredits>,
 }
 
 /// One entry of the prefix table.
@@ -286,6 +293,7 @@ pub struct Config {
     pub auth: Authenticator,
     /// `None` when no policy is rate-limited.
     pub rate_limits: Option<RateLimits>,
+    pub credits: Option<Credits>,
     pub security_headers: SecurityHeaders,
     /// Lower-case names of the identity headers, in the order of `RawIdentityHeaders`.
     pub identity_headers: Vec<String>,
@@ -364,6 +372,16 @@ impl Config {
             if let Some(i) = p.scopes.iter().position(|s| !crate::auth::is_scope_token(s)) {
                 return Err(ConfigError::at(format!("{path}.scopes[{i}]"), "is not a scope token"));
             }
+            let credits = match &p.credits {
+                Some(_) if p.access != Access::Authenticated => {
+                    return Err(ConfigError::at(
+                        format!("{path}.credits"),
+                        "needs \"access\": \"authenticated\": credits are charged to the caller's account",
+                    ))
+                }
+                Some(c) => Some(PolicyCredits::build(&format!("{path}.credits"), c, raw.credits.is_some())?),
+                None => None,
+            };
             if p.signature && raw.auth.signatures.is_none() {
                 return Err(ConfigError::at(format!("{path}.signature"), "needs auth.signatures to be configured"));
             }
@@ -376,6 +394,7 @@ impl Config {
                 scopes: p.scopes.clone(),
                 signature: p.signature,
                 rate_limit: policy_limits.remove(name),
+                credits,
             };
             policies.insert(name.clone(), policy);
         }
@@ -390,12 +409,14 @@ impl Config {
             scopes: Vec::new(),
             signature: false,
             rate_limit: None,
+            credits: None,
         };
         let routes = RouteTable::build(&raw.routes, raw.default_policy.as_deref(), policies, unmatched)?;
         Ok(Config {
             routes,
             auth: Authenticator::try_from(&raw.auth)?,
             rate_limits,
+            credits: raw.credits.as_ref().map(Credits::build).transpose()?,
             security_headers: security_headers(sec)?,
             identity_headers: identity_headers(&raw.identity_headers)?,
         })
@@ -593,6 +614,18 @@ mod tests {
             (
                 r#"{"policies": {}, "request_checks": {"content_types": {"BREW": []}}}"#,
                 "request_checks.content_types: unknown variant `BREW`",
+            ),
+            (
+                r#"{"policies": {"p": {"access": "public", "credits": {"cost": 1}}}}"#,
+                "policies.p.credits: needs \"access\": \"authenticated\"",
+            ),
+            (
+                r#"{"policies": {"p": {"access": "authenticated", "credits": {"cost": 1}}}}"#,
+                "policies.p.credits: needs the credits section",
+            ),
+            (
+                r#"{"policies": {}, "credits": {"cluster": "c", "service_token": "has space"}}"#,
+                "credits.service_token: must be",
             ),
             (r#"{"policies": {}"#, "$: EOF while parsing"),
             (r#"{"policies": {}} trailing"#, "$: trailing characters"),

@@ -14,6 +14,8 @@ pub trait Host {
     fn request_body(&self, start: usize, len: usize) -> Vec<u8>;
     /// Lets a paused request go on.
     fn resume_request(&mut self);
+    /// A response header (`:status` included); `None` when absent.
+    fn response_header(&self, name: &str) -> Option<String>;
     fn set_response_header(&mut self, name: &str, value: &str);
     fn remove_response_header(&mut self, name: &str);
     /// An Envoy attribute, e.g. `["xds", "route_metadata", …]`; `None` when absent.
@@ -35,9 +37,37 @@ pub trait Host {
     fn shared_swap(&mut self, key: &str, value: &[u8], version: Option<u32>) -> bool;
     /// Adds `value` to a counter, or records it in a histogram.
     fn count(&mut self, metric: Metric, value: u64);
-    /// A GET to an Envoy cluster; the token its answer will come back with, or `None` when the
-    /// call could not be made (unknown cluster, say).
-    fn http_get(&mut self, cluster: &str, authority: &str, path: &str, timeout_ms: u64) -> Option<u32>;
+    /// An HTTP call to an Envoy cluster; the token its answer will come back to this context with,
+    /// or `None` when the call could not be made (unknown cluster, say).
+    fn http_call(&mut self, call: &Callout) -> Option<u32>;
+    /// Asks the worker's root context to run soon (it sends queued settlements).
+    fn wake_root(&mut self);
+}
+
+/// An HTTP request to an Envoy cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Callout {
+    pub cluster: String,
+    pub method: &'static str,
+    pub path: String,
+    pub authority: String,
+    pub headers: Vec<(&'static str, String)>,
+    pub body: Vec<u8>,
+    pub timeout_ms: u64,
+}
+
+impl Callout {
+    pub fn get(cluster: &str, authority: &str, path: &str, timeout_ms: u64) -> Callout {
+        Callout {
+            cluster: cluster.to_owned(),
+            method: "GET",
+            path: path.to_owned(),
+            authority: authority.to_owned(),
+            headers: Vec::new(),
+            body: Vec::new(),
+            timeout_ms,
+        }
+    }
 }
 
 /// A recording proxy for unit tests: request and response headers, a held body, properties, a
@@ -46,7 +76,7 @@ pub trait Host {
 pub(crate) mod fake {
     use std::collections::HashMap;
 
-    use super::Host;
+    use super::{Callout, Host};
     use crate::metrics::Metric;
 
     pub const NOW: u64 = 1_800_000_000;
@@ -69,7 +99,10 @@ pub(crate) mod fake {
         pub shared: HashMap<String, (Vec<u8>, u32)>,
         /// This many compare-and-swaps fail, as if another worker won the race.
         pub lose_swaps: u32,
+        /// Callouts as `cluster` + `path`, and in full.
         pub calls: Vec<String>,
+        pub sent_calls: Vec<Callout>,
+        pub root_woken: u32,
         pub metrics: HashMap<&'static str, u64>,
     }
 
@@ -88,6 +121,8 @@ pub(crate) mod fake {
                 shared: HashMap::new(),
                 lose_swaps: 0,
                 calls: Vec::new(),
+                sent_calls: Vec::new(),
+                root_woken: 0,
                 metrics: HashMap::new(),
             }
         }
@@ -136,6 +171,9 @@ pub(crate) mod fake {
         fn resume_request(&mut self) {
             self.resumed = true;
         }
+        fn response_header(&self, name: &str) -> Option<String> {
+            self.response.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone())
+        }
         fn set_response_header(&mut self, name: &str, value: &str) {
             self.response.retain(|(n, _)| n != name);
             self.response.push((name.to_owned(), value.to_owned()));
@@ -174,9 +212,13 @@ pub(crate) mod fake {
         fn count(&mut self, metric: Metric, value: u64) {
             *self.metrics.entry(metric.name()).or_default() += value;
         }
-        fn http_get(&mut self, cluster: &str, _authority: &str, path: &str, _timeout_ms: u64) -> Option<u32> {
-            self.calls.push(format!("{cluster}{path}"));
+        fn http_call(&mut self, call: &Callout) -> Option<u32> {
+            self.calls.push(format!("{}{}", call.cluster, call.path));
+            self.sent_calls.push(call.clone());
             u32::try_from(self.calls.len()).ok()
+        }
+        fn wake_root(&mut self) {
+            self.root_woken += 1;
         }
     }
 }

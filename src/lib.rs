@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod checks;
 pub mod config;
+pub mod credits;
 pub mod headers;
 pub mod host;
 pub mod metrics;
@@ -13,6 +14,7 @@ pub mod ratelimit;
 pub mod refresh;
 pub mod replay;
 pub mod routes;
+pub mod settle;
 pub mod worker;
 
 #[cfg(target_arch = "wasm32")]
@@ -23,7 +25,8 @@ use std::rc::Rc;
 use auth::{AuthError, Identity, PendingSignature, RequestCredentials};
 use checks::BodyCounter;
 use config::{Config, Method};
-use host::Host;
+use credits::{CreditError, FailurePolicy, Reservation, Settlement};
+use host::{Callout, Host};
 use metrics::Metric;
 use problem::Denial;
 use ratelimit::{Caller, Quota};
@@ -44,18 +47,31 @@ pub enum Flow {
     Pause,
 }
 
-/// What a held request waits for.
+/// The callout a held request waits for. Envoy holds the whole request meanwhile (proxy-wasm
+/// pauses headers and body together).
 enum Waiting {
     Nothing,
-    /// A JWKS refetch for an unknown `kid`; the answer comes back with this callout token.
-    /// Envoy holds the whole request meanwhile (proxy-wasm pauses headers and body together).
+    /// A JWKS refetch for an unknown `kid`.
     Jwks {
         token: u32,
         provider: usize,
     },
-    /// The rest of the body, to check the request signature over it. Boxed: the HMAC state is
-    /// large and most streams never sign.
-    Body(Box<PendingSignature>),
+    /// The credit service's answer to a reservation of `amount`, sent at `sent` (nanoseconds).
+    Credits {
+        token: u32,
+        amount: u64,
+        sent: u64,
+        on_failure: FailurePolicy,
+    },
+}
+
+/// Where a billed request stands with the credit service.
+enum Billing {
+    /// Not billed, or already settled.
+    None,
+    Reserved(Reservation),
+    /// The credit service could not answer and the policy lets the request through unbilled.
+    Unbilled,
 }
 
 /// One request's way through the filter.
@@ -71,6 +87,10 @@ pub struct Stream {
     held: usize,
     body_complete: bool,
     waiting: Waiting,
+    /// A request signature to check over the body as it arrives. Boxed: the HMAC state is large
+    /// and most streams never sign.
+    signature: Option<Box<PendingSignature>>,
+    billing: Billing,
     https: bool,
     request_id: String,
     /// The filter answered this request itself; its response already carries every header.
@@ -104,6 +124,8 @@ impl Stream {
             held: 0,
             body_complete: false,
             waiting: Waiting::Nothing,
+            signature: None,
+            billing: Billing::None,
             https: false,
             request_id: String::new(),
             answered: false,
@@ -165,7 +187,12 @@ impl Stream {
 
         // 5. Rate limiting.
         self.rate_limit(host, policy, identity.as_ref())?;
-        Ok(Flow::Continue)
+
+        // 6. Credits.
+        match identity {
+            Some(identity) => self.reserve_credits(host, request, policy, &identity),
+            None => Ok(Flow::Continue),
+        }
     }
 
     /// Envoy route metadata, when the route carries it, wins over the prefix table: it is the
@@ -217,7 +244,7 @@ impl Stream {
                 // The headers go on: proxy-wasm only hands a filter the body of a request whose
                 // headers continued. The body is held until the signature over it verifies, so
                 // the upstream never gets a body, nor a complete request, that failed.
-                self.waiting = Waiting::Body(Box::new(pending));
+                self.signature = Some(Box::new(pending));
             }
         }
         Ok(Some(identity))
@@ -229,7 +256,7 @@ impl Stream {
             return None;
         }
         host.count(Metric::RemoteFetches, 1);
-        let token = host.http_get(&remote.cluster, &remote.authority, &remote.path, remote.timeout_ms);
+        let token = host.http_call(&Callout::get(&remote.cluster, &remote.authority, &remote.path, remote.timeout_ms));
         if token.is_none() {
             host.count(Metric::RemoteFetchFailures, 1);
         }
@@ -258,21 +285,73 @@ impl Stream {
         Ok(())
     }
 
-    /// The answer to a JWKS refetch this stream made: install the keys, then authenticate again,
-    /// once; an unknown `kid` now is final.
-    pub fn on_http_call_response(&mut self, host: &mut dyn Host, token: u32, jwks: Option<Vec<u8>>) {
-        let Waiting::Jwks { token: expected, provider } = self.waiting else { return };
-        if token != expected || self.answered {
+    /// Step 6 for a billed policy: asks the credit service to hold the request's cost, and holds
+    /// the request until it answers.
+    fn reserve_credits(
+        &mut self,
+        host: &mut dyn Host,
+        request: &[(String, String)],
+        policy: &Policy,
+        identity: &Identity,
+    ) -> Result<Flow, Denial> {
+        let (Some(credits), Some(billing)) = (&self.config.credits, &policy.credits) else { return Ok(Flow::Continue) };
+        let amount = billing.amount(|name| request.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str()))?;
+        let key = self.worker.reservation_key(&self.request_id);
+        let call = credits.reserve(billing, &policy.name, &identity.account, amount, &key);
+        host.count(Metric::CreditCallouts, 1);
+        let Some(token) = host.http_call(&call) else {
+            host.count(Metric::CreditCalloutFailures, 1);
+            return self.credits_unavailable(billing.on_failure);
+        };
+        self.waiting = Waiting::Credits { token, amount, sent: host.now_nanos(), on_failure: billing.on_failure };
+        Ok(Flow::Pause)
+    }
+
+    fn credits_unavailable(&mut self, on_failure: FailurePolicy) -> Result<Flow, Denial> {
+        match on_failure {
+            FailurePolicy::Deny => Err(CreditError::Unavailable.into()),
+            FailurePolicy::Allow => {
+                self.billing = Billing::Unbilled;
+                Ok(Flow::Continue)
+            }
+        }
+    }
+
+    /// The answer to a callout this stream made (`None`: no answer, e.g. a timeout): a JWKS
+    /// refetch, after which authentication runs again, once; or a credit reservation.
+    pub fn on_http_call_response(&mut self, host: &mut dyn Host, token: u32, answer: Option<(u16, Vec<u8>)>) {
+        if self.answered {
             return;
         }
-        self.waiting = Waiting::Nothing;
-        match (jwks, self.config.auth.providers().get(provider)) {
-            (Some(body), Some(p)) => refresh::load_refetched(p, &body, host),
-            _ => host.count(Metric::RemoteFetchFailures, 1),
-        }
-        let Some(policy) = self.policy.clone() else { return };
-        let request = host.request_headers();
-        let flow = self.admit(host, &request, &policy, false);
+        let flow = match std::mem::replace(&mut self.waiting, Waiting::Nothing) {
+            Waiting::Jwks { token: expected, provider } if expected == token => {
+                match (answer, self.config.auth.providers().get(provider)) {
+                    (Some((200, body)), Some(p)) => refresh::load_refetched(p, &body, host),
+                    _ => host.count(Metric::RemoteFetchFailures, 1),
+                }
+                let Some(policy) = self.policy.clone() else { return };
+                let request = host.request_headers();
+                self.admit(host, &request, &policy, false)
+            }
+            Waiting::Credits { token: expected, amount, sent, on_failure } if expected == token => {
+                host.count(Metric::CreditCalloutMilliseconds, host.now_nanos().saturating_sub(sent) / 1_000_000);
+                match credits::reservation(answer, amount) {
+                    Ok(reservation) => {
+                        self.billing = Billing::Reserved(reservation);
+                        Ok(Flow::Continue)
+                    }
+                    Err(CreditError::Unavailable) => {
+                        host.count(Metric::CreditCalloutFailures, 1);
+                        self.credits_unavailable(on_failure)
+                    }
+                    Err(refused) => Err(refused.into()),
+                }
+            }
+            other => {
+                self.waiting = other;
+                return;
+            }
+        };
         if self.outcome(host, flow) == Flow::Continue {
             host.resume_request();
         }
@@ -288,10 +367,10 @@ impl Stream {
         self.body_complete = end_of_stream;
         let flow = match self.body.add(new) {
             Err(err) => Err(Denial::from(err)),
-            Ok(()) => match &mut self.waiting {
-                Waiting::Nothing => Ok(Flow::Continue),
-                Waiting::Jwks { .. } => Ok(Flow::Pause),
-                Waiting::Body(pending) => {
+            Ok(()) if !matches!(self.waiting, Waiting::Nothing) => Ok(Flow::Pause),
+            Ok(()) => match &mut self.signature {
+                None => Ok(Flow::Continue),
+                Some(pending) => {
                     pending.update(&host.request_body(start, new));
                     if end_of_stream {
                         self.finish_pending(host)
@@ -312,21 +391,15 @@ impl Stream {
             return Flow::Pause;
         }
         self.body_complete = true;
-        let flow = match self.waiting {
-            Waiting::Body(_) => self.finish_pending(host),
-            Waiting::Jwks { .. } => Ok(Flow::Pause),
-            Waiting::Nothing => Ok(Flow::Continue),
-        };
+        let flow = if matches!(self.waiting, Waiting::Nothing) { self.finish_pending(host) } else { Ok(Flow::Pause) };
         self.outcome(host, flow)
     }
 
+    /// The body is complete: checks the request signature over it, if one is pending.
     fn finish_pending(&mut self, host: &mut dyn Host) -> Result<Flow, Denial> {
-        match std::mem::replace(&mut self.waiting, Waiting::Nothing) {
-            Waiting::Body(pending) => self.finish_signature(host, *pending).map(|()| Flow::Continue),
-            other => {
-                self.waiting = other;
-                Ok(Flow::Pause)
-            }
+        match self.signature.take() {
+            Some(pending) => self.finish_signature(host, *pending).map(|()| Flow::Continue),
+            None => Ok(Flow::Continue),
         }
     }
 
@@ -341,23 +414,63 @@ impl Stream {
     }
 
     pub fn on_response_headers(&mut self, host: &mut dyn Host) -> Flow {
-        if !self.answered {
-            let cache_control = self.cache_control.as_deref();
-            headers::secure_response(host, &self.config.security_headers, cache_control, self.https);
-            if let Some((quota, counted_at)) = &self.quota {
-                for (name, value) in quota.headers(*counted_at) {
-                    host.set_response_header(name, &value);
-                }
+        if self.answered {
+            // The filter's own answer (a 413 or 401 after the reservation): nothing was served.
+            self.settle(host, None);
+            return Flow::Continue;
+        }
+        let cache_control = self.cache_control.as_deref();
+        headers::secure_response(host, &self.config.security_headers, cache_control, self.https);
+        if let Some((quota, counted_at)) = &self.quota {
+            for (name, value) in quota.headers(*counted_at) {
+                host.set_response_header(name, &value);
             }
         }
+        let status = host.response_header(":status").and_then(|s| s.parse::<u16>().ok()).unwrap_or(0);
+        let reported = self.config.credits.as_ref().and_then(|c| c.actual_cost_header.as_deref()).and_then(|name| {
+            let value = host.response_header(name);
+            host.remove_response_header(name);
+            value
+        });
+        let served = (200..300).contains(&status);
+        match &self.billing {
+            Billing::Reserved(reservation) => {
+                let charge = if served { credits::charge(reservation, reported.as_deref()) } else { 0 };
+                for (name, value) in credits::response_headers(reservation, charge) {
+                    host.set_response_header(name, &value);
+                }
+                self.settle(host, served.then_some(charge));
+            }
+            Billing::Unbilled => host.set_response_header("x-credits-charged", "0"),
+            Billing::None => {}
+        }
         Flow::Continue
+    }
+
+    /// The stream has ended. A reservation still open means no response went out (the client
+    /// left, the upstream reset): release it.
+    pub fn on_done(&mut self, host: &mut dyn Host) {
+        self.settle(host, None);
+    }
+
+    /// Commits `charge`, or releases when `None`; once per stream. The root context sends it,
+    /// so that its answer, and any retry, do not depend on this stream still being there.
+    fn settle(&mut self, host: &mut dyn Host, charge: Option<u64>) {
+        let Billing::Reserved(reservation) = std::mem::replace(&mut self.billing, Billing::None) else { return };
+        let settlement = Settlement { reservation_id: reservation.id, charge };
+        match self.worker.settler.try_borrow_mut() {
+            Ok(mut settler) => settler.queue(settlement, host.now_nanos()),
+            Err(_) => log::error!("tollgate: settlement for {} dropped: settler busy", settlement.reservation_id),
+        }
+        host.wake_root();
     }
 
     /// Turns a step's result into what the proxy does, answering the request on a denial.
     fn outcome(&mut self, host: &mut dyn Host, result: Result<Flow, Denial>) -> Flow {
         match result {
             Ok(flow) => {
-                if flow == Flow::Continue && matches!(self.waiting, Waiting::Nothing) && !self.allowed {
+                let held = !matches!(self.waiting, Waiting::Nothing) || self.signature.is_some();
+                if flow == Flow::Continue && !held && !self.allowed {
                     self.allowed = true;
                     host.count(Metric::Allowed, 1);
                 }
@@ -641,5 +754,108 @@ mod tests {
             assert_eq!(host.metric(Metric::Allowed), u64::from(!tampered), "counted once, when the body verified");
             assert_eq!(host.sent.as_ref().map(|s| s.0), if tampered { Some(401) } else { None });
         }
+    }
+
+    fn billed_config(on_failure: &str) -> String {
+        format!(
+            r#"{{
+            "policies": {{"api": {{"access": "authenticated",
+                "credits": {{"cost": 5, "multiplier_header": "x-units", "on_failure": "{on_failure}"}}}}}},
+            "routes": [{{"prefix": "/api", "policy": "api"}}],
+            "credits": {{"cluster": "credits", "service_token": "s3cret", "actual_cost_header": "x-cost"}},
+            "auth": {{"api_keys": {{"keys": [{{"id": "k1", "sha256": "{}", "account": "acme"}}]}}}}
+        }}"#,
+            sha256_hex("key-one")
+        )
+    }
+
+    fn billed(on_failure: &str, extra: &[(&str, &str)]) -> (Stream, FakeHost, Flow) {
+        let mut headers = vec![("x-api-key", "key-one")];
+        headers.extend_from_slice(extra);
+        let mut host = FakeHost::request("GET", "/api/items", &headers);
+        let (stream, flow) = run_with(&billed_config(on_failure), &mut host, true);
+        (stream, host, flow)
+    }
+
+    fn answer(status: u16, body: &str) -> Option<(u16, Vec<u8>)> {
+        Some((status, body.as_bytes().to_vec()))
+    }
+
+    /// What the worker's root context sends once the stream has woken it: the settlement calls.
+    fn settlements(stream: &Stream, host: &mut FakeHost) -> Vec<host::Callout> {
+        let credits = stream.config.credits.as_ref().unwrap();
+        stream.worker.settler.borrow_mut().send_due(host, credits);
+        host.sent_calls.iter().filter(|c| c.path != "/v1/reservations").cloned().collect()
+    }
+
+    #[test]
+    fn a_billed_request_waits_for_its_reservation_then_commits_what_the_upstream_reports() {
+        let (mut stream, mut host, flow) = billed("deny", &[("x-units", "3")]);
+        assert_eq!(flow, Flow::Pause, "held until the credit service answers");
+        assert_eq!(host.calls, ["credits/v1/reservations"]);
+        stream.on_http_call_response(&mut host, 1, answer(201, r#"{"reservation_id": "res_9", "balance": 85}"#));
+        assert!(host.resumed);
+        assert_eq!(host.metric(Metric::Allowed), 1);
+
+        host.response = vec![(":status".into(), "200".into()), ("x-cost".into(), "4".into())];
+        stream.on_response_headers(&mut host);
+        let header = |name: &str| host.response.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone());
+        assert_eq!(header("x-credits-charged").as_deref(), Some("4"));
+        assert_eq!(header("x-credits-remaining").as_deref(), Some("96"), "85 left after holding 15, 11 returned");
+        assert_eq!(header("x-cost"), None, "the upstream's report stays inside");
+        assert_eq!(host.root_woken, 1);
+        let sent = settlements(&stream, &mut host);
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0].path, "/v1/reservations/res_9/commit");
+        assert_eq!(sent[0].body, br#"{"amount":4}"#);
+        stream.on_done(&mut host);
+        assert_eq!(settlements(&stream, &mut host).len(), 1, "settled once");
+    }
+
+    #[test]
+    fn a_short_balance_is_402_with_what_was_needed_and_nothing_goes_upstream() {
+        let (mut stream, mut host, _) = billed("deny", &[]);
+        stream.on_http_call_response(&mut host, 1, answer(402, r#"{"balance": 2, "required": 5}"#));
+        assert!(!host.resumed);
+        let (status, _, body) = host.sent.as_ref().unwrap();
+        assert_eq!((*status, &body["required"], &body["balance"]), (402, &5.into(), &2.into()));
+        assert_eq!(body["type"], "urn:tollgate:problem:insufficient-credits");
+    }
+
+    #[test]
+    fn an_unanswered_reservation_follows_the_failure_policy() {
+        let (mut stream, mut host, _) = billed("deny", &[]);
+        stream.on_http_call_response(&mut host, 1, None);
+        assert_eq!(host.sent.as_ref().map(|s| s.0), Some(503));
+
+        let (mut stream, mut host, _) = billed("allow", &[]);
+        stream.on_http_call_response(&mut host, 1, answer(500, "{}"));
+        assert!(host.resumed && host.sent.is_none());
+        host.response = vec![(":status".into(), "200".into())];
+        stream.on_response_headers(&mut host);
+        assert!(host.response.contains(&("x-credits-charged".into(), "0".into())));
+        assert!(settlements(&stream, &mut host).is_empty(), "nothing to settle");
+    }
+
+    #[test]
+    fn anything_but_a_2xx_releases_and_so_does_a_stream_that_ends_unanswered() {
+        let (mut stream, mut host, _) = billed("deny", &[]);
+        stream.on_http_call_response(&mut host, 1, answer(201, r#"{"reservation_id": "res_1", "balance": 0}"#));
+        host.response = vec![(":status".into(), "503".into())];
+        stream.on_response_headers(&mut host);
+        assert_eq!(settlements(&stream, &mut host)[0].path, "/v1/reservations/res_1/release");
+        assert!(host.response.contains(&("x-credits-charged".into(), "0".into())));
+
+        let (mut stream, mut host, _) = billed("deny", &[]);
+        stream.on_http_call_response(&mut host, 1, answer(201, r#"{"reservation_id": "res_2", "balance": 0}"#));
+        stream.on_done(&mut host);
+        assert_eq!(settlements(&stream, &mut host)[0].path, "/v1/reservations/res_2/release");
+    }
+
+    #[test]
+    fn a_bad_multiplier_is_400_before_any_callout() {
+        let (_, host, _) = billed("deny", &[("x-units", "1000")]);
+        assert_eq!(host.sent.as_ref().map(|s| s.0), Some(400));
+        assert!(host.calls.is_empty());
     }
 }

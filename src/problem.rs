@@ -2,6 +2,7 @@
 
 use crate::auth::{self, AuthError};
 use crate::checks::CheckError;
+use crate::credits::CreditError;
 use crate::ratelimit::Limited;
 
 /// Every reason the filter answers a request itself instead of passing it on.
@@ -17,6 +18,8 @@ pub enum Denial {
     NotFound,
     #[error(transparent)]
     RateLimited(#[from] Limited),
+    #[error(transparent)]
+    Credits(#[from] CreditError),
     /// The Envoy route names a policy the plugin does not define: refuse rather than guess.
     #[error("the gateway is misconfigured for this route")]
     UnknownRoutePolicy { name: String },
@@ -52,6 +55,11 @@ impl Denial {
             },
             Denial::NotFound => (404, "not-found", "Not found"),
             Denial::RateLimited(_) => (429, "rate-limited", "Too many requests"),
+            Denial::Credits(CreditError::Insufficient { .. }) => (402, "insufficient-credits", "Insufficient credits"),
+            Denial::Credits(CreditError::InvalidMultiplier { .. }) => {
+                (400, "invalid-credit-multiplier", "Invalid credit multiplier")
+            }
+            Denial::Credits(CreditError::Unavailable) => (503, "credits-unavailable", "Credit service unavailable"),
             Denial::UnknownRoutePolicy { .. } => (500, "gateway-misconfigured", "Gateway misconfigured"),
             Denial::Unconfigured => (503, "gateway-unavailable", "Gateway unavailable"),
         };
@@ -89,13 +97,20 @@ impl Denial {
 /// denial's message, which never carries a credential or an internal address.
 pub fn body(denial: &Denial, request_id: &str) -> Vec<u8> {
     let kind = denial.problem_type();
-    let value = serde_json::json!({
+    let mut value = serde_json::json!({
         "type": format!("urn:tollgate:problem:{}", kind.slug),
         "title": kind.title,
         "status": kind.status,
         "detail": denial.to_string(),
         "request_id": request_id,
     });
+    // RFC 9457 extension members: what the request needed and what the account has.
+    if let (Denial::Credits(CreditError::Insufficient { required, balance }), Some(object)) =
+        (denial, value.as_object_mut())
+    {
+        object.insert("required".to_owned(), (*required).into());
+        object.insert("balance".to_owned(), (*balance).into());
+    }
     // Serializing a `Value` built from strings and integers cannot fail.
     serde_json::to_vec(&value).unwrap_or_default()
 }

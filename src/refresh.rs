@@ -9,7 +9,7 @@
 
 use crate::auth::{Provider, RemoteJwks};
 use crate::config::Config;
-use crate::host::Host;
+use crate::host::{Callout, Host};
 use crate::metrics::Metric;
 
 /// Retry delays after a failure grow to this; a document that never loaded is retried at least
@@ -77,7 +77,7 @@ impl Refresher {
                 continue;
             }
             host.count(Metric::RemoteFetches, 1);
-            match host.http_get(&remote.cluster, &remote.authority, &remote.path, remote.timeout_ms) {
+            match host.http_call(&Callout::get(&remote.cluster, &remote.authority, &remote.path, remote.timeout_ms)) {
                 Some(token) => source.in_flight = Some(token),
                 None => {
                     host.count(Metric::RemoteFetchFailures, 1);

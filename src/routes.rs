@@ -7,6 +7,7 @@ use std::rc::Rc;
 use serde::Deserialize;
 
 use crate::config::{ConfigError, Method, RawRoute};
+use crate::credits::PolicyCredits;
 use crate::ratelimit::PolicyLimit;
 
 /// Who may call the routes of a policy.
@@ -37,6 +38,8 @@ pub struct Policy {
     pub signature: bool,
     /// `None`: never rate-limited.
     pub rate_limit: Option<PolicyLimit>,
+    /// `None`: not billed.
+    pub credits: Option<PolicyCredits>,
 }
 
 #[derive(Debug)]

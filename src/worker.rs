@@ -1,10 +1,12 @@
 //! State one Envoy worker keeps across requests: each worker runs its own VM, so nothing here is
 //! shared between threads, and every stream of the worker sees the same values.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
+use std::hash::{BuildHasher, RandomState};
 
 use crate::auth::ReplayCache;
 use crate::config::Config;
+use crate::settle::Settler;
 
 /// A JWKS whose `kid` is unknown is fetched again at most this often per provider and worker, so
 /// tokens with made-up key ids cannot make the gateway hammer the identity provider.
@@ -15,12 +17,38 @@ pub struct Worker {
     pub replays: RefCell<ReplayCache>,
     /// Per JWT provider: when its JWKS was last refetched for an unknown `kid`.
     refetched_at: RefCell<Vec<Option<u64>>>,
+    /// Commits and releases in flight or waiting for a retry; the root context answers them.
+    pub settler: RefCell<Settler>,
+    /// Random per VM, so the reservation ids this worker makes are its own.
+    nonce: u64,
+    reservations: Cell<u64>,
 }
 
 impl Worker {
     pub fn new(config: &Config) -> Worker {
         let replays = config.auth.signatures().map_or_else(|| ReplayCache::new(0), |s| s.replay_cache());
-        Worker { replays: RefCell::new(replays), refetched_at: RefCell::new(vec![None; config.auth.providers().len()]) }
+        Worker {
+            replays: RefCell::new(replays),
+            refetched_at: RefCell::new(vec![None; config.auth.providers().len()]),
+            settler: RefCell::new(Settler::default()),
+            // RandomState is seeded from the OS (WASI random_get in Envoy).
+            nonce: RandomState::new().hash_one(0u8),
+            reservations: Cell::new(0),
+        }
+    }
+
+    /// Unique to this VM: names what belongs to it among the process's shared data and queues.
+    pub fn id(&self) -> String {
+        format!("{:016x}", self.nonce)
+    }
+
+    /// A reservation's idempotency key: the request id for the ledger's reader, and a suffix
+    /// unique to this worker and request that no client can choose or repeat.
+    pub fn reservation_key(&self, request_id: &str) -> String {
+        let n = self.reservations.get().wrapping_add(1);
+        self.reservations.set(n);
+        let request_id: String = request_id.chars().filter(|c| c.is_ascii_graphic()).take(128).collect();
+        format!("{request_id}~{}{n:x}", self.id())
     }
 
     /// Whether provider `index` may refetch now; if so, the attempt is recorded.

@@ -8,14 +8,30 @@ use std::cell::RefCell;
 
 use proxy_wasm::types::{BufferType, MapType, MetricType, Status};
 
-use crate::host::Host;
+use crate::host::{Callout, Host};
 use crate::metrics::Metric;
 
+/// The proxy, as the contexts of one VM see it.
 pub struct WasmHost;
 
 thread_local! {
     /// Envoy's id for each of `Metric::ALL`, defined once per VM.
     static METRIC_IDS: RefCell<Vec<Option<u32>>> = const { RefCell::new(Vec::new()) };
+    /// The shared queue that wakes this worker's root context (`on_queue_ready`).
+    static ROOT_QUEUE: RefCell<Option<u32>> = const { RefCell::new(None) };
+}
+
+/// Registers the queue streams wake the root context through. Queues are shared by every VM of
+/// the plugin in the process, so each worker's has a name of its own.
+pub fn register_root_queue(name: &str) -> bool {
+    let id = logged("register shared queue", hostcalls::register_shared_queue(name).map(Some));
+    ROOT_QUEUE.with(|cell| *cell.borrow_mut() = id);
+    id.is_some()
+}
+
+/// Empties the root's queue: its entries only say "wake up".
+pub fn drain_root_queue(queue_id: u32) {
+    while let Ok(Some(_)) = hostcalls::dequeue_shared_queue(queue_id) {}
 }
 
 /// Defines the filter's metrics in this VM; Envoy returns the existing id for a name another VM
@@ -38,13 +54,27 @@ fn logged<T: Default>(what: &str, result: Result<T, Status>) -> T {
     })
 }
 
-/// The body of an HTTP callout's answer when its status is 200; anything else is a failure.
-pub fn call_response(body_size: usize) -> Option<Vec<u8>> {
+/// An HTTP callout's answer: status and body; `None` when there was none (timeout, reset, no
+/// connection).
+pub fn call_answer(body_size: usize) -> Option<(u16, Vec<u8>)> {
     let status = logged("get call status", hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status"));
-    if status.as_deref() != Some("200") {
-        return None;
+    let status = status?.parse().ok()?;
+    let body = logged("get call body", hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size));
+    Some((status, body.unwrap_or_default()))
+}
+
+fn dispatch(call: &Callout) -> Option<u32> {
+    let mut headers = vec![(":method", call.method), (":path", &call.path), (":authority", &call.authority)];
+    headers.extend(call.headers.iter().map(|(n, v)| (*n, v.as_str())));
+    headers.push(("accept", "application/json"));
+    let body = (!call.body.is_empty()).then_some(call.body.as_slice());
+    match hostcalls::dispatch_http_call(&call.cluster, headers, body, vec![], Duration::from_millis(call.timeout_ms)) {
+        Ok(token) => Some(token),
+        Err(status) => {
+            log::warn!("tollgate: callout to cluster {:?} failed: {status:?}", call.cluster);
+            None
+        }
     }
-    logged("get call body", hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size))
 }
 
 impl Host for WasmHost {
@@ -66,6 +96,10 @@ impl Host for WasmHost {
 
     fn resume_request(&mut self) {
         logged("resume request", hostcalls::resume_http_request());
+    }
+
+    fn response_header(&self, name: &str) -> Option<String> {
+        logged("get response header", hostcalls::get_map_value(MapType::HttpResponseHeaders, name))
     }
 
     fn set_response_header(&mut self, name: &str, value: &str) {
@@ -124,15 +158,13 @@ impl Host for WasmHost {
         }
     }
 
-    fn http_get(&mut self, cluster: &str, authority: &str, path: &str, timeout_ms: u64) -> Option<u32> {
-        let headers =
-            vec![(":method", "GET"), (":path", path), (":authority", authority), ("accept", "application/json")];
-        match hostcalls::dispatch_http_call(cluster, headers, None, vec![], Duration::from_millis(timeout_ms)) {
-            Ok(token) => Some(token),
-            Err(status) => {
-                log::warn!("tollgate: callout to cluster {cluster:?} failed: {status:?}");
-                None
-            }
+    fn http_call(&mut self, call: &Callout) -> Option<u32> {
+        dispatch(call)
+    }
+
+    fn wake_root(&mut self) {
+        if let Some(queue) = ROOT_QUEUE.with(|cell| *cell.borrow()) {
+            logged("wake the root context", hostcalls::enqueue_shared_queue(queue, Some(b"")));
         }
     }
 }

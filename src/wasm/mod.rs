@@ -1,5 +1,6 @@
 //! The proxy-wasm glue, and the only code that imports `proxy_wasm`: the root context loads the
-//! config once and keeps remote JWKS fresh; each HTTP context hands its callbacks to `Stream`.
+//! config once, keeps remote JWKS fresh and settles credit reservations; each HTTP context hands
+//! its callbacks to `Stream`.
 
 mod host;
 
@@ -12,6 +13,7 @@ use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel};
 
 use crate::config::Config;
 use crate::refresh::Refresher;
+use crate::settle::Answer;
 use crate::worker::Worker;
 use crate::{Flow, Stream};
 use host::WasmHost;
@@ -32,12 +34,27 @@ struct Configured {
     refresh: Refresher,
 }
 
+impl Configured {
+    fn send_settlements(&self) {
+        if let (Some(credits), Ok(mut settler)) = (&self.config.credits, self.worker.settler.try_borrow_mut()) {
+            settler.send_due(&mut WasmHost, credits);
+        }
+    }
+}
+
 impl Context for Root {
     fn on_http_call_response(&mut self, token_id: u32, _num_headers: usize, body_size: usize, _num_trailers: usize) {
-        if let Some(state) = &mut self.state {
-            let body = host::call_response(body_size);
-            state.refresh.on_response(&state.config, token_id, body, &mut WasmHost);
+        let mut host = WasmHost;
+        let Some(state) = &mut self.state else { return };
+        let answer = host::call_answer(body_size);
+        if let (Some(credits), Ok(mut settler)) = (&state.config.credits, state.worker.settler.try_borrow_mut()) {
+            let status = answer.as_ref().map(|(status, _)| *status);
+            if settler.on_answer(&mut host, credits, token_id, status) != Answer::NotOurs {
+                return;
+            }
         }
+        let body = answer.filter(|(status, _)| *status == 200).map(|(_, body)| body);
+        state.refresh.on_response(&state.config, token_id, body, &mut host);
     }
 }
 
@@ -50,6 +67,7 @@ impl RootContext for Root {
 
     /// Returning `false` makes Envoy refuse the plugin: it never runs half-configured.
     fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
+        let mut host = WasmHost;
         let bytes = match hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX) {
             Ok(bytes) => bytes.unwrap_or_default(),
             Err(status) => {
@@ -65,25 +83,37 @@ impl RootContext for Root {
             }
         };
         if let Some(limits) = &config.rate_limits {
-            limits.create_slots(&mut WasmHost);
+            limits.create_slots(&mut host);
         }
         let refresh = Refresher::new(&config);
-        if refresh.is_needed() {
+        // The tick refreshes remote key sets and retries failed commits and releases.
+        if refresh.is_needed() || config.credits.is_some() {
             if let Err(status) = hostcalls::set_tick_period(Duration::from_secs(1)) {
-                log::error!("tollgate: cannot start the refresh timer: {status:?}");
+                log::error!("tollgate: cannot start the timer: {status:?}");
                 return false;
             }
         }
         let worker = Rc::new(Worker::new(&config));
+        if config.credits.is_some() && !host::register_root_queue(&format!("tollgate.settle.{}", worker.id())) {
+            return false;
+        }
         let mut state = Configured { config, worker, refresh };
-        state.refresh.on_tick(&state.config, &mut WasmHost);
+        state.refresh.on_tick(&state.config, &mut host);
         self.state = Some(state);
         true
     }
 
     fn on_tick(&mut self) {
+        let Some(state) = &mut self.state else { return };
+        state.refresh.on_tick(&state.config, &mut WasmHost);
+        state.send_settlements();
+    }
+
+    /// A stream queued a settlement.
+    fn on_queue_ready(&mut self, queue_id: u32) {
+        host::drain_root_queue(queue_id);
         if let Some(state) = &mut self.state {
-            state.refresh.on_tick(&state.config, &mut WasmHost);
+            state.send_settlements();
         }
     }
 
@@ -105,7 +135,7 @@ struct Http {
 impl Context for Http {
     fn on_http_call_response(&mut self, token_id: u32, _num_headers: usize, body_size: usize, _num_trailers: usize) {
         if let Some(stream) = &mut self.stream {
-            stream.on_http_call_response(&mut WasmHost, token_id, host::call_response(body_size));
+            stream.on_http_call_response(&mut WasmHost, token_id, host::call_answer(body_size));
         }
     }
 }
@@ -137,6 +167,13 @@ impl HttpContext for Http {
             Some(stream) => stream.on_response_headers(&mut WasmHost),
             None => Flow::Continue,
         })
+    }
+
+    /// The stream is over, whether answered, reset or abandoned by the client.
+    fn on_log(&mut self) {
+        if let Some(stream) = &mut self.stream {
+            stream.on_done(&mut WasmHost);
+        }
     }
 }
 

@@ -7,6 +7,7 @@
 #![allow(dead_code, reason = "each test file uses a different part of the harness")]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "test code: a failed step fails the test")]
 
+mod credit;
 mod http;
 mod upstream;
 
@@ -21,6 +22,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+#[allow(unused_imports, reason = "not every test file bills")]
+pub use credit::{binary as credit_binary, CreditService, SERVICE_TOKEN};
 use http::exchange;
 #[allow(unused_imports, reason = "not every test file talks to other servers")]
 pub use http::send_to;
@@ -101,6 +104,15 @@ fn envoy_config(opts: GatewayOptions, upstream_port: u16) -> Value {
         }
     }
     absolutize_modules(&mut config);
+    if let Some(port) = opts.credit_port {
+        let clusters = config["static_resources"]["clusters"].as_array_mut().expect("no clusters");
+        clusters.retain(|c| c["name"] != "credits");
+        clusters.push(json!({
+            "name": "credits", "connect_timeout": "0.25s", "type": "STATIC",
+            "load_assignment": {"cluster_name": "credits", "endpoints": [{"lb_endpoints": [{"endpoint": {"address":
+                {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}]}
+        }));
+    }
     if let Some(wasm) = opts.wasm {
         let filename = wasm.to_str().expect("UTF-8 module path");
         tollgate_filter(&mut config)["typed_config"]["config"]["vm_config"]["code"] =
@@ -144,11 +156,13 @@ pub struct GatewayOptions {
     /// The module the tollgate filter loads instead of `build/tollgate.wasm` (e.g. one pulled from a
     /// registry).
     pub wasm: Option<PathBuf>,
+    /// The port of the credit service that the `credits` cluster points at.
+    pub credit_port: Option<u16>,
 }
 
 impl Default for GatewayOptions {
     fn default() -> Self {
-        GatewayOptions { plugin_config: None, mutate: None, concurrency: 2, wasm: None }
+        GatewayOptions { plugin_config: None, mutate: None, concurrency: 2, wasm: None, credit_port: None }
     }
 }
 
@@ -340,7 +354,7 @@ fn probe(dir: &Path) -> Option<(u16, Vec<(String, u16)>)> {
 }
 
 /// A new empty directory, unique across test threads (counter) and test processes (pid).
-fn fresh_dir() -> PathBuf {
+pub(crate) fn fresh_dir() -> PathBuf {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
     let dir = std::env::temp_dir().join(format!("tollgate-e2e-{}-{n}", std::process::id()));
