@@ -59,7 +59,7 @@ check-configs: cli envoy wasm ## validate the shipped configs with tollgate and 
 	$(CLI) check envoy/envoy.yaml
 	$(ENVOY) --mode validate -c envoy/envoy.yaml --log-level warn
 
-demo: wasm cli envoy ## run Envoy + tollgate + a sample upstream on localhost; Ctrl-C stops it
+demo: wasm cli credit envoy ## run Envoy + tollgate + the credit service + a sample upstream on localhost; Ctrl-C stops it
 	@$(CLI) check envoy/envoy.yaml
 	@bash envoy/demo.sh $(ENVOY) $(DEMO_PORT)
 

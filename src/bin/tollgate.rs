@@ -1,5 +1,6 @@
 //! `tollgate`: the operator's command line. `check` runs the plugin's own parser and validation on
-//! a config before Envoy loads it; `schema` prints the config's JSON Schema.
+//! a config before Envoy loads it; `schema` prints the config's JSON Schema; `keygen` makes API
+//! keys and `token` signs HS256 test tokens.
 
 use std::process::ExitCode;
 
@@ -13,7 +14,11 @@ const USAGE: &str = "usage:
   tollgate schema          print the JSON Schema of the plugin config
   tollgate keygen --id ID --account ACCOUNT [--tier TIER] [--scopes a,b] [--expires-at RFC3339]
                            make a new random API key: prints the key (give it to the caller, it is
-                           shown once) and the entry for auth.api_keys.keys (only its SHA-256)";
+                           shown once) and the entry for auth.api_keys.keys (only its SHA-256)
+  tollgate token --secret BASE64 --issuer ISS --sub SUBJECT [--kid KID] [--audience AUD]
+                 [--account ACCOUNT] [--tier TIER] [--scope \"a b\"] [--ttl SECONDS]
+                           sign an HS256 JWT with a provider's `secrets` entry, for trying a
+                           gateway out (claims account, tier and scope; ttl 3600 by default)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -39,6 +44,16 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(message) => {
                 eprintln!("tollgate keygen: {message}\n\n{USAGE}");
+                ExitCode::from(2)
+            }
+        },
+        Some("token") => match token(&args[1..]) {
+            Ok(jwt) => {
+                println!("{jwt}");
+                ExitCode::SUCCESS
+            }
+            Err(message) => {
+                eprintln!("tollgate token: {message}\n\n{USAGE}");
                 ExitCode::from(2)
             }
         },
@@ -87,6 +102,40 @@ fn keygen(args: &[String]) -> Result<(), String> {
     println!("entry for auth.api_keys.keys:");
     println!("{}", serde_json::to_string_pretty(&entry).unwrap_or_default());
     Ok(())
+}
+
+/// An HS256 token with the standard claims and the ones tollgate maps by default.
+fn token(args: &[String]) -> Result<String, String> {
+    use jwt_simple::prelude::*;
+    let mut flags = std::collections::HashMap::new();
+    for pair in args.chunks(2) {
+        let [flag, value] = pair else { return Err(format!("{} needs a value", pair[0])) };
+        let known = ["--secret", "--issuer", "--sub", "--kid", "--audience", "--account", "--tier", "--scope", "--ttl"];
+        if !known.contains(&flag.as_str()) {
+            return Err(format!("unknown flag {flag}"));
+        }
+        flags.insert(flag.trim_start_matches("--").to_owned(), value.clone());
+    }
+    let get = |name: &str| flags.get(name).cloned().ok_or(format!("--{name} is required"));
+    let secret = Base64::decode_to_vec(get("secret")?, None).map_err(|_| "--secret must be base64".to_owned())?;
+    let ttl: u64 = flags.get("ttl").map_or(Ok(3600), |t| t.parse()).map_err(|_| "--ttl must be whole seconds")?;
+    let mut custom = serde_json::Map::new();
+    for claim in ["account", "tier", "scope"] {
+        if let Some(value) = flags.get(claim) {
+            custom.insert(claim.to_owned(), value.as_str().into());
+        }
+    }
+    let mut claims = Claims::with_custom_claims(custom, Duration::from_secs(ttl))
+        .with_issuer(get("issuer")?)
+        .with_subject(get("sub")?);
+    if let Some(audience) = flags.get("audience") {
+        claims = claims.with_audience(audience);
+    }
+    let mut key = HS256Key::from_bytes(&secret);
+    if let Some(kid) = flags.get("kid") {
+        key = key.with_key_id(kid);
+    }
+    key.authenticate(claims).map_err(|e| e.to_string())
 }
 
 fn hex(bytes: &[u8]) -> String {
