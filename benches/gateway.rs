@@ -11,8 +11,10 @@
 //!
 //! Environment: `TOLLGATE_BENCH_ROUNDS` (default 3), `TOLLGATE_BENCH_SECONDS` per run (5),
 //! `TOLLGATE_BENCH_CLIENTS` distinct clients for the memory part (2000000),
-//! `TOLLGATE_BENCH_PARTS` (default `throughput,memory,start`), and `TOLLGATE_BENCH_ALT_WASM`, a
-//! second module whose tollgate scenarios run alongside (to compare builds, e.g. profiles).
+//! `TOLLGATE_BENCH_STARTS` per start-time variant (5), `TOLLGATE_BENCH_PARTS` (default
+//! `throughput,memory,start`), `TOLLGATE_BENCH_ONLY` (scenario names; plain and native always
+//! run), and `TOLLGATE_BENCH_ALT_WASM`, a second module whose tollgate scenarios run alongside
+//! (to compare builds, e.g. profiles).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "benchmark driver")]
 
 #[path = "../tests/harness/mod.rs"]
@@ -307,6 +309,10 @@ fn scenarios(keys: &Keys) -> Vec<Scenario> {
             limited,
         ),
     ];
+    if let Ok(only) = std::env::var("TOLLGATE_BENCH_ONLY") {
+        // plain and native stay: every other figure is relative to them.
+        list.retain(|s| ["plain", "native"].contains(&s.name.as_str()) || only.split(',').any(|o| o.trim() == s.name));
+    }
     if let Ok(alt) = std::env::var("TOLLGATE_BENCH_ALT_WASM") {
         let alt = PathBuf::from(alt).canonicalize().expect("TOLLGATE_BENCH_ALT_WASM: no such file");
         let extra: Vec<Scenario> = list
