@@ -67,8 +67,8 @@ test: wasm envoy oci test-tools ## the whole suite: unit tests and end-to-end te
 	@# Not --all-targets: that would also run the benchmark, which is `make bench`'s.
 	cargo test --workspace --lib --bins --tests
 
-bench: wasm envoy ## load-test Envoy with and without tollgate (wrk); writes build/bench.md
-	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
+bench: wasm envoy ## throughput vs Envoy alone and its own filters, memory, start time; writes build/bench.md
+	$(call apt_install,wrk)
 	cargo bench --bench gateway
 
 test-tools: ## install what the tests run besides Envoy: skopeo, umoci, docker-registry, docker-compose
