@@ -67,7 +67,7 @@ test: wasm envoy oci test-tools ## the whole suite: unit tests and end-to-end te
 	@# Not --all-targets: that would also run the benchmark, which is `make bench`'s.
 	cargo test --workspace --lib --bins --tests
 
-bench: wasm envoy ## throughput vs Envoy alone and its own filters, memory, start time; writes build/bench.md
+bench: wasm credit envoy ## throughput vs Envoy alone, its own filters and with credits; contention, memory, start time; writes build/bench.md
 	$(call apt_install,wrk)
 	cargo bench --bench gateway
 

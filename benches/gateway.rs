@@ -100,6 +100,9 @@ enum Plugin {
     NoLimits,
     /// The token cache off, so every request verifies its signature.
     Uncached,
+    /// The full filter with credits on: a reservation and a commit with the real credit service
+    /// per request.
+    Credits,
 }
 
 /// The shipped plugin config with limits nobody reaches, one provider with HS256, ES256 and
@@ -123,7 +126,20 @@ fn plugin_config(keys: &Keys, kind: Plugin) -> String {
     if kind == Plugin::NoLimits {
         without_rate_limits(&mut config);
     }
+    if kind == Plugin::Credits {
+        config["credits"]["service_token"] = SERVICE_TOKEN.into();
+    } else {
+        without_credits(&mut config);
+    }
     config.to_string()
+}
+
+/// Credits off, as the issue's scenarios other than tollgate-credits measure the filter.
+fn without_credits(config: &mut Value) {
+    config.as_object_mut().unwrap().remove("credits");
+    for policy in config["policies"].as_object_mut().unwrap().values_mut() {
+        policy.as_object_mut().unwrap().remove("credits");
+    }
 }
 
 fn without_rate_limits(config: &mut Value) {
@@ -282,6 +298,14 @@ fn scenarios(keys: &Keys) -> Vec<Scenario> {
             &apikey,
             limited,
         ),
+        scenario(
+            "tollgate-credits",
+            "API key + rate limit + a credit reservation and commit per request",
+            Chain::Tollgate(Plugin::Credits),
+            "/api/items",
+            &apikey,
+            Some("x-credits-charged"),
+        ),
         scenario("tollgate-es256", "ES256 + rate limit", Chain::Tollgate(Plugin::Full), "/api/items", &es, limited),
         scenario("tollgate-rs256", "RS256 + rate limit", Chain::Tollgate(Plugin::Full), "/api/items", &rs, limited),
         scenario(
@@ -331,7 +355,7 @@ fn scenarios(keys: &Keys) -> Vec<Scenario> {
     list
 }
 
-fn start(scenario: &Scenario, keys: &Keys) -> Gateway {
+fn start(scenario: &Scenario, keys: &Keys, credit_port: u16) -> Gateway {
     let chain = scenario.chain;
     let plugin = match chain {
         Chain::Tollgate(kind) => plugin_config(keys, kind),
@@ -341,6 +365,7 @@ fn start(scenario: &Scenario, keys: &Keys) -> Gateway {
         plugin_config: Some(plugin),
         concurrency: 1,
         wasm: scenario.wasm.clone(),
+        credit_port: Some(credit_port),
         mutate: Some(Box::new(move |config| {
             match chain {
                 Chain::Plain => remove_tollgate_filter(config),
@@ -440,11 +465,14 @@ fn throughput(keys: &Keys) -> String {
     let scenarios = scenarios(keys);
     let n = scenarios.len();
     let mut samples: Vec<Vec<Sample>> = scenarios.iter().map(|_| Vec::new()).collect();
+    // The release build (make bench builds it) on a SQLite file, with an account that never runs dry.
+    let credits = CreditService::start();
+    credits.create_account("bench", 1_000_000_000_000);
     for round in 0..rounds {
         // Each round starts one scenario later, so none always runs first or last.
         for i in (0..n).map(|i| (i + round) % n) {
             let scenario = &scenarios[i];
-            let gw = start(scenario, keys);
+            let gw = start(scenario, keys, credits.port());
             let sample = run(&gw, scenario, seconds);
             eprintln!(
                 "round {} {:<28} {:>7.0} req/s  p99 {:>6.0} µs  {:>5.1} CPU µs/req",
@@ -484,14 +512,28 @@ fn throughput(keys: &Keys) -> String {
         ));
     }
     // Paired per round: both ran moments apart, so the machine's mood mostly cancels out.
-    let (full, nolimit) = (index("tollgate"), index("tollgate-nolimit"));
-    let limiter: Vec<f64> =
-        samples[full].iter().zip(&samples[nolimit]).map(|(a, b)| a.cpu_us_per_request - b.cpu_us_per_request).collect();
-    table.push_str(&format!(
-        "\nThe rate limiter's own cost (tollgate − tollgate-nolimit, median of per-round differences): \
-         {:.1} CPU µs/request.\n",
-        median(limiter)
-    ));
+    let paired = |a: &str, b: &str| {
+        let (a, b) = (scenarios.iter().position(|s| s.name == a)?, scenarios.iter().position(|s| s.name == b)?);
+        Some(median(
+            samples[a].iter().zip(&samples[b]).map(|(x, y)| x.cpu_us_per_request - y.cpu_us_per_request).collect(),
+        ))
+    };
+    if let Some(limiter) = paired("tollgate", "tollgate-nolimit") {
+        table.push_str(&format!(
+            "\nThe rate limiter's own cost (tollgate − tollgate-nolimit, median of per-round differences): \
+             {limiter:.1} CPU µs/request.\n"
+        ));
+    }
+    if let (Some(credits), Some(apikey)) =
+        (paired("tollgate-credits", "tollgate-apikey"), paired("tollgate-apikey", "plain"))
+    {
+        table.push_str(&format!(
+            "\nCredits' cost (tollgate-credits − tollgate-apikey, per round): {credits:.1} CPU µs/request, \
+             {:.1}× tollgate-apikey's added cost; its req/s is bounded by the credit service, which the \
+             requests wait for.\n",
+            (credits + apikey) / apikey.max(0.1)
+        ));
+    }
     table
 }
 
@@ -767,8 +809,39 @@ fn start_part(keys: &Keys) -> String {
 
 // ---------------------------------------------------------------------------------------------
 
+// ---------------------------------------------------------------------------------------------
+// Part 4: contention on one caller's count
+
+/// Both workers hammer one account's rate-limit slot; how often a compare-and-swap loses.
+fn contention_part(keys: &Keys) -> String {
+    let seconds: u32 = env_or("TOLLGATE_BENCH_SECONDS", 5);
+    let gw = Gateway::start(GatewayOptions {
+        plugin_config: Some(plugin_config(keys, Plugin::Full)),
+        concurrency: 2,
+        mutate: Some(Box::new(direct_response)),
+        ..GatewayOptions::default()
+    });
+    let url = format!("http://127.0.0.1:{}/api/items", gw.port());
+    let out = Command::new("wrk")
+        .args(["-t2", "-c32", &format!("-d{seconds}s"), "-H", "x-api-key: bench-key", &url])
+        .output()
+        .expect("wrk: run `make bench`, which installs it");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rps = field(&text, "Requests/sec:").unwrap_or(0.0);
+    let allowed = gw.metric("tollgate_requests_allowed");
+    let retries = gw.metric("tollgate_ratelimit_cas_retries");
+    let contended = gw.metric("tollgate_ratelimit_contended");
+    format!(
+        "### Contention\n\nEnvoy --concurrency 2, wrk -t2 -c32 -d{seconds}s, every request the same API key (one \
+         account, one shared-data slot): {allowed} requests counted at {rps:.0} req/s, {retries} \
+         compare-and-swaps lost and retried ({:.2} per 1,000 updates), {contended} refused after 32 lost races.\n",
+        retries as f64 * 1000.0 / allowed.max(1) as f64
+    )
+}
+
 fn main() {
-    let parts = std::env::var("TOLLGATE_BENCH_PARTS").unwrap_or_else(|_| "throughput,memory,start".to_owned());
+    let parts =
+        std::env::var("TOLLGATE_BENCH_PARTS").unwrap_or_else(|_| "throughput,contention,memory,start".to_owned());
     let wanted = |part: &str| parts.split(',').any(|p| p.trim() == part);
     let keys = Keys::generate();
     let wasm = std::fs::metadata(repo().join("build/tollgate.wasm")).map(|m| m.len()).unwrap_or(0);
@@ -780,6 +853,10 @@ fn main() {
     );
     if wanted("throughput") {
         report.push_str(&throughput(&keys));
+        report.push('\n');
+    }
+    if wanted("contention") {
+        report.push_str(&contention_part(&keys));
         report.push('\n');
     }
     if wanted("memory") {
