@@ -374,7 +374,6 @@ fn start(scenario: &Scenario, keys: &Keys, credit_port: u16) -> Gateway {
             }
             direct_response(config);
         })),
-        ..GatewayOptions::default()
     })
 }
 
