@@ -19,8 +19,8 @@ pub struct Worker {
     refetched_at: RefCell<Vec<Option<u64>>>,
     /// Commits and releases in flight or waiting for a retry; the root context answers them.
     pub settler: RefCell<Settler>,
-    /// Random per VM, so the reservation ids this worker makes are its own.
-    nonce: u64,
+    /// Random per VM (hex), so the reservation ids and queue names this worker makes are its own.
+    id: String,
     reservations: Cell<u64>,
 }
 
@@ -32,14 +32,14 @@ impl Worker {
             refetched_at: RefCell::new(vec![None; config.auth.providers().len()]),
             settler: RefCell::new(Settler::default()),
             // RandomState is seeded from the OS (WASI random_get in Envoy).
-            nonce: RandomState::new().hash_one(0u8),
+            id: format!("{:016x}", RandomState::new().hash_one(0u8)),
             reservations: Cell::new(0),
         }
     }
 
     /// Unique to this VM: names what belongs to it among the process's shared data and queues.
-    pub fn id(&self) -> String {
-        format!("{:016x}", self.nonce)
+    pub fn id(&self) -> &str {
+        &self.id
     }
 
     /// A reservation's idempotency key: the request id for the ledger's reader, and a suffix
@@ -48,7 +48,7 @@ impl Worker {
         let n = self.reservations.get().wrapping_add(1);
         self.reservations.set(n);
         let request_id: String = request_id.chars().filter(|c| c.is_ascii_graphic()).take(128).collect();
-        format!("{request_id}~{}{n:x}", self.id())
+        format!("{request_id}~{}{n:x}", self.id)
     }
 
     /// Whether provider `index` may refetch now; if so, the attempt is recorded.

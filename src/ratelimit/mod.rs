@@ -8,6 +8,7 @@ mod table;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv6Addr};
+use std::rc::Rc;
 
 use serde::Deserialize;
 
@@ -90,7 +91,8 @@ fn default_true() -> bool {
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Limit {
     window: Window,
-    name: String,
+    /// Shared with every `Quota` it reports, so a request copies no string.
+    name: Rc<str>,
 }
 
 /// What a policy's requests are limited by.
@@ -120,7 +122,7 @@ pub enum Caller<'a> {
 /// The tightest window after this request: what the `X-RateLimit-*` and `RateLimit` headers say.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Quota {
-    pub name: String,
+    pub name: Rc<str>,
     pub limit: u64,
     pub remaining: u64,
     /// Seconds until the window's bucket is full again.
@@ -336,7 +338,7 @@ fn limits_of(path: &str, raw: &RawLimits, label: &str, width: Option<&mut usize>
                 None => period as usize,
             };
             let window = Window::new(period, limit, raw.burst.unwrap_or(limit), position);
-            Limit { window, name: format!("{label}-{}", period.field().replace('_', "-")) }
+            Limit { window, name: format!("{label}-{}", period.field().replace('_', "-")).into() }
         })
         .collect())
 }
