@@ -68,7 +68,7 @@ test: wasm envoy oci test-tools ## the whole suite: unit tests and end-to-end te
 	cargo test --workspace --lib --bins --tests
 
 bench: wasm credit envoy ## throughput vs Envoy alone, its own filters and with credits; contention, memory, start time; writes build/bench.md
-	$(call apt_install,wrk)
+	$(call apt_install,wrk valgrind)
 	cargo bench --bench gateway
 
 test-tools: ## install what the tests run besides Envoy: skopeo, umoci, docker-registry, docker-compose

@@ -1,20 +1,24 @@
 //! `make bench`: what tollgate costs inside Envoy, next to Envoy alone and to the filter chain a
-//! user would build from Envoy's own filters. Three parts, all written to build/bench.md:
+//! user would build from Envoy's own filters. Five parts, all written to build/bench.md:
 //!
 //! 1. Throughput: requests/s, latency and Envoy CPU per request. Envoy (`--concurrency 1`, direct
 //!    response, so no upstream is measured) is pinned to CPU 0 and wrk to CPU 1; scenarios
 //!    alternate over rounds (each round in a rotated order) and medians are reported.
-//! 2. Memory: Envoy's RSS and heap after many distinct rate-limited clients, against the bound
+//! 2. Contention: how often the rate limiter's compare-and-swap loses when both workers count
+//!    one caller.
+//! 3. Memory: Envoy's RSS and heap after many distinct rate-limited clients, against the bound
 //!    the rate-limit table promises.
-//! 3. Start time: Envoy with a large plugin config (1,000 API keys, a 20-key JWKS), with and
+//! 4. Start time: Envoy with a large plugin config (1,000 API keys, a 20-key JWKS), with and
 //!    without the rate-limit table, against Envoy without the filter.
+//! 5. Instructions: Envoy's instructions per request under callgrind, the figure that stays put
+//!    on a machine whose CPU time others share.
 //!
 //! Environment: `TOLLGATE_BENCH_ROUNDS` (default 3), `TOLLGATE_BENCH_SECONDS` per run (5),
 //! `TOLLGATE_BENCH_CLIENTS` distinct clients for the memory part (2000000),
 //! `TOLLGATE_BENCH_STARTS` per start-time variant (5), `TOLLGATE_BENCH_PARTS` (default
-//! `throughput,memory,start`), `TOLLGATE_BENCH_ONLY` (scenario names; plain and native always
-//! run), and `TOLLGATE_BENCH_ALT_WASM`, a second module whose tollgate scenarios run alongside
-//! (to compare builds, e.g. profiles).
+//! `throughput,contention,memory,start,instructions`), `TOLLGATE_BENCH_ONLY` (scenario names;
+//! plain and native always run), and `TOLLGATE_BENCH_ALT_WASM`, a second module whose tollgate
+//! scenarios run alongside (to compare builds, e.g. profiles).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "benchmark driver")]
 
 #[path = "../tests/harness/mod.rs"]
@@ -355,7 +359,7 @@ fn scenarios(keys: &Keys) -> Vec<Scenario> {
     list
 }
 
-fn start(scenario: &Scenario, keys: &Keys, credit_port: u16) -> Gateway {
+fn start(scenario: &Scenario, keys: &Keys, credit_port: u16, wrapper: Vec<String>) -> Gateway {
     let chain = scenario.chain;
     let plugin = match chain {
         Chain::Tollgate(kind) => plugin_config(keys, kind),
@@ -366,6 +370,7 @@ fn start(scenario: &Scenario, keys: &Keys, credit_port: u16) -> Gateway {
         concurrency: 1,
         wasm: scenario.wasm.clone(),
         credit_port: Some(credit_port),
+        wrapper,
         mutate: Some(Box::new(move |config| {
             match chain {
                 Chain::Plain => remove_tollgate_filter(config),
@@ -471,7 +476,7 @@ fn throughput(keys: &Keys) -> String {
         // Each round starts one scenario later, so none always runs first or last.
         for i in (0..n).map(|i| (i + round) % n) {
             let scenario = &scenarios[i];
-            let gw = start(scenario, keys, credits.port());
+            let gw = start(scenario, keys, credits.port(), vec![]);
             let sample = run(&gw, scenario, seconds);
             eprintln!(
                 "round {} {:<28} {:>7.0} req/s  p99 {:>6.0} µs  {:>5.1} CPU µs/req",
@@ -838,9 +843,96 @@ fn contention_part(keys: &Keys) -> String {
     )
 }
 
+// ---------------------------------------------------------------------------------------------
+// Part 5: instructions per request
+
+/// Requests per scenario before counting (V8 tiers hot functions up to TurboFan), and counted.
+const WARM_UP: u32 = 500;
+const COUNTED: u32 = 2000;
+
+/// `count` requests, one after another on one keep-alive connection, each checked for a 200.
+fn keep_alive(port: u16, scenario: &Scenario, count: u32) {
+    let mut head = format!("GET {} HTTP/1.1\r\nhost: bench\r\n", scenario.path);
+    for (name, value) in &scenario.headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream.set_read_timeout(Some(StdDuration::from_secs(60))).unwrap();
+    let mut chunk = [0u8; 4096];
+    for _ in 0..count {
+        stream.write_all(head.as_bytes()).unwrap();
+        let mut response = Vec::with_capacity(1024);
+        while !complete(&response) {
+            let n = stream.read(&mut chunk).unwrap();
+            assert!(n > 0, "{}: Envoy closed the connection", scenario.name);
+            response.extend_from_slice(&chunk[..n]);
+        }
+        assert!(response.starts_with(b"HTTP/1.1 200"), "{}: {}", scenario.name, String::from_utf8_lossy(&response));
+    }
+}
+
+fn callgrind_control(args: &[&str]) {
+    let out = Command::new("callgrind_control").args(args).output().expect("callgrind_control: install valgrind");
+    assert!(out.status.success(), "callgrind_control {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Envoy's instructions per request under callgrind: the same count on every run of the same
+/// build, however busy the machine is, where CPU time on a shared machine is not. Dumps stay in
+/// build/callgrind/ for `callgrind_annotate`.
+fn instructions_part(keys: &Keys) -> String {
+    let dumps = repo().join("build/callgrind");
+    let _ = std::fs::remove_dir_all(&dumps);
+    std::fs::create_dir_all(&dumps).unwrap();
+    let credits = CreditService::start();
+    credits.create_account("bench", 1_000_000_000_000);
+    let scenarios: Vec<Scenario> = scenarios(keys).into_iter().filter(|s| !s.name.contains("uncached")).collect();
+    let mut rows = Vec::new();
+    for scenario in &scenarios {
+        let file = dumps.join(format!("{}.out", scenario.name.replace([' ', '(', ')'], "")));
+        let wrapper = ["valgrind", "--tool=callgrind", "--smc-check=all-non-file", "--dump-instr=yes"]
+            .into_iter()
+            .map(String::from)
+            .chain([format!("--callgrind-out-file={}", file.display())])
+            .collect();
+        let gw = start(scenario, keys, credits.port(), wrapper);
+        let pid = gw.envoy_pid().to_string();
+        keep_alive(gw.port(), scenario, WARM_UP);
+        callgrind_control(&["--zero", &pid]);
+        keep_alive(gw.port(), scenario, COUNTED);
+        callgrind_control(&["--dump", &pid]);
+        drop(gw);
+        // The requested dump is `<file>.1`; the exit adds `<file>` itself.
+        let dump = std::fs::read_to_string(format!("{}.1", file.display())).unwrap();
+        let total: f64 = dump.lines().find_map(|l| l.strip_prefix("totals: ")?.trim().parse().ok()).unwrap();
+        let per_request = total / f64::from(COUNTED);
+        eprintln!("instructions {:<28} {per_request:>9.0} per request", scenario.name);
+        rows.push((scenario, per_request));
+    }
+    let plain = rows.iter().find(|(s, _)| s.name == "plain").map_or(0.0, |r| r.1);
+    let native = rows.iter().find(|(s, _)| s.name == "native").map_or(0.0, |r| r.1);
+    let mut out = format!(
+        "### Instructions per request\n\n\
+         Envoy --concurrency 1 under `valgrind --tool=callgrind`, one keep-alive connection, {WARM_UP} requests to \
+         warm up, then {COUNTED} counted; all of Envoy's threads. A count, not a time: it repeats run after run \
+         whatever else the machine does, and ranks the scenarios as their cost does, but leaves out cache misses \
+         and system calls' time in the kernel. Dumps: build/callgrind/.\n\n\
+         | scenario | instructions/request | added vs plain | added ÷ native's added |\n| --- | ---: | ---: | ---: |\n"
+    );
+    for (scenario, per_request) in &rows {
+        out.push_str(&format!(
+            "| {} | {per_request:.0} | {:.0} | {:.2} |\n",
+            scenario.name,
+            per_request - plain,
+            (per_request - plain) / (native - plain).max(1.0)
+        ));
+    }
+    out
+}
+
 fn main() {
-    let parts =
-        std::env::var("TOLLGATE_BENCH_PARTS").unwrap_or_else(|_| "throughput,contention,memory,start".to_owned());
+    let parts = std::env::var("TOLLGATE_BENCH_PARTS")
+        .unwrap_or_else(|_| "throughput,contention,memory,start,instructions".to_owned());
     let wanted = |part: &str| parts.split(',').any(|p| p.trim() == part);
     let keys = Keys::generate();
     let wasm = std::fs::metadata(repo().join("build/tollgate.wasm")).map(|m| m.len()).unwrap_or(0);
@@ -864,6 +956,10 @@ fn main() {
     }
     if wanted("start") {
         report.push_str(&start_part(&keys));
+        report.push('\n');
+    }
+    if wanted("instructions") {
+        report.push_str(&instructions_part(&keys));
         report.push('\n');
     }
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();

@@ -158,11 +158,21 @@ pub struct GatewayOptions {
     pub wasm: Option<PathBuf>,
     /// The port of the credit service that the `credits` cluster points at.
     pub credit_port: Option<u16>,
+    /// A command Envoy's own binary runs under (e.g. `valgrind --tool=callgrind`); it may take
+    /// minutes to start, so the ready timeout grows with it.
+    pub wrapper: Vec<String>,
 }
 
 impl Default for GatewayOptions {
     fn default() -> Self {
-        GatewayOptions { plugin_config: None, mutate: None, concurrency: 2, wasm: None, credit_port: None }
+        GatewayOptions {
+            plugin_config: None,
+            mutate: None,
+            concurrency: 2,
+            wasm: None,
+            credit_port: None,
+            wrapper: vec![],
+        }
     }
 }
 
@@ -196,6 +206,15 @@ impl Gateway {
     pub fn try_start(opts: GatewayOptions) -> Result<Gateway, StartFailure> {
         let upstream = Upstream::start();
         let concurrency = opts.concurrency;
+        let mut command = match opts.wrapper.split_first() {
+            None => Command::new(repo().join(".venv/bin/envoy")),
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(envoy_binary());
+                command
+            }
+        };
+        let ready_timeout = if opts.wrapper.is_empty() { READY_TIMEOUT } else { 10 * READY_TIMEOUT };
         let config = envoy_config(opts, upstream.port());
         let dir = fresh_dir();
         let config_path = dir.join("envoy.json");
@@ -203,7 +222,7 @@ impl Gateway {
         // Envoy's stderr, not `--log-path`: the log-path file is flushed on a timer (seconds), so a
         // test reading the log mid-run would miss lines; stderr to a file is written per line.
         let log = File::create(dir.join("envoy.log")).unwrap();
-        let mut envoy = Command::new(repo().join(".venv/bin/envoy"))
+        let mut envoy = command
             .arg("-c")
             .arg(&config_path)
             .args(["--concurrency", &concurrency.to_string(), "--log-level", "info"])
@@ -221,7 +240,7 @@ impl Gateway {
             .spawn()
             .expect(".venv/bin/envoy: run `make envoy`");
         // `.venv/bin/envoy` is a Python script that execs the binary: same pid, so kill() reaches Envoy.
-        match wait_ready(&mut envoy, &dir) {
+        match wait_ready(&mut envoy, &dir, ready_timeout) {
             Ok((admin_port, listeners)) => Ok(Gateway { envoy, upstream, dir, admin_port, listeners }),
             Err(mut reason) => {
                 let _ = envoy.kill();
@@ -316,14 +335,14 @@ impl Drop for Gateway {
 
 /// Polls until admin `/ready` is 200 and the gateway listener accepts TCP, or Envoy exits. Every
 /// 5 ms: `make bench` times Envoy's start with it.
-fn wait_ready(envoy: &mut Child, dir: &Path) -> Result<(u16, Vec<(String, u16)>), String> {
-    let deadline = Instant::now() + READY_TIMEOUT;
+fn wait_ready(envoy: &mut Child, dir: &Path, timeout: Duration) -> Result<(u16, Vec<(String, u16)>), String> {
+    let deadline = Instant::now() + timeout;
     loop {
         if let Some(status) = envoy.try_wait().unwrap() {
             return Err(format!("Envoy exited before it was ready ({status})"));
         }
         if Instant::now() > deadline {
-            return Err(format!("Envoy was not ready after {READY_TIMEOUT:?}"));
+            return Err(format!("Envoy was not ready after {timeout:?}"));
         }
         if let Some(ready) = probe(dir) {
             return Ok(ready);
@@ -352,6 +371,17 @@ fn probe(dir: &Path) -> Option<(u16, Vec<(String, u16)>)> {
     let address = SocketAddr::from(([127, 0, 0, 1], gateway));
     TcpStream::connect_timeout(&address, Duration::from_secs(1)).ok()?;
     Some((admin, listeners))
+}
+
+/// The Envoy executable that `.venv/bin/envoy` (a Python script) execs, for a wrapper that must
+/// run the binary itself.
+pub fn envoy_binary() -> PathBuf {
+    let lib = repo().join(".venv/lib");
+    let found = fs::read_dir(&lib).ok().into_iter().flatten().flatten().find_map(|python| {
+        let binary = python.path().join("site-packages/envoy/_bin/envoy");
+        binary.exists().then_some(binary)
+    });
+    found.unwrap_or_else(|| panic!("no Envoy binary under {}: run `make envoy`", lib.display()))
 }
 
 /// A new empty directory, unique across test threads (counter) and test processes (pid).
