@@ -104,3 +104,16 @@ fn a_content_type_outside_the_allow_list_is_415() {
     );
     assert_eq!(resp.status, 200);
 }
+
+#[test]
+fn a_header_value_that_is_not_utf8_does_not_take_the_filter_down() {
+    // HTTP lets a header value carry obs-text bytes (0x80-0xFF) and Envoy passes them on. The
+    // filter must answer that request and every later one: a panic would kill the worker's VM.
+    let gw = Gateway::start(GatewayOptions { concurrency: 1, ..GatewayOptions::default() });
+    let resp = gw.send_raw(b"GET /health HTTP/1.1\r\nhost: gw\r\nx-note: caf\xe9\r\nconnection: close\r\n\r\n");
+    assert_eq!(resp.status, 200, "body: {}", resp.text());
+    let seen = gw.upstream().requests();
+    assert_eq!(seen.len(), 1);
+    let resp = gw.send(Request::get("/health"));
+    assert_eq!(resp.status, 200, "the filter still serves: {}", resp.text());
+}

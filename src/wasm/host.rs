@@ -57,10 +57,17 @@ fn logged<T: Default>(what: &str, result: Result<T, Status>) -> T {
 /// An HTTP callout's answer: status and body; `None` when there was none (timeout, reset, no
 /// connection).
 pub fn call_answer(body_size: usize) -> Option<(u16, Vec<u8>)> {
-    let status = logged("get call status", hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status"));
-    let status = status?.parse().ok()?;
+    let status = logged("get call status", hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status"));
+    let status = text(status?).parse().ok()?;
     let body = logged("get call body", hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size));
     Some((status, body.unwrap_or_default()))
+}
+
+/// A header value as text. HTTP lets values carry obs-text bytes (0x80-0xFF), which Envoy passes
+/// on; the SDK's `String` getters unwrap them as UTF-8 and would panic, killing the VM, so values
+/// are read as bytes and anything invalid is replaced, never trusted.
+fn text(value: Vec<u8>) -> String {
+    String::from_utf8(value).unwrap_or_else(|invalid| String::from_utf8_lossy(invalid.as_bytes()).into_owned())
 }
 
 fn dispatch(call: &Callout) -> Option<u32> {
@@ -79,7 +86,8 @@ fn dispatch(call: &Callout) -> Option<u32> {
 
 impl Host for WasmHost {
     fn request_headers(&self) -> Vec<(String, String)> {
-        logged("get request headers", hostcalls::get_map(MapType::HttpRequestHeaders))
+        let headers = logged("get request headers", hostcalls::get_map_bytes(MapType::HttpRequestHeaders));
+        headers.into_iter().map(|(name, value)| (name, text(value))).collect()
     }
 
     fn set_request_header(&mut self, name: &str, value: &str) {
@@ -99,7 +107,7 @@ impl Host for WasmHost {
     }
 
     fn response_header(&self, name: &str) -> Option<String> {
-        logged("get response header", hostcalls::get_map_value(MapType::HttpResponseHeaders, name))
+        logged("get response header", hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, name)).map(text)
     }
 
     fn set_response_header(&mut self, name: &str, value: &str) {
