@@ -38,6 +38,7 @@ const ROUTE_POLICY_PROPERTY: [&str; 5] = ["xds", "route_metadata", "filter_metad
 /// The client address as Envoy resolved it: its trusted-proxy rules (`use_remote_address`,
 /// `xff_num_trusted_hops`) decide, so a client cannot pick its own by sending `X-Forwarded-For`.
 const CLIENT_ADDRESS_PROPERTY: [&str; 2] = ["source", "address"];
+const NANOS_PER_SECOND: u64 = 1_000_000_000;
 
 /// What the proxy should do with the request or response after a callback.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,8 +80,6 @@ pub struct Stream {
     config: Rc<Config>,
     worker: Rc<Worker>,
     policy: Option<Rc<Policy>>,
-    /// The selected policy's `Cache-Control`, resolved at request time for the response.
-    cache_control: Option<String>,
     body: BodyCounter,
     /// Body bytes Envoy holds for this filter because the last body callback paused; Envoy then
     /// reports the whole held size, not the new chunk.
@@ -114,13 +113,11 @@ impl<'a> RequestView<'a> {
 
 impl Stream {
     pub fn new(config: Rc<Config>, worker: Rc<Worker>) -> Stream {
-        let cache_control = config.security_headers.cache_control.clone();
         Stream {
             body: BodyCounter::new(u64::MAX),
             config,
             worker,
             policy: None,
-            cache_control,
             held: 0,
             body_complete: false,
             waiting: Waiting::Nothing,
@@ -152,7 +149,6 @@ impl Stream {
 
         // 1. Route policy.
         let policy = self.route_policy(host, method, raw_path)?;
-        self.cache_control = policy.cache_control.clone();
         self.policy = Some(Rc::clone(&policy));
 
         // 2. Request checks.
@@ -175,18 +171,21 @@ impl Stream {
         policy: &Policy,
         may_refetch: bool,
     ) -> Result<Flow, Denial> {
+        // One reading of the clock for every step: each hostcall costs the request time.
+        let now = host.now_nanos();
+
         // 4. Authentication and access.
         let identity = match policy.access {
             Access::Public => None,
             Access::Deny => return Err(Denial::NotFound),
-            Access::Authenticated => match self.authenticate(host, request, policy, may_refetch)? {
+            Access::Authenticated => match self.authenticate(host, request, policy, may_refetch, now)? {
                 Some(identity) => Some(identity),
                 None => return Ok(Flow::Pause),
             },
         };
 
         // 5. Rate limiting.
-        self.rate_limit(host, policy, identity.as_ref())?;
+        self.rate_limit(host, policy, identity.as_ref(), now)?;
 
         // 6. Credits.
         match identity {
@@ -219,9 +218,10 @@ impl Stream {
         request: &[(String, String)],
         policy: &Policy,
         may_refetch: bool,
+        now_nanos: u64,
     ) -> Result<Option<Identity>, Denial> {
         let credentials = RequestCredentials::new(request);
-        let now = host.now();
+        let now = now_nanos / NANOS_PER_SECOND;
         let identity = match self.config.auth.authenticate(&credentials, now) {
             Ok(Some(identity)) => identity,
             Ok(None) => return Err(Denial::Unauthenticated),
@@ -265,7 +265,13 @@ impl Stream {
     }
 
     /// Step 5: counts the request against the caller's limits, if the policy has any.
-    fn rate_limit(&mut self, host: &mut dyn Host, policy: &Policy, identity: Option<&Identity>) -> Result<(), Denial> {
+    fn rate_limit(
+        &mut self,
+        host: &mut dyn Host,
+        policy: &Policy,
+        identity: Option<&Identity>,
+        now: u64,
+    ) -> Result<(), Denial> {
         let (Some(limits), Some(limit)) = (&self.config.rate_limits, &policy.rate_limit) else { return Ok(()) };
         let address = match identity {
             Some(_) => None,
@@ -276,12 +282,12 @@ impl Stream {
             Some(identity) => Caller::Identity(identity),
             None => Caller::Address(address.as_deref()),
         };
-        let checked = limits.check(host, limit, &caller);
+        let checked = limits.check(host, limit, &caller, now);
         host.count(Metric::RateLimitCasRetries, u64::from(checked.retries));
         if checked.result == Err(ratelimit::Limited::Contended) {
             host.count(Metric::RateLimitContended, 1);
         }
-        self.quota = checked.result?.map(|quota| (quota, host.now()));
+        self.quota = checked.result?.map(|quota| (quota, now / NANOS_PER_SECOND));
         Ok(())
     }
 
@@ -419,22 +425,30 @@ impl Stream {
             self.settle(host, None);
             return Flow::Continue;
         }
-        let cache_control = self.cache_control.as_deref();
+        let cache_control = match &self.policy {
+            Some(policy) => policy.cache_control.as_deref(),
+            None => self.config.security_headers.cache_control.as_deref(),
+        };
         headers::secure_response(host, &self.config.security_headers, cache_control, self.https);
         if let Some((quota, counted_at)) = &self.quota {
             for (name, value) in quota.headers(*counted_at) {
                 host.set_response_header(name, &value);
             }
         }
-        let status = host.response_header(":status").and_then(|s| s.parse::<u16>().ok()).unwrap_or(0);
-        let reported = self.config.credits.as_ref().and_then(|c| c.actual_cost_header.as_deref()).and_then(|name| {
-            let value = host.response_header(name);
+        // The upstream's usage report is for the gateway only, billed or not.
+        let usage_header = self.config.credits.as_ref().and_then(|c| c.actual_cost_header.as_deref());
+        // Reading a header costs a hostcall, so only a reservation, which needs them, reads.
+        let reported = match (&self.billing, usage_header) {
+            (Billing::Reserved(_), Some(name)) => host.response_header(name),
+            _ => None,
+        };
+        if let Some(name) = usage_header {
             host.remove_response_header(name);
-            value
-        });
-        let served = (200..300).contains(&status);
+        }
         match &self.billing {
             Billing::Reserved(reservation) => {
+                let status = host.response_header(":status").and_then(|s| s.parse::<u16>().ok()).unwrap_or(0);
+                let served = (200..300).contains(&status);
                 let charge = if served { credits::charge(reservation, reported.as_deref()) } else { 0 };
                 for (name, value) in credits::response_headers(reservation, charge) {
                     host.set_response_header(name, &value);

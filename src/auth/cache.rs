@@ -1,9 +1,12 @@
 //! A bounded cache of verified JWTs, as Envoy's `jwt_authn` keeps (`jwt_cache_config`). Clients
 //! send the same token until it expires, and a signature check in wasm costs milliseconds for RSA
-//! and ECDSA; a hit costs one SHA-256 of the token. Only successes are cached, keyed by the
-//! token's hash (the token itself is not kept), and a hit re-checks the time window.
+//! and ECDSA. Only successes are cached, keyed by the token itself as `jwt_authn` keys them: a hit
+//! costs one SipHash (randomly keyed per VM, so clients cannot collide entries on purpose) and one
+//! comparison, where a SHA-256 of the token cost as much as verifying an HS256 signature. A hit
+//! re-checks the time window.
 
 use std::collections::{HashMap, VecDeque};
+use std::rc::Rc;
 
 use super::Identity;
 
@@ -22,8 +25,8 @@ pub(crate) struct Verified {
 #[derive(Debug)]
 pub(crate) struct TokenCache {
     capacity: usize,
-    entries: HashMap<[u8; 32], Verified>,
-    order: VecDeque<[u8; 32]>,
+    entries: HashMap<Rc<str>, Verified>,
+    order: VecDeque<Rc<str>>,
 }
 
 impl TokenCache {
@@ -31,21 +34,22 @@ impl TokenCache {
         TokenCache { capacity, entries: HashMap::new(), order: VecDeque::new() }
     }
 
-    /// The token's hash, or `None` when caching is off and hashing would be wasted.
-    pub(crate) fn key(&self, token: &str) -> Option<[u8; 32]> {
-        (self.capacity > 0).then(|| hmac_sha256::Hash::hash(token.as_bytes()))
-    }
-
-    pub(crate) fn get(&self, key: &[u8; 32], now: u64) -> Option<Identity> {
-        let hit = self.entries.get(key)?;
+    pub(crate) fn get(&self, token: &str, now: u64) -> Option<Identity> {
+        let hit = self.entries.get(token)?;
         (hit.valid_from <= now && now <= hit.valid_until).then(|| hit.identity.clone())
     }
 
-    pub(crate) fn insert(&mut self, key: [u8; 32], verified: Verified) {
-        if self.entries.insert(key, verified).is_some() {
+    pub(crate) fn insert(&mut self, token: &str, verified: Verified) {
+        if self.capacity == 0 {
             return;
         }
-        self.order.push_back(key);
+        if let Some(entry) = self.entries.get_mut(token) {
+            *entry = verified;
+            return;
+        }
+        let token: Rc<str> = token.into();
+        self.entries.insert(Rc::clone(&token), verified);
+        self.order.push_back(token);
         while self.order.len() > self.capacity {
             if let Some(old) = self.order.pop_front() {
                 self.entries.remove(&old);
@@ -86,26 +90,29 @@ mod tests {
     #[test]
     fn hits_only_inside_the_validity_window() {
         let mut cache = TokenCache::new(4);
-        let key = cache.key("token").unwrap();
-        cache.insert(key, verified("a", 100, 200));
-        assert_eq!(cache.get(&key, 150).map(|i| i.subject), Some("a".to_owned()));
-        assert!(cache.get(&key, 99).is_none());
-        assert!(cache.get(&key, 201).is_none());
-        assert!(cache.get(&cache.key("other").unwrap(), 150).is_none());
+        cache.insert("token", verified("a", 100, 200));
+        assert_eq!(cache.get("token", 150).map(|i| i.subject), Some("a".to_owned()));
+        assert!(cache.get("token", 99).is_none());
+        assert!(cache.get("token", 201).is_none());
+        assert!(cache.get("other", 150).is_none());
+        assert!(cache.get("toke", 150).is_none(), "only the whole token hits");
     }
 
     #[test]
     fn stays_within_capacity_oldest_out_first() {
         let mut cache = TokenCache::new(2);
-        let keys: Vec<[u8; 32]> = ["a", "b", "c"].iter().map(|t| cache.key(t).unwrap()).collect();
-        for (key, name) in keys.iter().zip(["a", "b", "c"]) {
-            cache.insert(*key, verified(name, 0, 10));
+        for name in ["a", "b", "c"] {
+            cache.insert(name, verified(name, 0, 10));
         }
-        assert_eq!(cache.len(), 2);
-        assert!(cache.get(&keys[0], 5).is_none());
-        assert!(cache.get(&keys[2], 5).is_some());
+        cache.insert("c", verified("c", 0, 20));
+        assert_eq!(cache.len(), 2, "a repeated token takes no second place");
+        assert!(cache.get("a", 5).is_none());
+        assert!(cache.get("b", 5).is_some());
+        assert!(cache.get("c", 15).is_some(), "the newer verification replaces the older");
         cache.clear();
         assert_eq!(cache.len(), 0);
-        assert!(TokenCache::new(0).key("token").is_none());
+        let mut off = TokenCache::new(0);
+        off.insert("token", verified("a", 0, 10));
+        assert_eq!(off.len(), 0);
     }
 }

@@ -566,15 +566,14 @@ pub(crate) fn verify(
     if provider.revocation.is_some() && provider.remote_revoked_set().is_none() {
         return Err(AuthError::KeysUnavailable { provider: chosen.provider });
     }
-    let key = provider.cache.try_borrow().ok().and_then(|cache| cache.key(&chosen.token));
-    let cached = key.and_then(|key| provider.cache.try_borrow().ok()?.get(&key, now));
+    let cached = provider.cache.try_borrow().ok().and_then(|cache| cache.get(&chosen.token, now));
     let mut identity = match cached {
         Some(identity) => identity,
         None => {
             let claims = verify_signature(provider, chosen.provider, &chosen.token, max_bytes, now)?;
             let identity = provider.identity(&claims)?;
-            if let (Some(key), Ok(mut cache)) = (key, provider.cache.try_borrow_mut()) {
-                cache.insert(key, provider.verified(&claims, identity.clone()));
+            if let Ok(mut cache) = provider.cache.try_borrow_mut() {
+                cache.insert(&chosen.token, provider.verified(&claims, identity.clone()));
             }
             identity
         }

@@ -93,6 +93,8 @@ struct Limit {
     window: Window,
     /// Shared with every `Quota` it reports, so a request copies no string.
     name: Rc<str>,
+    /// The window's `RateLimit-Policy` value, which never changes: formatted once, not per request.
+    policy: Rc<str>,
 }
 
 /// What a policy's requests are limited by.
@@ -123,11 +125,12 @@ pub enum Caller<'a> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Quota {
     pub name: Rc<str>,
+    /// The `RateLimit-Policy` value.
+    pub policy: Rc<str>,
     pub limit: u64,
     pub remaining: u64,
     /// Seconds until the window's bucket is full again.
     pub reset: u64,
-    pub window: u64,
 }
 
 /// Why a request was not let through.
@@ -246,14 +249,14 @@ impl RateLimits {
     }
 
     /// Counts one request against every window that applies; refused, it counts nowhere.
-    pub fn check(&self, host: &mut dyn Host, policy: &PolicyLimit, caller: &Caller) -> Checked {
+    /// `now` is the proxy's clock in nanoseconds.
+    pub fn check(&self, host: &mut dyn Host, policy: &PolicyLimit, caller: &Caller, now: u64) -> Checked {
         let tier = if policy.tiers { self.tier_limits(caller) } else { &[] };
         let limits: Vec<&Limit> = tier.iter().chain(&policy.route).collect();
         if limits.is_empty() {
             return Checked { result: Ok(None), retries: 0 };
         }
         let key = self.caller_key(caller);
-        let now = host.now_nanos();
         let applied = self.table.update(host, key.as_bytes(), now, |tats| decide(&limits, tats, now));
         match applied {
             Ok(applied) => Checked { result: applied.value.map(Some), retries: applied.retries },
@@ -338,7 +341,9 @@ fn limits_of(path: &str, raw: &RawLimits, label: &str, width: Option<&mut usize>
                 None => period as usize,
             };
             let window = Window::new(period, limit, raw.burst.unwrap_or(limit), position);
-            Limit { window, name: format!("{label}-{}", period.field().replace('_', "-")).into() }
+            let name = format!("{label}-{}", period.field().replace('_', "-"));
+            let policy = format!("\"{name}\";q={limit};w={}", period.seconds()).into();
+            Limit { window, name: name.into(), policy }
         })
         .collect())
 }
@@ -369,10 +374,10 @@ fn decide(limits: &[&Limit], tats: &[u64], now: u64) -> (Result<Quota, Limited>,
     }
     let quota = |remaining: u64, full_in: u64, limit: &Limit| Quota {
         name: limit.name.clone(),
+        policy: limit.policy.clone(),
         limit: limit.window.limit,
         remaining,
         reset: ceil_seconds(full_in),
-        window: limit.window.period.seconds(),
     };
     match (refused, tightest) {
         (Some((wait, full_in, limit)), _) => {
@@ -410,12 +415,19 @@ impl Quota {
     /// time, as GitHub and the seeds send it) and the IETF `RateLimit-Policy` / `RateLimit` fields
     /// (draft-ietf-httpapi-ratelimit-headers), all describing the same window.
     pub fn headers(&self, now_seconds: u64) -> [(&'static str, String); 5] {
+        let remaining = self.remaining.to_string();
+        let reset = self.reset.to_string();
+        // Built by hand: `format!` costs several times as much, on every limited response.
+        let mut ratelimit = String::with_capacity(self.name.len() + remaining.len() + reset.len() + 8);
+        for part in ["\"", &self.name, "\";r=", &remaining, ";t=", &reset] {
+            ratelimit.push_str(part);
+        }
         [
             ("x-ratelimit-limit", self.limit.to_string()),
-            ("x-ratelimit-remaining", self.remaining.to_string()),
+            ("x-ratelimit-remaining", remaining),
             ("x-ratelimit-reset", (now_seconds + self.reset).to_string()),
-            ("ratelimit-policy", format!("\"{}\";q={};w={}", self.name, self.limit, self.window)),
-            ("ratelimit", format!("\"{}\";r={};t={}", self.name, self.remaining, self.reset)),
+            ("ratelimit-policy", self.policy.to_string()),
+            ("ratelimit", ratelimit),
         ]
     }
 }
@@ -470,7 +482,12 @@ mod tests {
     }
 
     fn passes(limits: &RateLimits, policy: &PolicyLimit, host: &mut FakeHost, caller: &Caller) -> usize {
-        (0..50).take_while(|_| limits.check(host, policy, caller).result.is_ok()).count()
+        (0..50)
+            .take_while(|_| {
+                let now = host.now_nanos();
+                limits.check(host, policy, caller, now).result.is_ok()
+            })
+            .count()
     }
 
     #[test]
@@ -498,17 +515,19 @@ mod tests {
         let (limits, policies, mut host) = setup();
         let pro = identity("acme", Some("pro"));
         let caller = Caller::Identity(&pro);
-        let first = limits.check(&mut host, &policies["search"], &caller).result.unwrap().unwrap();
-        assert_eq!(first, Quota { name: "search-per-minute".into(), limit: 2, remaining: 1, reset: 30, window: 60 });
-        limits.check(&mut host, &policies["search"], &caller).result.unwrap();
+        let now = host.now_nanos();
+        let first = limits.check(&mut host, &policies["search"], &caller, now).result.unwrap().unwrap();
+        let policy = "\"search-per-minute\";q=2;w=60".into();
+        assert_eq!(first, Quota { name: "search-per-minute".into(), policy, limit: 2, remaining: 1, reset: 30 });
+        limits.check(&mut host, &policies["search"], &caller, now).result.unwrap();
         let Err(Limited::Exceeded { quota, retry_after }) =
-            limits.check(&mut host, &policies["search"], &caller).result
+            limits.check(&mut host, &policies["search"], &caller, now).result
         else {
             panic!("not refused")
         };
         assert_eq!((quota.remaining, quota.reset, retry_after), (0, 60, 30));
-        host.now += retry_after;
-        assert!(limits.check(&mut host, &policies["search"], &caller).result.is_ok(), "Retry-After is honest");
+        let later = now + retry_after * 1_000_000_000;
+        assert!(limits.check(&mut host, &policies["search"], &caller, later).result.is_ok(), "Retry-After is honest");
     }
 
     #[test]
@@ -526,7 +545,8 @@ mod tests {
 
     #[test]
     fn headers_agree_with_each_other() {
-        let quota = Quota { name: "pro-per-minute".into(), limit: 10, remaining: 4, reset: 36, window: 60 };
+        let policy = "\"pro-per-minute\";q=10;w=60".into();
+        let quota = Quota { name: "pro-per-minute".into(), policy, limit: 10, remaining: 4, reset: 36 };
         let headers = quota.headers(1_000);
         assert_eq!(
             headers.map(|(_, v)| v),

@@ -4,13 +4,18 @@
 //! Envoy's shared data cannot delete an entry, so a key per caller would grow without bound under
 //! a flood of client addresses. Instead the table has `slots` entries, all created when the plugin
 //! starts: `tollgate.rl.<n>` holds one caller as `[fingerprint][TAT per window]` (little-endian
-//! u64s). A caller hashes to two candidate slots (keyed SHA-256, so clients cannot aim at a slot);
+//! u64s). A caller hashes to two candidate slots (SipHash keyed by the configuration, so clients
+//! cannot aim at a slot);
 //! a newcomer takes an idle slot (every bucket full again, so nothing is lost), or else evicts the
 //! candidate closest to idle. Memory is fixed at start, whatever the traffic; the price of a full
 //! table is that an evicted caller starts again with a full bucket.
 //!
 //! Updates are read, decide, compare-and-swap on the slot's version, so two workers never both
 //! spend the same token; a lost race reads again, at most `MAX_ATTEMPTS` times.
+
+use std::hash::Hasher;
+
+use siphasher::sip128::{Hasher128, SipHasher13};
 
 use crate::host::Host;
 
@@ -28,7 +33,10 @@ pub struct Table {
     /// TATs per caller: the table's value layout.
     width: usize,
     /// Keys the slot hash; derived from the configuration, so every worker agrees on it.
-    seed: [u8; 32],
+    key: [u8; 16],
+    /// Names the configuration in the layout marker: the other half of the seed, because shared
+    /// data is readable by every plugin in the process and the key must stay secret.
+    config_id: [u8; 16],
 }
 
 /// The outcome of an update, and how many lost races it took.
@@ -75,7 +83,10 @@ impl Slot {
 
 impl Table {
     pub fn new(slots: u32, width: usize, seed: [u8; 32]) -> Table {
-        Table { slots: slots.max(1), width, seed }
+        let (mut key, mut config_id) = ([0u8; 16], [0u8; 16]);
+        key.copy_from_slice(&seed[..16]);
+        config_id.copy_from_slice(&seed[16..]);
+        Table { slots: slots.max(1), width, key, config_id }
     }
 
     /// Creates every slot, once per process and layout: with all keys present, each later write
@@ -94,7 +105,7 @@ impl Table {
     }
 
     fn layout(&self) -> Vec<u8> {
-        let mut layout = self.seed[..16].to_vec();
+        let mut layout = self.config_id.to_vec();
         layout.extend_from_slice(&self.slots.to_le_bytes());
         layout.extend_from_slice(&(self.width as u64).to_le_bytes());
         layout
@@ -102,14 +113,12 @@ impl Table {
 
     /// The caller's fingerprint (never 0) and two candidate slots.
     fn locate(&self, caller: &[u8]) -> (u64, u32, u32) {
-        let mut hash = hmac_sha256::Hash::new();
-        hash.update(self.seed);
-        hash.update(caller);
-        let digest = hash.finalize();
-        let word = |at: usize| u64::from_le_bytes(digest[at..at + 8].try_into().unwrap_or_default());
-        let fingerprint = word(0).max(1);
-        let first = (word(8) % u64::from(self.slots)) as u32;
-        let mut second = (word(16) % u64::from(self.slots)) as u32;
+        let mut hasher = SipHasher13::new_with_key(&self.key);
+        hasher.write(caller);
+        let hash = hasher.finish128();
+        let fingerprint = hash.h1.max(1);
+        let first = ((hash.h2 & 0xffff_ffff) % u64::from(self.slots)) as u32;
+        let mut second = ((hash.h2 >> 32) % u64::from(self.slots)) as u32;
         if second == first {
             second = (first + 1) % self.slots;
         }
