@@ -99,6 +99,7 @@ lint: ## clippy with the project's rules, and formatting
 	cargo clippy --workspace --all-targets -- -D warnings
 	cargo clippy --release --target $(WASM_TARGET) --lib -- -D warnings
 	cargo fmt --check
+	cargo fmt --check --manifest-path benches/hostcall-probe/Cargo.toml
 
 fmt: ## format the code
 	cargo fmt

@@ -1,5 +1,5 @@
 //! `make bench`: what tollgate costs inside Envoy, next to Envoy alone and to the filter chain a
-//! user would build from Envoy's own filters. Five parts, all written to build/bench.md:
+//! user would build from Envoy's own filters. Six parts, all written to build/bench.md:
 //!
 //! 1. Throughput: requests/s, latency and Envoy CPU per request. Envoy (`--concurrency 1`, direct
 //!    response, so no upstream is measured) is pinned to CPU 0 and wrk to CPU 1; scenarios
@@ -12,11 +12,13 @@
 //!    without the rate-limit table, against Envoy without the filter.
 //! 5. Instructions: Envoy's instructions per request under callgrind, the figure that stays put
 //!    on a machine whose CPU time others share.
+//! 6. Hostcalls: the same count for a probe filter (benches/hostcall-probe) that only makes one
+//!    kind of proxy-wasm call, which prices each kind.
 //!
 //! Environment: `TOLLGATE_BENCH_ROUNDS` (default 3), `TOLLGATE_BENCH_SECONDS` per run (5),
 //! `TOLLGATE_BENCH_CLIENTS` distinct clients for the memory part (2000000),
 //! `TOLLGATE_BENCH_STARTS` per start-time variant (5), `TOLLGATE_BENCH_PARTS` (default
-//! `throughput,contention,memory,start,instructions`), `TOLLGATE_BENCH_ONLY` (scenario names;
+//! `throughput,contention,memory,start,instructions,hostcalls`), `TOLLGATE_BENCH_ONLY` (scenario names;
 //! plain and native always run), and `TOLLGATE_BENCH_ALT_WASM`, a second module whose tollgate
 //! scenarios run alongside (to compare builds, e.g. profiles).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "benchmark driver")]
@@ -26,7 +28,7 @@ mod harness;
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::thread;
@@ -877,6 +879,30 @@ fn callgrind_control(args: &[&str]) {
     assert!(out.status.success(), "callgrind_control {args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// Starts Envoy (through `start`, given the callgrind wrapper) and counts its instructions per
+/// request of `scenario`, after a warm-up; the dump goes to `dumps`.
+fn count_instructions(scenario: &Scenario, dumps: &Path, start: impl FnOnce(Vec<String>) -> Gateway) -> f64 {
+    let file = dumps.join(format!("{}.out", scenario.name.replace([' ', '(', ')', ':'], "")));
+    let wrapper = ["valgrind", "--tool=callgrind", "--smc-check=all-non-file", "--dump-instr=yes"]
+        .into_iter()
+        .map(String::from)
+        .chain([format!("--callgrind-out-file={}", file.display())])
+        .collect();
+    let gw = start(wrapper);
+    let pid = gw.envoy_pid().to_string();
+    keep_alive(gw.port(), scenario, WARM_UP);
+    callgrind_control(&["--zero", &pid]);
+    keep_alive(gw.port(), scenario, COUNTED);
+    callgrind_control(&["--dump", &pid]);
+    drop(gw);
+    // The requested dump is `<file>.1`; the exit adds `<file>` itself.
+    let dump = std::fs::read_to_string(format!("{}.1", file.display())).unwrap();
+    let total: f64 = dump.lines().find_map(|l| l.strip_prefix("totals: ")?.trim().parse().ok()).unwrap();
+    let per_request = total / f64::from(COUNTED);
+    eprintln!("instructions {:<28} {per_request:>9.0} per request", scenario.name);
+    per_request
+}
+
 /// Envoy's instructions per request under callgrind: the same count on every run of the same
 /// build, however busy the machine is, where CPU time on a shared machine is not. Dumps stay in
 /// build/callgrind/ for `callgrind_annotate`.
@@ -894,24 +920,8 @@ fn instructions_part(keys: &Keys) -> String {
         .collect();
     let mut rows = Vec::new();
     for scenario in &scenarios {
-        let file = dumps.join(format!("{}.out", scenario.name.replace([' ', '(', ')'], "")));
-        let wrapper = ["valgrind", "--tool=callgrind", "--smc-check=all-non-file", "--dump-instr=yes"]
-            .into_iter()
-            .map(String::from)
-            .chain([format!("--callgrind-out-file={}", file.display())])
-            .collect();
-        let gw = start(scenario, keys, credits.port(), wrapper);
-        let pid = gw.envoy_pid().to_string();
-        keep_alive(gw.port(), scenario, WARM_UP);
-        callgrind_control(&["--zero", &pid]);
-        keep_alive(gw.port(), scenario, COUNTED);
-        callgrind_control(&["--dump", &pid]);
-        drop(gw);
-        // The requested dump is `<file>.1`; the exit adds `<file>` itself.
-        let dump = std::fs::read_to_string(format!("{}.1", file.display())).unwrap();
-        let total: f64 = dump.lines().find_map(|l| l.strip_prefix("totals: ")?.trim().parse().ok()).unwrap();
-        let per_request = total / f64::from(COUNTED);
-        eprintln!("instructions {:<28} {per_request:>9.0} per request", scenario.name);
+        let per_request =
+            count_instructions(scenario, &dumps, |wrapper| start(scenario, keys, credits.port(), wrapper));
         rows.push((scenario, per_request));
     }
     let plain = rows.iter().find(|(s, _)| s.name == "plain").map_or(0.0, |r| r.1);
@@ -935,9 +945,92 @@ fn instructions_part(keys: &Keys) -> String {
     out
 }
 
+// ---------------------------------------------------------------------------------------------
+// Part 6: what one hostcall costs
+
+/// Calls per request of each kind: enough that the per-call figure stands out of the noise.
+const PROBE_CALLS: u32 = 10;
+
+/// Builds benches/hostcall-probe for wasm32.
+fn probe_module() -> PathBuf {
+    let target = repo().join("target/probe");
+    let status = Command::new("cargo")
+        .args(["build", "--quiet", "--release", "--target", "wasm32-wasip1", "--target-dir"])
+        .arg(&target)
+        .current_dir(repo().join("benches/hostcall-probe"))
+        .status()
+        .unwrap();
+    assert!(status.success(), "building benches/hostcall-probe failed");
+    target.join("wasm32-wasip1/release/tollgate_hostcall_probe.wasm")
+}
+
+/// The price of each kind of hostcall in Envoy's instructions, from a filter that makes nothing
+/// but those calls: what any proxy-wasm filter pays for what tollgate's contract makes it do.
+fn hostcalls_part() -> String {
+    let dumps = repo().join("build/callgrind");
+    std::fs::create_dir_all(&dumps).unwrap();
+    let module = probe_module();
+    let kinds = [
+        ("request-headers", "read all request headers"),
+        ("request-header", "read one request header"),
+        ("route-metadata", "read route metadata that is absent"),
+        ("time", "read the clock"),
+        ("shared-get", "read a shared-data value"),
+        ("response-set", "set a response header"),
+        ("response-remove", "remove a response header that is absent"),
+    ];
+    let scenario = |name: String| Scenario {
+        name,
+        what: "",
+        chain: Chain::Plain,
+        wasm: None,
+        path: "/api/items",
+        headers: vec![],
+        expect: None,
+    };
+    let measure = |config: Option<String>| {
+        let filter = config.is_some();
+        let name = format!("probe-{}", config.as_deref().unwrap_or("none"));
+        count_instructions(&scenario(name), &dumps, |wrapper| {
+            Gateway::start(GatewayOptions {
+                plugin_config: config,
+                concurrency: 1,
+                wasm: Some(module.clone()),
+                credit_port: None,
+                wrapper,
+                mutate: Some(Box::new(move |config| {
+                    if !filter {
+                        remove_tollgate_filter(config);
+                    }
+                    direct_response(config);
+                })),
+            })
+        })
+    };
+    let plain = measure(None);
+    let noop = measure(Some("noop".to_owned()));
+    let mut out = format!(
+        "### What one hostcall costs\n\n\
+         benches/hostcall-probe, a proxy-wasm filter that makes {PROBE_CALLS} calls of one kind per request and \
+         nothing else, counted as in the part above. Per call: (probe − noop) / {PROBE_CALLS}.\n\n\
+         | filter | instructions/request | per call |\n| --- | ---: | ---: |\n\
+         | none (plain) | {plain:.0} | |\n\
+         | noop: a wasm filter that does nothing | {noop:.0} | {:.0} added vs plain |\n",
+        noop - plain
+    );
+    for (kind, what) in kinds {
+        let per_request = measure(Some(format!("{kind}:{PROBE_CALLS}")));
+        out.push_str(&format!(
+            "| {what} | {per_request:.0} | {:.0} |\n",
+            (per_request - noop) / f64::from(PROBE_CALLS)
+        ));
+    }
+    out
+}
+
 fn main() {
     let parts = std::env::var("TOLLGATE_BENCH_PARTS")
-        .unwrap_or_else(|_| "throughput,contention,memory,start,instructions".to_owned());
+        .unwrap_or_else(|_| "throughput,contention,memory,start,instructions,hostcalls".to_owned());
     let wanted = |part: &str| parts.split(',').any(|p| p.trim() == part);
     let keys = Keys::generate();
     let wasm = std::fs::metadata(repo().join("build/tollgate.wasm")).map(|m| m.len()).unwrap_or(0);
@@ -965,6 +1058,10 @@ fn main() {
     }
     if wanted("instructions") {
         report.push_str(&instructions_part(&keys));
+        report.push('\n');
+    }
+    if wanted("hostcalls") {
+        report.push_str(&hostcalls_part());
         report.push('\n');
     }
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
