@@ -5,6 +5,11 @@ ENVOY_VERSION := 1.40.0
 WASM_TARGET   := wasm32-wasip1
 VENV          := .venv
 ENVOY         := $(VENV)/bin/envoy
+# wasm-opt from Binaryen's npm build (Debian's 108 predates the features Rust's wasm32 output
+# declares), pinned, in its own prefix like Envoy's venv. `make wasm` runs it on cargo's output.
+BINARYEN_VERSION := 132.0.0
+BINARYEN      := .binaryen
+WASM_OPT      := $(BINARYEN)/node_modules/.bin/wasm-opt
 WASM          := build/tollgate.wasm
 CLI           := target/release/tollgate
 DEMO_PORT     := 10000
@@ -32,15 +37,25 @@ endef
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
-wasm: $(WASM) ## build the filter module at build/tollgate.wasm (the path the Envoy configs load)
+wasm: $(WASM) ## build the filter module at build/tollgate.wasm (the path the Envoy configs load), through wasm-opt
 
-# Cargo decides what is stale; make always asks it.
-$(WASM): FORCE
+# Cargo decides what is stale; make always asks it. wasm-opt -O3 takes 10% off the code with no
+# more instructions per request (make bench's instructions part), and drops the function names
+# (100 kB; only Envoy's wasm backtraces show them, panic = "abort") and the other custom sections,
+# after reading from target_features which wasm features rustc used. Keeps the module under 1 MiB.
+$(WASM): FORCE | $(WASM_OPT)
 	@rustup target list --installed | grep -qx $(WASM_TARGET) || rustup target add $(WASM_TARGET)
 	cargo rustc --release --target $(WASM_TARGET) --lib --crate-type cdylib
 	@mkdir -p build
-	@cp target/$(WASM_TARGET)/release/tollgate.wasm $(WASM).tmp && mv $(WASM).tmp $(WASM)
+	$(WASM_OPT) -O3 --strip-debug --strip-producers --strip-target-features \
+	  target/$(WASM_TARGET)/release/tollgate.wasm -o $(WASM).tmp
+	@mv $(WASM).tmp $(WASM)
 	@echo "$(WASM): $$(wc -c < $(WASM)) bytes"
+
+$(WASM_OPT):
+	$(call apt_install,npm)
+	npm install --prefix $(BINARYEN) --no-save --no-audit --no-fund --loglevel=error binaryen@$(BINARYEN_VERSION)
+	@$(WASM_OPT) --version
 
 cli: ## build the native `tollgate` command (check, schema)
 	cargo build --release --bin tollgate
@@ -104,7 +119,7 @@ lint: ## clippy with the project's rules, and formatting
 fmt: ## format the code
 	cargo fmt
 
-clean: ## remove build output (keeps .venv)
+clean: ## remove build output (keeps .venv and .binaryen)
 	cargo clean
 	rm -rf build
 
