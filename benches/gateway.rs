@@ -1040,36 +1040,27 @@ fn main() {
         wasm as f64 / 1_048_576.0,
         load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
     );
-    if wanted("throughput") {
-        report.push_str(&throughput(&keys));
+    let parts: [(&str, &dyn Fn() -> String); 6] = [
+        ("throughput", &|| throughput(&keys)),
+        ("contention", &|| contention_part(&keys)),
+        ("memory", &memory_part),
+        ("start", &|| start_part(&keys)),
+        ("instructions", &|| instructions_part(&keys)),
+        ("hostcalls", &hostcalls_part),
+    ];
+    let written = repo().join("build/bench.md");
+    std::fs::create_dir_all(repo().join("build")).unwrap();
+    for (_, part) in parts.iter().filter(|(name, _)| wanted(name)) {
+        report.push_str(&part());
         report.push('\n');
-    }
-    if wanted("contention") {
-        report.push_str(&contention_part(&keys));
-        report.push('\n');
-    }
-    if wanted("memory") {
-        report.push_str(&memory_part());
-        report.push('\n');
-    }
-    if wanted("start") {
-        report.push_str(&start_part(&keys));
-        report.push('\n');
-    }
-    if wanted("instructions") {
-        report.push_str(&instructions_part(&keys));
-        report.push('\n');
-    }
-    if wanted("hostcalls") {
-        report.push_str(&hostcalls_part());
-        report.push('\n');
+        // Written after every part: a later part that fails loses only itself.
+        std::fs::write(&written, &report).unwrap();
     }
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     report.push_str(&format!(
         "Load average at the end: {}.\n",
         load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
     ));
-    std::fs::create_dir_all(repo().join("build")).unwrap();
-    std::fs::write(repo().join("build/bench.md"), &report).unwrap();
+    std::fs::write(&written, &report).unwrap();
     println!("{report}");
 }

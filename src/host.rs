@@ -3,6 +3,8 @@
 
 use crate::metrics::Metric;
 
+pub const NANOS_PER_SECOND: u64 = 1_000_000_000;
+
 /// What the pipeline asks of the proxy. Methods do not fail: the adapter logs a hostcall error
 /// and carries on, because a request is better served than a worker's VM killed by a panic.
 pub trait Host {
@@ -24,7 +26,7 @@ pub trait Host {
     fn send_response(&mut self, status: u16, headers: &[(&str, &str)], body: &[u8]);
     /// Unix time in seconds, from the proxy's clock.
     fn now(&self) -> u64 {
-        self.now_nanos() / 1_000_000_000
+        self.now_nanos() / NANOS_PER_SECOND
     }
     /// Unix time in nanoseconds, from the proxy's clock.
     fn now_nanos(&self) -> u64;

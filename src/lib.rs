@@ -26,7 +26,7 @@ use auth::{AuthError, Identity, PendingSignature, RequestCredentials};
 use checks::BodyCounter;
 use config::{Config, Method};
 use credits::{CreditError, FailurePolicy, Reservation, Settlement};
-use host::{Callout, Host};
+use host::{Callout, Host, NANOS_PER_SECOND};
 use metrics::Metric;
 use problem::Denial;
 use ratelimit::{Caller, Quota};
@@ -38,7 +38,6 @@ const ROUTE_POLICY_PROPERTY: [&str; 5] = ["xds", "route_metadata", "filter_metad
 /// The client address as Envoy resolved it: its trusted-proxy rules (`use_remote_address`,
 /// `xff_num_trusted_hops`) decide, so a client cannot pick its own by sending `X-Forwarded-For`.
 const CLIENT_ADDRESS_PROPERTY: [&str; 2] = ["source", "address"];
-const NANOS_PER_SECOND: u64 = 1_000_000_000;
 
 /// What the proxy should do with the request or response after a callback.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
