@@ -82,9 +82,10 @@ test: wasm envoy oci test-tools ## the whole suite: unit tests and end-to-end te
 	@# Not --all-targets: that would also run the benchmark, which is `make bench`'s.
 	cargo test --workspace --lib --bins --tests
 
-bench: wasm credit envoy ## throughput vs Envoy alone, its own filters and with credits; contention, memory, start time; writes build/bench.md
+bench: wasm credit envoy ## tollgate in Envoy (build/bench.md), then the credit service alone (build/bench-credit.md)
 	$(call apt_install,wrk valgrind)
 	cargo bench --bench gateway
+	cargo bench -p tollgate-credit --bench throughput
 
 test-tools: ## install what the tests run besides Envoy: skopeo, umoci, docker-registry, docker-compose
 	$(call apt_install,$(TEST_TOOLS))

@@ -1,5 +1,5 @@
 //! `make bench`: what tollgate costs inside Envoy, next to Envoy alone and to the filter chain a
-//! user would build from Envoy's own filters. Six parts, all written to build/bench.md:
+//! user would build from Envoy's own filters. Seven parts, all written to build/bench.md:
 //!
 //! 1. Throughput: requests/s, latency and Envoy CPU per request. Envoy (`--concurrency 1`, direct
 //!    response, so no upstream is measured) is pinned to CPU 0 and wrk to CPU 1; scenarios
@@ -14,12 +14,14 @@
 //!    on a machine whose CPU time others share.
 //! 6. Hostcalls: the same count for a probe filter (benches/hostcall-probe) that only makes one
 //!    kind of proxy-wasm call, which prices each kind.
+//! 7. Billing: Envoy's CPU per request with a credit reservation and commit, against the same
+//!    filter unbilled, both at one fixed request rate.
 //!
 //! Environment: `TOLLGATE_BENCH_ROUNDS` (default 3), `TOLLGATE_BENCH_SECONDS` per run (5),
 //! `TOLLGATE_BENCH_CLIENTS` distinct clients for the memory part (2000000),
 //! `TOLLGATE_BENCH_STARTS` per start-time variant (5), `TOLLGATE_BENCH_PARTS` (default
-//! `throughput,contention,memory,start,instructions,hostcalls`), `TOLLGATE_BENCH_ONLY` (scenario names;
-//! plain and native always run), and `TOLLGATE_BENCH_ALT_WASM`, a second module whose tollgate
+//! `throughput,billing,contention,memory,start,instructions,hostcalls`), `TOLLGATE_BENCH_ONLY` (scenario names
+//! and hostcall kinds; plain, native and the noop probe always run), and `TOLLGATE_BENCH_ALT_WASM`, a second module whose tollgate
 //! scenarios run alongside (to compare builds, e.g. profiles).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "benchmark driver")]
 
@@ -54,6 +56,11 @@ const SECURITY_HEADERS: [(&str, &str); 6] = [
     ("content-security-policy", "default-src 'none'; frame-ancestors 'none'"),
 ];
 const HS_SECRET: [u8; 32] = [7; 32];
+
+/// Whether `TOLLGATE_BENCH_ONLY`, when set, names this scenario or hostcall kind.
+fn picked(name: &str) -> bool {
+    std::env::var("TOLLGATE_BENCH_ONLY").map_or(true, |only| only.split(',').any(|o| o.trim() == name))
+}
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -339,10 +346,8 @@ fn scenarios(keys: &Keys) -> Vec<Scenario> {
             limited,
         ),
     ];
-    if let Ok(only) = std::env::var("TOLLGATE_BENCH_ONLY") {
-        // plain and native stay: every other figure is relative to them.
-        list.retain(|s| ["plain", "native"].contains(&s.name.as_str()) || only.split(',').any(|o| o.trim() == s.name));
-    }
+    // plain and native stay: every other figure is relative to them.
+    list.retain(|s| ["plain", "native"].contains(&s.name.as_str()) || picked(&s.name));
     if let Ok(alt) = std::env::var("TOLLGATE_BENCH_ALT_WASM") {
         let alt = PathBuf::from(alt).canonicalize().expect("TOLLGATE_BENCH_ALT_WASM: no such file");
         let extra: Vec<Scenario> = list
@@ -367,6 +372,10 @@ fn start(scenario: &Scenario, keys: &Keys, credit_port: u16, wrapper: Vec<String
         Chain::Tollgate(kind) => plugin_config(keys, kind),
         _ => plugin_config(keys, Plugin::Full),
     };
+    // Under valgrind Envoy runs some fifty times slower, and a credit callout's deadlines must
+    // stretch with it, or the first reservation times out while V8 still compiles.
+    let slow = !wrapper.is_empty();
+    let plugin = if slow { patient(&plugin) } else { plugin };
     Gateway::start(GatewayOptions {
         plugin_config: Some(plugin),
         concurrency: 1,
@@ -380,8 +389,23 @@ fn start(scenario: &Scenario, keys: &Keys, credit_port: u16, wrapper: Vec<String
                 Chain::Tollgate(_) => {}
             }
             direct_response(config);
+            if slow {
+                let clusters = config["static_resources"]["clusters"].as_array_mut().unwrap();
+                for cluster in clusters.iter_mut().filter(|c| c["name"] == "credits") {
+                    cluster["connect_timeout"] = "30s".into();
+                }
+            }
         })),
     })
+}
+
+/// `plugin` with the credit service's timeout at its maximum.
+fn patient(plugin: &str) -> String {
+    let mut config: Value = serde_json::from_str(plugin).unwrap();
+    if let Some(credits) = config.get_mut("credits") {
+        credits["timeout_ms"] = 60_000.into();
+    }
+    config.to_string()
 }
 
 /// utime + stime of a process, in clock ticks (100 per second).
@@ -398,10 +422,15 @@ struct Sample {
     cpu_us_per_request: f64,
 }
 
+/// Pins every thread of Envoy to CPU 0; the load generator gets CPU 1.
+fn pin_envoy(gw: &Gateway) {
+    let pinned = Command::new("taskset").args(["-a", "-cp", "0", &gw.envoy_pid().to_string()]).output().unwrap();
+    assert!(pinned.status.success(), "taskset: {}", String::from_utf8_lossy(&pinned.stderr));
+}
+
 fn run(gw: &Gateway, scenario: &Scenario, seconds: u32) -> Sample {
     let pid = gw.envoy_pid();
-    let pinned = Command::new("taskset").args(["-a", "-cp", "0", &pid.to_string()]).output().unwrap();
-    assert!(pinned.status.success(), "taskset: {}", String::from_utf8_lossy(&pinned.stderr));
+    pin_envoy(gw);
     let url = format!("http://127.0.0.1:{}{}", gw.port(), scenario.path);
     let probe = scenario.headers.iter().fold(Request::get(scenario.path), |r, (n, v)| r.header(n, v));
     let probe = gw.send(probe);
@@ -854,24 +883,35 @@ const COUNTED: u32 = 2000;
 
 /// `count` requests, one after another on one keep-alive connection, each checked for a 200.
 fn keep_alive(port: u16, scenario: &Scenario, count: u32) {
+    let head = request_head(scenario);
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream.set_read_timeout(Some(StdDuration::from_secs(60))).unwrap();
+    for _ in 0..count {
+        exchange(&mut stream, &head, &scenario.name);
+    }
+}
+
+/// The scenario's request, as bytes on the wire.
+fn request_head(scenario: &Scenario) -> String {
     let mut head = format!("GET {} HTTP/1.1\r\nhost: bench\r\n", scenario.path);
     for (name, value) in &scenario.headers {
         head.push_str(&format!("{name}: {value}\r\n"));
     }
     head.push_str("\r\n");
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    stream.set_read_timeout(Some(StdDuration::from_secs(60))).unwrap();
+    head
+}
+
+/// Sends `head` on a keep-alive connection and reads the whole response, which must be a 200.
+fn exchange(stream: &mut TcpStream, head: &str, scenario: &str) {
+    stream.write_all(head.as_bytes()).unwrap();
+    let mut response = Vec::with_capacity(1024);
     let mut chunk = [0u8; 4096];
-    for _ in 0..count {
-        stream.write_all(head.as_bytes()).unwrap();
-        let mut response = Vec::with_capacity(1024);
-        while !complete(&response) {
-            let n = stream.read(&mut chunk).unwrap();
-            assert!(n > 0, "{}: Envoy closed the connection", scenario.name);
-            response.extend_from_slice(&chunk[..n]);
-        }
-        assert!(response.starts_with(b"HTTP/1.1 200"), "{}: {}", scenario.name, String::from_utf8_lossy(&response));
+    while !complete(&response) {
+        let n = stream.read(&mut chunk).unwrap();
+        assert!(n > 0, "{scenario}: Envoy closed the connection");
+        response.extend_from_slice(&chunk[..n]);
     }
+    assert!(response.starts_with(b"HTTP/1.1 200"), "{scenario}: {}", String::from_utf8_lossy(&response));
 }
 
 fn callgrind_control(args: &[&str]) {
@@ -971,13 +1011,15 @@ fn hostcalls_part() -> String {
     std::fs::create_dir_all(&dumps).unwrap();
     let module = probe_module();
     let kinds = [
-        ("request-headers", "read all request headers"),
-        ("request-header", "read one request header"),
-        ("route-metadata", "read route metadata that is absent"),
-        ("time", "read the clock"),
-        ("shared-get", "read a shared-data value"),
-        ("response-set", "set a response header"),
-        ("response-remove", "remove a response header that is absent"),
+        ("request-headers", "read all request headers", PROBE_CALLS),
+        ("request-header", "read one request header", PROBE_CALLS),
+        ("route-metadata", "read route metadata that is absent", PROBE_CALLS),
+        ("time", "read the clock", PROBE_CALLS),
+        ("shared-get", "read a shared-data value", PROBE_CALLS),
+        ("response-set", "set a response header", PROBE_CALLS),
+        ("response-remove", "remove a response header that is absent", PROBE_CALLS),
+        // One, as a credit reservation: the request pauses for it and resumes on the answer.
+        ("http-call", "an HTTP callout the request waits for (to the recording upstream)", 1),
     ];
     let scenario = |name: String| Scenario {
         name,
@@ -1011,26 +1053,158 @@ fn hostcalls_part() -> String {
     let noop = measure(Some("noop".to_owned()));
     let mut out = format!(
         "### What one hostcall costs\n\n\
-         benches/hostcall-probe, a proxy-wasm filter that makes {PROBE_CALLS} calls of one kind per request and \
-         nothing else, counted as in the part above. Per call: (probe − noop) / {PROBE_CALLS}.\n\n\
+         benches/hostcall-probe, a proxy-wasm filter that makes {PROBE_CALLS} calls of one kind per request (one \
+         callout) and nothing else, counted as in the part above. Per call: (probe − noop) / calls.\n\n\
          | filter | instructions/request | per call |\n| --- | ---: | ---: |\n\
          | none (plain) | {plain:.0} | |\n\
          | noop: a wasm filter that does nothing | {noop:.0} | {:.0} added vs plain |\n",
         noop - plain
     );
-    for (kind, what) in kinds {
-        let per_request = measure(Some(format!("{kind}:{PROBE_CALLS}")));
+    for (kind, what, calls) in kinds.into_iter().filter(|(kind, _, _)| picked(kind)) {
+        let per_request = measure(Some(format!("{kind}:{calls}")));
+        out.push_str(&format!("| {what} | {per_request:.0} | {:.0} |\n", (per_request - noop) / f64::from(calls)));
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Part 7: what a billed request costs, at one request rate for all
+
+/// Requests per second in the billing part, the same for every scenario: Envoy's CPU per request
+/// depends on the rate (the busier its event loop, the more requests each wake-up serves), and
+/// the throughput part runs tollgate-credits at the credit service's pace, the others at Envoy's.
+/// Well inside what the service answers on SQLite (make bench-credit), so nothing queues for it.
+const BILLING_RATE: u32 = 250;
+const BILLING_CONNECTIONS: u32 = 5;
+
+/// A process's time on a CPU so far (user and system, all threads), in nanoseconds: finer than
+/// /proc/PID/stat's 10 ms ticks, which a few thousand requests fill only a few dozen times.
+fn cpu_nanos(pid: u32) -> u64 {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok())
+        .filter_map(|stat| stat.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// `rate` requests per second for `seconds` over `BILLING_CONNECTIONS` keep-alive connections, each
+/// on a fixed schedule; every request's latency in µs, counted from when it was due, so a slow
+/// answer also shows in the requests it held up.
+fn paced(port: u16, scenario: &Scenario, rate: u32, seconds: u32) -> Vec<f64> {
+    let interval = StdDuration::from_secs(1) * BILLING_CONNECTIONS / rate;
+    let each = rate * seconds / BILLING_CONNECTIONS;
+    let head = request_head(scenario);
+    let start = Instant::now();
+    thread::scope(|scope| {
+        let connections: Vec<_> = (0..BILLING_CONNECTIONS)
+            .map(|c| {
+                let head = &head;
+                scope.spawn(move || {
+                    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+                    stream.set_read_timeout(Some(StdDuration::from_secs(10))).unwrap();
+                    // Staggered, so that the connections' requests interleave.
+                    let first = start + interval * c / BILLING_CONNECTIONS;
+                    (0..each)
+                        .map(|i| {
+                            let due = first + interval * i;
+                            thread::sleep(due.saturating_duration_since(Instant::now()));
+                            exchange(&mut stream, head, &scenario.name);
+                            due.elapsed().as_secs_f64() * 1e6
+                        })
+                        .collect::<Vec<f64>>()
+                })
+            })
+            .collect();
+        connections.into_iter().flat_map(|c| c.join().unwrap()).collect()
+    })
+}
+
+/// One paced run: Envoy's and the credit service's CPU µs per request, p50 and p99 µs.
+struct Paced {
+    envoy_us: f64,
+    service_us: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+/// tollgate-credits against tollgate-apikey, the same filter unbilled, with both at one request
+/// rate: the issue's "a billed request within 2× of an unbilled one", measured in Envoy's CPU.
+fn billing_part(keys: &Keys) -> String {
+    let rounds: usize = env_or("TOLLGATE_BENCH_ROUNDS", 3);
+    let seconds: u32 = 2 * env_or("TOLLGATE_BENCH_SECONDS", 5);
+    let all = scenarios(keys);
+    let picked: Vec<&Scenario> = ["plain", "tollgate-apikey", "tollgate-credits"]
+        .iter()
+        .map(|name| {
+            let found = all.iter().find(|s| s.name == *name);
+            found.unwrap_or_else(|| panic!("the billing part needs {name}; TOLLGATE_BENCH_ONLY left it out"))
+        })
+        .collect();
+    let credits = CreditService::start();
+    credits.create_account("bench", 1_000_000_000_000);
+    let mut samples: Vec<Vec<Paced>> = picked.iter().map(|_| Vec::new()).collect();
+    for round in 0..rounds {
+        for i in (0..picked.len()).map(|i| (i + round) % picked.len()) {
+            let scenario = picked[i];
+            let gw = start(scenario, keys, credits.port(), vec![]);
+            pin_envoy(&gw);
+            keep_alive(gw.port(), scenario, WARM_UP);
+            let (envoy, service) = (cpu_nanos(gw.envoy_pid()), cpu_nanos(credits.pid()));
+            let mut latencies = paced(gw.port(), scenario, BILLING_RATE, seconds);
+            let per_request = |pid: u32, before: u64| (cpu_nanos(pid) - before) as f64 / 1e3 / latencies.len() as f64;
+            let (envoy_us, service_us) = (per_request(gw.envoy_pid(), envoy), per_request(credits.pid(), service));
+            latencies.sort_by(f64::total_cmp);
+            let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q).round() as usize];
+            let sample = Paced { envoy_us, service_us, p50_us: at(0.5), p99_us: at(0.99) };
+            eprintln!(
+                "billing round {} {:<18} {:>6.1} Envoy CPU µs/req  {:>6.1} service  p50 {:>6.0} µs  p99 {:>6.0} µs",
+                round + 1,
+                scenario.name,
+                sample.envoy_us,
+                sample.service_us,
+                sample.p50_us,
+                sample.p99_us
+            );
+            samples[i].push(sample);
+        }
+    }
+    let of = |i: usize, f: fn(&Paced) -> f64| median(samples[i].iter().map(f).collect());
+    let plain = of(0, |s| s.envoy_us);
+    let mut out = format!(
+        "### What a billed request costs\n\n\
+         Every scenario at {BILLING_RATE} requests/s ({BILLING_CONNECTIONS} keep-alive connections on fixed \
+         schedules, {seconds} s, after {WARM_UP} requests to warm up), Envoy --concurrency 1 pinned to CPU 0; \
+         the credit service on SQLite. CPU from /proc/PID/task/*/schedstat (user + system, ns); latency from \
+         when each request was due; medians of {rounds} alternating rounds.\n\n\
+         | scenario | Envoy CPU µs/req | added vs plain | credit service CPU µs/req | p50 µs | p99 µs |\n\
+         | --- | ---: | ---: | ---: | ---: | ---: |\n"
+    );
+    for (i, scenario) in picked.iter().enumerate() {
+        let envoy = of(i, |s| s.envoy_us);
         out.push_str(&format!(
-            "| {what} | {per_request:.0} | {:.0} |\n",
-            (per_request - noop) / f64::from(PROBE_CALLS)
+            "| {} | {envoy:.1} | {:.1} | {:.1} | {:.0} | {:.0} |\n",
+            scenario.name,
+            envoy - plain,
+            of(i, |s| s.service_us),
+            of(i, |s| s.p50_us),
+            of(i, |s| s.p99_us)
         ));
     }
+    // Per round, against the plain run of the same round.
+    let ratios = (0..rounds)
+        .map(|r| (samples[2][r].envoy_us - samples[0][r].envoy_us) / (samples[1][r].envoy_us - samples[0][r].envoy_us))
+        .collect();
+    out.push_str(&format!(
+        "\nA billed request's added Envoy CPU is {:.2}× an unbilled one's (tollgate-credits ÷ tollgate-apikey, \
+         added vs plain, median of per-round ratios; the target is 2×).\n",
+        median(ratios)
+    ));
     out
 }
 
 fn main() {
     let parts = std::env::var("TOLLGATE_BENCH_PARTS")
-        .unwrap_or_else(|_| "throughput,contention,memory,start,instructions,hostcalls".to_owned());
+        .unwrap_or_else(|_| "throughput,billing,contention,memory,start,instructions,hostcalls".to_owned());
     let wanted = |part: &str| parts.split(',').any(|p| p.trim() == part);
     let keys = Keys::generate();
     let wasm = std::fs::metadata(repo().join("build/tollgate.wasm")).map(|m| m.len()).unwrap_or(0);
@@ -1040,8 +1214,9 @@ fn main() {
         wasm as f64 / 1_048_576.0,
         load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
     );
-    let parts: [(&str, &dyn Fn() -> String); 6] = [
+    let parts: [(&str, &dyn Fn() -> String); 7] = [
         ("throughput", &|| throughput(&keys)),
+        ("billing", &|| billing_part(&keys)),
         ("contention", &|| contention_part(&keys)),
         ("memory", &memory_part),
         ("start", &|| start_part(&keys)),

@@ -41,6 +41,11 @@ impl CreditService {
         CreditService { child: Some(child), port, dir, ttl_seconds }
     }
 
+    /// The service's process id, for benchmarks that read its CPU time.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
     pub fn port(&self) -> u16 {
         self.port
     }

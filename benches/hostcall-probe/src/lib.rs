@@ -2,6 +2,8 @@
 //! (`noop` makes none). The benchmark compares Envoy's instructions per request across kinds; the
 //! difference to `noop`, divided by `count`, is what one call costs.
 
+use std::time::Duration;
+
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, MapType};
@@ -9,6 +11,8 @@ use proxy_wasm::types::{Action, BufferType, ContextType, MapType};
 /// Response headers the calls set, as tollgate sets them: static names, short values.
 const NAMES: [&str; 4] = ["x-content-type-options", "x-frame-options", "referrer-policy", "x-ratelimit-limit"];
 const SHARED_KEY: &str = "probe.shared";
+/// The test harness's recording upstream, which answers every request with a 200.
+const CALLOUT_CLUSTER: &str = "upstream";
 
 proxy_wasm::main! {{
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Probe::default()) });
@@ -18,6 +22,8 @@ proxy_wasm::main! {{
 struct Probe {
     kind: Kind,
     count: usize,
+    /// Callouts sent and not yet answered; the request resumes when none are left.
+    pending: usize,
 }
 
 #[derive(Clone, Copy, Default, PartialEq)]
@@ -37,9 +43,18 @@ enum Kind {
     ResponseSet,
     /// Removes a response header that is not there.
     ResponseRemove,
+    /// An HTTP callout the request waits for: dispatch, the answer's callback, resume.
+    HttpCall,
 }
 
-impl Context for Probe {}
+impl Context for Probe {
+    fn on_http_call_response(&mut self, _: u32, _: usize, _: usize, _: usize) {
+        self.pending -= 1;
+        if self.pending == 0 {
+            let _ = hostcalls::resume_http_request();
+        }
+    }
+}
 
 impl RootContext for Probe {
     fn on_configure(&mut self, _: usize) -> bool {
@@ -55,6 +70,7 @@ impl RootContext for Probe {
             "shared-get" => Kind::SharedGet,
             "response-set" => Kind::ResponseSet,
             "response-remove" => Kind::ResponseRemove,
+            "http-call" => Kind::HttpCall,
             _ => Kind::Noop,
         };
         hostcalls::set_shared_data(SHARED_KEY, Some(&[0; 48]), None).is_ok()
@@ -71,6 +87,17 @@ impl RootContext for Probe {
 
 impl HttpContext for Probe {
     fn on_http_request_headers(&mut self, _: usize, _: bool) -> Action {
+        if self.kind == Kind::HttpCall {
+            let headers = vec![(":method", "GET"), (":path", "/probe"), (":authority", "probe")];
+            // A deadline that valgrind's slowness cannot reach.
+            let timeout = Duration::from_secs(60);
+            for _ in 0..self.count {
+                if hostcalls::dispatch_http_call(CALLOUT_CLUSTER, headers.clone(), None, vec![], timeout).is_ok() {
+                    self.pending += 1;
+                }
+            }
+            return if self.pending > 0 { Action::Pause } else { Action::Continue };
+        }
         for _ in 0..self.count {
             // Results are dropped: the probe prices the call, not what is done with its answer.
             let _ = match self.kind {
