@@ -9,6 +9,8 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, Request, State};
 use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
@@ -55,7 +57,21 @@ pub fn app(state: Arc<AppState>) -> Router {
         .fallback(|| async { AppError::NoRoute })
         .method_not_allowed_fallback(|| async { AppError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(middleware::from_fn(to_completion))
         .with_state(state)
+}
+
+/// Runs each request to its end in a task of its own, whether or not the client stays for the
+/// answer. Hyper drops a handler's future when its connection closes, and a ledger transaction
+/// dropped just after sqlx's BEGIN leaves the one SQLite writer connection inside a transaction
+/// for good, failing every later write. A gateway closes the connection whenever a callout
+/// times out, so that is no corner case. The work is idempotent by request id, so finishing it
+/// is also what a retrying client expects.
+async fn to_completion(request: Request, next: Next) -> Response {
+    match tokio::spawn(next.run(request)).await {
+        Ok(response) => response,
+        Err(failed) => AppError::TaskFailed(failed.to_string()).into_response(),
+    }
 }
 
 // ---- who may call what -------------------------------------------------------------------------

@@ -52,6 +52,8 @@ pub enum AppError {
     MethodNotAllowed,
     #[error(transparent)]
     Ledger(#[from] LedgerError),
+    #[error("the request's task failed: {0}")]
+    TaskFailed(String),
 }
 
 impl AppError {
@@ -66,6 +68,7 @@ impl AppError {
             Self::InvalidField { .. } => (StatusCode::BAD_REQUEST, "invalid_field"),
             Self::NoRoute => (StatusCode::NOT_FOUND, "not_found"),
             Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            Self::TaskFailed(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
             Self::Ledger(e) => match e {
                 L::AccountNotFound(_) => (StatusCode::NOT_FOUND, "account_not_found"),
                 L::ReservationNotFound(_) => (StatusCode::NOT_FOUND, "reservation_not_found"),

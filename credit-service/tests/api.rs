@@ -26,6 +26,7 @@ on_both_backends!(
     sigterm_exits_cleanly,
     sigterm_lets_in_flight_requests_finish,
     database_trouble_is_503,
+    clients_that_hang_up_break_nothing,
 );
 
 async fn accounts_and_idempotent_top_ups(db: Db) {
@@ -652,6 +653,56 @@ async fn database_trouble_is_503(db: Db) {
         let (status, body) = svc.reserve("acme", 10, "req-1").await;
         assert_eq!(status, StatusCode::CREATED, "once the lock is gone: {body}");
     }
+}
+
+/// A gateway hangs up on a callout that outlives its timeout, at whatever point the service has
+/// reached. Once, that could leave SQLite's one writer connection inside a transaction for good,
+/// failing every later write. Each round hangs up on 32 reservations at staggered moments; the
+/// ledger must keep answering, and a retry of each (as a gateway would send) must find it made
+/// once or make it now: in the end, every request id holds exactly one credit.
+async fn clients_that_hang_up_break_nothing(db: Db) {
+    const ROUNDS: usize = 25;
+    const PER_ROUND: usize = 32;
+    const FUNDS: i64 = 1_000_000;
+    let svc = Service::start(&db);
+    svc.funded_account("acme", FUNDS).await;
+    let address = svc.base.strip_prefix("http://").unwrap().to_owned();
+    for round in 0..ROUNDS {
+        let address = address.clone();
+        tokio::task::spawn_blocking(move || {
+            std::thread::scope(|scope| {
+                for i in 0..PER_ROUND {
+                    let address = &address;
+                    scope.spawn(move || hang_up(address, &format!("gone-{}", round * PER_ROUND + i), i));
+                }
+            });
+        })
+        .await
+        .unwrap();
+        let (status, body) = svc.reserve("acme", 1, &format!("stayed-{round}")).await;
+        assert_eq!(status, StatusCode::CREATED, "after {} hang-ups: {body}", (round + 1) * PER_ROUND);
+    }
+    for id in 0..ROUNDS * PER_ROUND {
+        let (status, body) = svc.reserve("acme", 1, &format!("gone-{id}")).await;
+        assert!(matches!(status, StatusCode::OK | StatusCode::CREATED), "retry of gone-{id}: {status} {body}");
+    }
+    let holds = i64::try_from(ROUNDS * PER_ROUND + ROUNDS).unwrap();
+    assert_eq!(svc.balance("acme").await, (FUNDS - holds, holds));
+}
+
+/// Sends a reservation and closes the connection without reading the answer, after a delay that
+/// differs with `i` (0 to 3.1 ms), so that the hang-ups land at every stage of the work.
+fn hang_up(address: &str, request_id: &str, i: usize) {
+    use std::io::Write;
+    let body = reserve_body("acme", 1, request_id, "/api");
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    let head = format!(
+        "POST /v1/reservations HTTP/1.1\r\nhost: credit\r\nauthorization: Bearer {SERVICE_TOKEN}\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(format!("{head}{body}").as_bytes()).unwrap();
+    std::thread::sleep(Duration::from_micros(100 * (i as u64)));
 }
 
 /// Sends every reservation at once; the answers in order.
