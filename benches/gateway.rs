@@ -20,14 +20,16 @@
 //! Environment: `TOLLGATE_BENCH_ROUNDS` (default 3), `TOLLGATE_BENCH_SECONDS` per run (5),
 //! `TOLLGATE_BENCH_CLIENTS` distinct clients for the memory part (2000000),
 //! `TOLLGATE_BENCH_STARTS` per start-time variant (5), `TOLLGATE_BENCH_PARTS` (default
-//! `throughput,billing,contention,memory,start,instructions,hostcalls`), `TOLLGATE_BENCH_ONLY` (scenario names
-//! and hostcall kinds; plain, native and the noop probe always run), and `TOLLGATE_BENCH_ALT_WASM`, a second module whose tollgate
-//! scenarios run alongside (to compare builds, e.g. profiles).
+//! `throughput,billing,contention,memory,start,instructions,hostcalls`), `TOLLGATE_BENCH_ONLY`
+//! (scenario names and hostcall kinds; plain, native and the noop probe always run), and
+//! `TOLLGATE_BENCH_ALT_WASM`, a second module whose tollgate scenarios run alongside (to compare
+//! builds, e.g. profiles).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "benchmark driver")]
 
 #[path = "../tests/harness/mod.rs"]
 mod harness;
 
+use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -921,7 +923,7 @@ fn callgrind_control(args: &[&str]) {
 
 /// Starts Envoy (through `start`, given the callgrind wrapper) and counts its instructions per
 /// request of `scenario`, after a warm-up; the dump goes to `dumps`.
-fn count_instructions(scenario: &Scenario, dumps: &Path, start: impl FnOnce(Vec<String>) -> Gateway) -> f64 {
+fn count_instructions(scenario: &Scenario, dumps: &Path, start: impl FnOnce(Vec<String>) -> Gateway) -> Count {
     let file = dumps.join(format!("{}.out", scenario.name.replace([' ', '(', ')', ':'], "")));
     let wrapper = ["valgrind", "--tool=callgrind", "--smc-check=all-non-file", "--dump-instr=yes"]
         .into_iter()
@@ -939,8 +941,59 @@ fn count_instructions(scenario: &Scenario, dumps: &Path, start: impl FnOnce(Vec<
     let dump = std::fs::read_to_string(format!("{}.1", file.display())).unwrap();
     let total: f64 = dump.lines().find_map(|l| l.strip_prefix("totals: ")?.trim().parse().ok()).unwrap();
     let per_request = total / f64::from(COUNTED);
-    eprintln!("instructions {:<28} {per_request:>9.0} per request", scenario.name);
-    per_request
+    let generated = generated_instructions(&dump) as f64 / f64::from(COUNTED);
+    eprintln!(
+        "instructions {:<28} {per_request:>9.0} per request, {generated:>7.0} in V8-generated code",
+        scenario.name
+    );
+    Count { per_request, generated }
+}
+
+/// Envoy's instructions per request, and how many of them ran in code V8 generated.
+struct Count {
+    per_request: f64,
+    generated: f64,
+}
+
+/// Of a callgrind dump's instructions, those in code V8 generated at run time: the module's own
+/// compiled functions and V8's wrapper around each hostcall. The rest is Envoy's binary (its
+/// handling of every hostcall included) and libc. Callgrind names no object for generated code
+/// (`???`), which sits in V8's code space, far above where valgrind loads Envoy; some code of
+/// Envoy's own, low down, is unnamed too.
+fn generated_instructions(dump: &str) -> u64 {
+    // Compressed names: `ob=(3) /path` defines id 3, and a later `ob=(3)` means the same.
+    fn resolve(names: &mut HashMap<String, String>, field: &str) -> String {
+        let (id, name) = field.split_once(' ').unwrap_or((field, ""));
+        if !name.is_empty() {
+            names.insert(id.to_owned(), name.to_owned());
+        }
+        names.get(id).cloned().unwrap_or_else(|| field.to_owned())
+    }
+    let (mut objects, mut functions) = (HashMap::new(), HashMap::new());
+    let (mut unnamed, mut high, mut inclusive) = (false, false, false);
+    let mut total = 0;
+    for line in dump.lines() {
+        if let Some(field) = line.strip_prefix("ob=") {
+            unnamed = resolve(&mut objects, field) == "???";
+        } else if let Some(field) = line.strip_prefix("cob=") {
+            resolve(&mut objects, field);
+        } else if let Some(field) = line.strip_prefix("fn=") {
+            let name = resolve(&mut functions, field);
+            let address = name.strip_prefix("0x").and_then(|hex| u64::from_str_radix(hex, 16).ok());
+            high = address.is_some_and(|a| a >= 1 << 32);
+        } else if let Some(field) = line.strip_prefix("cfn=") {
+            resolve(&mut functions, field);
+        } else if line.starts_with("calls=") {
+            // The next cost line is the call's inclusive cost, counted where it was spent.
+            inclusive = true;
+        } else if line.starts_with(|c: char| c.is_ascii_digit() || "+-*".contains(c)) {
+            let cost: u64 = line.split_whitespace().last().and_then(|c| c.parse().ok()).unwrap_or(0);
+            if !std::mem::take(&mut inclusive) && unnamed && high {
+                total += cost;
+            }
+        }
+    }
+    total
 }
 
 /// Envoy's instructions per request under callgrind: the same count on every run of the same
@@ -960,26 +1013,38 @@ fn instructions_part(keys: &Keys) -> String {
         .collect();
     let mut rows = Vec::new();
     for scenario in &scenarios {
-        let per_request =
-            count_instructions(scenario, &dumps, |wrapper| start(scenario, keys, credits.port(), wrapper));
-        rows.push((scenario, per_request));
+        let count = count_instructions(scenario, &dumps, |wrapper| start(scenario, keys, credits.port(), wrapper));
+        rows.push((scenario, count));
     }
-    let plain = rows.iter().find(|(s, _)| s.name == "plain").map_or(0.0, |r| r.1);
-    let native = rows.iter().find(|(s, _)| s.name == "native").map_or(0.0, |r| r.1);
+    let of = |name: &str| rows.iter().find(|(s, _)| s.name == name).map_or(0.0, |(_, c)| c.per_request);
+    let (plain, native) = (of("plain"), of("native"));
     let mut out = format!(
         "### Instructions per request\n\n\
          Envoy --concurrency 1 under `valgrind --tool=callgrind`, one keep-alive connection, {WARM_UP} requests to \
          warm up, then {COUNTED} counted; all of Envoy's threads. A count, not a time: it repeats run after run \
          whatever else the machine does, and ranks the scenarios as their cost does, but leaves out cache misses \
-         and system calls' time in the kernel. Dumps: build/callgrind/.\n\n\
-         | scenario | instructions/request | added vs plain | added ÷ native's added |\n| --- | ---: | ---: | ---: |\n"
+         and system calls' time in the kernel. \"In V8-generated code\": the module's compiled code and V8's \
+         wrappers around its hostcalls; the rest of what a tollgate scenario adds is Envoy's own code (answering \
+         those hostcalls, running the VM) and libc. Dumps: build/callgrind/.\n\n\
+         | scenario | instructions/request | added vs plain | added ÷ native's added | in V8-generated code |\n\
+         | --- | ---: | ---: | ---: | ---: |\n"
     );
-    for (scenario, per_request) in &rows {
+    for (scenario, count) in &rows {
         out.push_str(&format!(
-            "| {} | {per_request:.0} | {:.0} | {:.2} |\n",
+            "| {} | {:.0} | {:.0} | {:.2} | {:.0} |\n",
             scenario.name,
-            per_request - plain,
-            (per_request - plain) / (native - plain).max(1.0)
+            count.per_request,
+            count.per_request - plain,
+            (count.per_request - plain) / (native - plain).max(1.0),
+            count.generated
+        ));
+    }
+    let (credits, apikey) = (of("tollgate-credits"), of("tollgate-apikey"));
+    if credits > 0.0 && apikey > 0.0 {
+        out.push_str(&format!(
+            "\nA billed request adds {:.2}× what an unbilled one does (tollgate-credits ÷ tollgate-apikey, added vs \
+             plain; the target is 2×).\n",
+            (credits - plain) / (apikey - plain)
         ));
     }
     out
@@ -1033,7 +1098,7 @@ fn hostcalls_part() -> String {
     let measure = |config: Option<String>| {
         let filter = config.is_some();
         let name = format!("probe-{}", config.as_deref().unwrap_or("none"));
-        count_instructions(&scenario(name), &dumps, |wrapper| {
+        let count = count_instructions(&scenario(name), &dumps, |wrapper| {
             Gateway::start(GatewayOptions {
                 plugin_config: config,
                 concurrency: 1,
@@ -1047,7 +1112,8 @@ fn hostcalls_part() -> String {
                     direct_response(config);
                 })),
             })
-        })
+        });
+        count.per_request
     };
     let plain = measure(None);
     let noop = measure(Some("noop".to_owned()));
