@@ -410,11 +410,15 @@ fn patient(plugin: &str) -> String {
     config.to_string()
 }
 
-/// utime + stime of a process, in clock ticks (100 per second).
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
-    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+/// A process's time on a CPU so far (user and system, all threads), in nanoseconds: finer than
+/// /proc/PID/stat's 10 ms ticks, which a slow scenario's few thousand requests fill only a few
+/// dozen times.
+fn cpu_nanos(pid: u32) -> u64 {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok())
+        .filter_map(|stat| stat.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
 }
 
 struct Sample {
@@ -448,9 +452,9 @@ fn run(gw: &Gateway, scenario: &Scenario, seconds: u32) -> Sample {
     for (name, value) in &scenario.headers {
         wrk.args(["-H", &format!("{name}: {value}")]);
     }
-    let before = cpu_ticks(pid);
+    let before = cpu_nanos(pid);
     let out = wrk.arg(&url).output().expect("wrk: run `make bench`, which installs it");
-    let after = cpu_ticks(pid);
+    let after = cpu_nanos(pid);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let requests = field(&text, "requests in").unwrap_or(0.0);
     let non_2xx = field(&text, "Non-2xx or 3xx responses:").unwrap_or(0.0);
@@ -459,7 +463,7 @@ fn run(gw: &Gateway, scenario: &Scenario, seconds: u32) -> Sample {
         rps: field(&text, "Requests/sec:").unwrap(),
         p50_us: latency(&text, "50%"),
         p99_us: latency(&text, "99%"),
-        cpu_us_per_request: (after - before) as f64 * 10_000.0 / requests,
+        cpu_us_per_request: (after - before) as f64 / 1e3 / requests,
     }
 }
 
@@ -1143,16 +1147,6 @@ fn hostcalls_part() -> String {
 const BILLING_RATE: u32 = 250;
 const BILLING_CONNECTIONS: u32 = 5;
 
-/// A process's time on a CPU so far (user and system, all threads), in nanoseconds: finer than
-/// /proc/PID/stat's 10 ms ticks, which a few thousand requests fill only a few dozen times.
-fn cpu_nanos(pid: u32) -> u64 {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok())
-        .filter_map(|stat| stat.split_whitespace().next()?.parse::<u64>().ok())
-        .sum()
-}
-
 /// `rate` requests per second for `seconds` over `BILLING_CONNECTIONS` keep-alive connections, each
 /// on a fixed schedule; every request's latency in µs, counted from when it was due, so a slow
 /// answer also shows in the requests it held up.
@@ -1199,7 +1193,7 @@ fn billing_part(keys: &Keys) -> String {
     let rounds: usize = env_or("TOLLGATE_BENCH_ROUNDS", 3);
     let seconds: u32 = 2 * env_or("TOLLGATE_BENCH_SECONDS", 5);
     let all = scenarios(keys);
-    let picked: Vec<&Scenario> = ["plain", "tollgate-apikey", "tollgate-credits"]
+    let compared: Vec<&Scenario> = ["plain", "tollgate-apikey", "tollgate-credits"]
         .iter()
         .map(|name| {
             let found = all.iter().find(|s| s.name == *name);
@@ -1208,10 +1202,10 @@ fn billing_part(keys: &Keys) -> String {
         .collect();
     let credits = CreditService::start();
     credits.create_account("bench", 1_000_000_000_000);
-    let mut samples: Vec<Vec<Paced>> = picked.iter().map(|_| Vec::new()).collect();
+    let mut samples: Vec<Vec<Paced>> = compared.iter().map(|_| Vec::new()).collect();
     for round in 0..rounds {
-        for i in (0..picked.len()).map(|i| (i + round) % picked.len()) {
-            let scenario = picked[i];
+        for i in (0..compared.len()).map(|i| (i + round) % compared.len()) {
+            let scenario = compared[i];
             let gw = start(scenario, keys, credits.port(), vec![]);
             pin_envoy(&gw);
             keep_alive(gw.port(), scenario, WARM_UP);
@@ -1245,7 +1239,7 @@ fn billing_part(keys: &Keys) -> String {
          | scenario | Envoy CPU µs/req | added vs plain | credit service CPU µs/req | p50 µs | p99 µs |\n\
          | --- | ---: | ---: | ---: | ---: | ---: |\n"
     );
-    for (i, scenario) in picked.iter().enumerate() {
+    for (i, scenario) in compared.iter().enumerate() {
         let envoy = of(i, |s| s.envoy_us);
         out.push_str(&format!(
             "| {} | {envoy:.1} | {:.1} | {:.1} | {:.0} | {:.0} |\n",
