@@ -3,7 +3,9 @@
 
 use crate::metrics::Metric;
 
+/// The proxy's clock counts nanoseconds.
 pub const NANOS_PER_SECOND: u64 = 1_000_000_000;
+pub const NANOS_PER_MS: u64 = 1_000_000;
 
 /// What the pipeline asks of the proxy. Methods do not fail: the adapter logs a hostcall error
 /// and carries on, because a request is better served than a worker's VM killed by a panic.

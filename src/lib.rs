@@ -26,7 +26,7 @@ use auth::{AuthError, Identity, PendingSignature, RequestCredentials};
 use checks::BodyCounter;
 use config::{Config, Method};
 use credits::{CreditError, FailurePolicy, Reservation, Settlement};
-use host::{Callout, Host, NANOS_PER_SECOND};
+use host::{Callout, Host, NANOS_PER_MS, NANOS_PER_SECOND};
 use metrics::Metric;
 use problem::Denial;
 use ratelimit::{Caller, Quota};
@@ -339,7 +339,7 @@ impl Stream {
                 self.admit(host, &request, &policy, false)
             }
             Waiting::Credits { token: expected, amount, sent, on_failure } if expected == token => {
-                host.count(Metric::CreditCalloutMilliseconds, host.now_nanos().saturating_sub(sent) / 1_000_000);
+                host.count(Metric::CreditCalloutMilliseconds, host.now_nanos().saturating_sub(sent) / NANOS_PER_MS);
                 match credits::reservation(answer, amount) {
                     Ok(reservation) => {
                         self.billing = Billing::Reserved(reservation);

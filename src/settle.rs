@@ -7,10 +7,9 @@
 use std::collections::HashMap;
 
 use crate::credits::{Credits, Settlement};
-use crate::host::Host;
+use crate::host::{Host, NANOS_PER_MS, NANOS_PER_SECOND};
 use crate::metrics::Metric;
 
-const NANOS_PER_MS: u64 = 1_000_000;
 const MAX_BACKOFF_SECONDS: u64 = 30;
 
 #[derive(Debug)]
@@ -94,8 +93,8 @@ impl Settler {
     fn retry_later(&mut self, host: &mut dyn Host, credits: &Credits, mut job: Job) -> Answer {
         let now = host.now_nanos();
         let backoff = (1u64 << job.attempts.min(5)).min(MAX_BACKOFF_SECONDS);
-        job.due = now.saturating_add(backoff * 1_000_000_000);
-        if job.due.saturating_sub(job.first_sent) > credits.retry_seconds * 1_000_000_000 {
+        job.due = now.saturating_add(backoff * NANOS_PER_SECOND);
+        if job.due.saturating_sub(job.first_sent) > credits.retry_seconds * NANOS_PER_SECOND {
             log::error!(
                 "tollgate: gave up on {} for reservation {} after {} attempts; the credit service's expiry releases it",
                 job.settlement.action(),

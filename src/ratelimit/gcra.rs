@@ -7,6 +7,8 @@
 //! refused request writes nothing. `limit` per `period` is a bucket of `capacity` requests
 //! (`limit` unless `burst` lowers it) that refills evenly, one request every `period / limit`.
 
+use crate::host::NANOS_PER_SECOND;
+
 /// How long a window's quota takes to refill.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Period {
@@ -39,8 +41,6 @@ impl Period {
     }
 }
 
-const NANOS: u64 = 1_000_000_000;
-
 /// One limit on one caller: `limit` requests per `period`, at most `capacity` back to back.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Window {
@@ -66,7 +66,7 @@ pub enum Verdict {
 impl Window {
     /// `limit` and `capacity` are at least 1 and `capacity <= limit` (validated by the config).
     pub fn new(period: Period, limit: u64, capacity: u64, position: usize) -> Window {
-        let interval = (period.seconds() * NANOS / limit.max(1)).max(1);
+        let interval = (period.seconds() * NANOS_PER_SECOND / limit.max(1)).max(1);
         Window { period, limit, capacity: capacity.clamp(1, limit.max(1)), interval, position }
     }
 
@@ -86,14 +86,14 @@ impl Window {
 
 /// Whole seconds, rounded up: a client told to wait this long is not refused for waiting too little.
 pub fn ceil_seconds(nanos: u64) -> u64 {
-    nanos.div_ceil(NANOS)
+    nanos.div_ceil(NANOS_PER_SECOND)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const T0: u64 = 1_800_000_000 * NANOS;
+    const T0: u64 = 1_800_000_000 * NANOS_PER_SECOND;
 
     fn run(window: &Window, tat: &mut u64, now: u64) -> Verdict {
         let verdict = window.check(*tat, now);
@@ -115,8 +115,8 @@ mod tests {
         }
         match run(&w, &mut tat, T0) {
             Verdict::Deny { wait, full_in } => {
-                assert_eq!(wait, 12 * NANOS, "one request refills every 60/5 s");
-                assert_eq!(full_in, 60 * NANOS);
+                assert_eq!(wait, 12 * NANOS_PER_SECOND, "one request refills every 60/5 s");
+                assert_eq!(full_in, 60 * NANOS_PER_SECOND);
             }
             other => panic!("allowed over the limit: {other:?}"),
         }
@@ -141,9 +141,10 @@ mod tests {
         let mut tat = 0;
         assert!(matches!(run(&w, &mut tat, T0), Verdict::Allow { remaining: 1, .. }));
         assert!(matches!(run(&w, &mut tat, T0), Verdict::Allow { remaining: 0, .. }));
-        assert!(matches!(run(&w, &mut tat, T0), Verdict::Deny { wait, .. } if wait == NANOS));
+        assert!(matches!(run(&w, &mut tat, T0), Verdict::Deny { wait, .. } if wait == NANOS_PER_SECOND));
         // After the burst, one a second: the sustained rate is still 60 a minute.
-        let allowed = (0..600).filter(|i| matches!(run(&w, &mut tat, T0 + i * NANOS / 10), Verdict::Allow { .. }));
+        let allowed =
+            (0..600).filter(|i| matches!(run(&w, &mut tat, T0 + i * NANOS_PER_SECOND / 10), Verdict::Allow { .. }));
         assert_eq!(allowed.count(), 59);
     }
 
@@ -155,8 +156,8 @@ mod tests {
             run(&w, &mut tat, T0);
         }
         assert!(matches!(w.check(tat, T0), Verdict::Deny { .. }));
-        assert!(matches!(w.check(tat, T0 + 360 * NANOS), Verdict::Allow { remaining: 0, .. }));
-        assert!(matches!(w.check(tat, T0 + 3_600 * NANOS), Verdict::Allow { remaining: 9, .. }));
+        assert!(matches!(w.check(tat, T0 + 360 * NANOS_PER_SECOND), Verdict::Allow { remaining: 0, .. }));
+        assert!(matches!(w.check(tat, T0 + 3_600 * NANOS_PER_SECOND), Verdict::Allow { remaining: 9, .. }));
     }
 
     #[test]

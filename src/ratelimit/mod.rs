@@ -437,6 +437,7 @@ mod tests {
     use super::*;
     use crate::auth::AuthMethod;
     use crate::host::fake::FakeHost;
+    use crate::host::NANOS_PER_SECOND;
     use crate::routes::Access;
 
     fn limits(
@@ -526,7 +527,7 @@ mod tests {
             panic!("not refused")
         };
         assert_eq!((quota.remaining, quota.reset, retry_after), (0, 60, 30));
-        let later = now + retry_after * 1_000_000_000;
+        let later = now + retry_after * NANOS_PER_SECOND;
         assert!(limits.check(&mut host, &policies["search"], &caller, later).result.is_ok(), "Retry-After is honest");
     }
 
