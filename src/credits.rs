@@ -4,6 +4,8 @@
 //! callouts' requests and the reading of their answers; `settle` keeps commits and releases going
 //! after the stream has ended.
 
+use std::fmt;
+
 use serde::Deserialize;
 
 use crate::config::{header_name, ConfigError};
@@ -154,14 +156,19 @@ impl Credits {
         self.call("/v1/reservations".to_owned(), body.to_string(), policy.timeout_ms.unwrap_or(self.timeout_ms))
     }
 
-    /// `POST /v1/reservations/{id}/commit` or `…/release`.
+    /// `POST /v1/reservations/{id}/commit` or `…/release`, or the reservation call again.
     pub fn settle(&self, settlement: &Settlement) -> Callout {
-        let body = match settlement.charge {
-            Some(amount) => format!("{{\"amount\":{amount}}}"),
-            None => "{}".to_owned(),
-        };
-        let path = format!("/v1/reservations/{}/{}", settlement.reservation_id, settlement.action());
-        self.call(path, body, self.timeout_ms)
+        match settlement {
+            Settlement::Commit { reservation_id, amount } => self.call(
+                format!("/v1/reservations/{reservation_id}/commit"),
+                format!("{{\"amount\":{amount}}}"),
+                self.timeout_ms,
+            ),
+            Settlement::Release { reservation_id } => {
+                self.call(format!("/v1/reservations/{reservation_id}/release"), "{}".to_owned(), self.timeout_ms)
+            }
+            Settlement::Reclaim { reserve } => Callout { timeout_ms: self.timeout_ms, ..reserve.clone() },
+        }
     }
 
     fn call(&self, path: String, body: String, timeout_ms: u64) -> Callout {
@@ -229,19 +236,30 @@ pub struct Reservation {
     pub balance: u64,
 }
 
-/// A commit (`charge` set) or a release to send for a reservation.
+/// What the root context sends the credit service once a billed stream is over.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Settlement {
-    pub reservation_id: String,
-    pub charge: Option<u64>,
+pub enum Settlement {
+    Commit {
+        reservation_id: String,
+        amount: u64,
+    },
+    Release {
+        reservation_id: String,
+    },
+    /// A reservation whose answer never reached its stream (a timeout, a client gone): the same
+    /// reservation call again, which the service answers with the reservation it made under that
+    /// key (or makes it now), to release it.
+    Reclaim {
+        reserve: Callout,
+    },
 }
 
-impl Settlement {
-    pub fn action(&self) -> &'static str {
-        if self.charge.is_some() {
-            "commit"
-        } else {
-            "release"
+impl fmt::Display for Settlement {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Settlement::Commit { reservation_id, .. } => write!(f, "commit of reservation {reservation_id}"),
+            Settlement::Release { reservation_id } => write!(f, "release of reservation {reservation_id}"),
+            Settlement::Reclaim { .. } => f.write_str("release of an unanswered reservation"),
         }
     }
 }
@@ -250,6 +268,11 @@ impl Settlement {
 struct Granted {
     reservation_id: String,
     balance: u64,
+}
+
+/// The reservation id and balance of a 201 (or a repeated request's 200).
+pub fn granted_id(body: &[u8]) -> Option<(String, u64)> {
+    serde_json::from_slice::<Granted>(body).ok().map(|g| (g.reservation_id, g.balance))
 }
 
 #[derive(Deserialize)]
@@ -264,10 +287,9 @@ struct Refused {
 /// account), or `Unavailable` for anything else, including no answer at all.
 pub fn reservation(answer: Option<(u16, Vec<u8>)>, amount: u64) -> Result<Reservation, CreditError> {
     match answer {
-        Some((200 | 201, body)) => match serde_json::from_slice::<Granted>(&body) {
-            Ok(g) => Ok(Reservation { id: g.reservation_id, amount, balance: g.balance }),
-            Err(_) => Err(CreditError::Unavailable),
-        },
+        Some((200 | 201, body)) => {
+            granted_id(&body).map(|(id, balance)| Reservation { id, amount, balance }).ok_or(CreditError::Unavailable)
+        }
         Some((402, body)) => {
             let refused = serde_json::from_slice::<Refused>(&body).unwrap_or(Refused { balance: 0, required: amount });
             Err(CreditError::Insufficient { required: refused.required.max(amount), balance: refused.balance })

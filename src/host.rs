@@ -7,25 +7,10 @@ use crate::metrics::Metric;
 pub const NANOS_PER_SECOND: u64 = 1_000_000_000;
 pub const NANOS_PER_MS: u64 = 1_000_000;
 
-/// What the pipeline asks of the proxy. Methods do not fail: the adapter logs a hostcall error
-/// and carries on, because a request is better served than a worker's VM killed by a panic.
+/// What any context of the VM may ask of the proxy: the clock, shared data, metrics and callouts.
+/// These do not fail: the adapter logs a hostcall error and carries on, because a request is
+/// better served than a worker's VM killed by a panic, and none of them edits what goes upstream.
 pub trait Host {
-    /// All request headers in one call (pseudo-headers included, names lower-case).
-    fn request_headers(&self) -> Vec<(String, String)>;
-    fn set_request_header(&mut self, name: &str, value: &str);
-    fn remove_request_header(&mut self, name: &str);
-    /// `len` bytes of the request body Envoy holds for the filter, from `start`.
-    fn request_body(&self, start: usize, len: usize) -> Vec<u8>;
-    /// Lets a paused request go on.
-    fn resume_request(&mut self);
-    /// A response header (`:status` included); `None` when absent.
-    fn response_header(&self, name: &str) -> Option<String>;
-    fn set_response_header(&mut self, name: &str, value: &str);
-    fn remove_response_header(&mut self, name: &str);
-    /// An Envoy attribute, e.g. `["xds", "route_metadata", …]`; `None` when absent.
-    fn property(&self, path: &[&str]) -> Option<Vec<u8>>;
-    /// Answers the request without the upstream.
-    fn send_response(&mut self, status: u16, headers: &[(&str, &str)], body: &[u8]);
     /// Unix time in seconds, from the proxy's clock.
     fn now(&self) -> u64 {
         self.now_nanos() / NANOS_PER_SECOND
@@ -47,6 +32,33 @@ pub trait Host {
     /// Asks the worker's root context to run soon (it sends queued settlements).
     fn wake_root(&mut self);
 }
+
+/// What one stream may ask of the proxy, on top of `Host`. An edit of the request that fails is
+/// an error the pipeline must act on: a forged identity header that could not be removed, or a
+/// credential left in place, must not reach the upstream.
+pub trait StreamHost: Host {
+    /// All request headers in one call (pseudo-headers included, names lower-case).
+    fn request_headers(&self) -> Vec<(String, String)>;
+    fn set_request_header(&mut self, name: &str, value: &str) -> Result<(), HostError>;
+    fn remove_request_header(&mut self, name: &str) -> Result<(), HostError>;
+    /// `len` bytes of the request body Envoy holds for the filter, from `start`.
+    fn request_body(&self, start: usize, len: usize) -> Result<Vec<u8>, HostError>;
+    /// Lets a paused request go on.
+    fn resume_request(&mut self);
+    /// A response header (`:status` included); `None` when absent.
+    fn response_header(&self, name: &str) -> Option<String>;
+    fn set_response_header(&mut self, name: &str, value: &str);
+    fn remove_response_header(&mut self, name: &str);
+    /// An Envoy attribute of this stream, e.g. `["xds", "route_metadata", …]`; `None` when absent.
+    fn property(&self, path: &[&str]) -> Option<Vec<u8>>;
+    /// Answers the request without the upstream.
+    fn send_response(&mut self, status: u16, headers: &[(&str, &str)], body: &[u8]);
+}
+
+/// The proxy refused an operation on the stream (a hostcall returned an error status).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the proxy could not {0}")]
+pub struct HostError(pub &'static str);
 
 /// An HTTP request to an Envoy cluster.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,7 +92,7 @@ impl Callout {
 pub(crate) mod fake {
     use std::collections::HashMap;
 
-    use super::{Callout, Host};
+    use super::{Callout, Host, HostError, StreamHost};
     use crate::metrics::Metric;
 
     pub const NOW: u64 = 1_800_000_000;
@@ -108,6 +120,8 @@ pub(crate) mod fake {
         pub sent_calls: Vec<Callout>,
         pub root_woken: u32,
         pub metrics: HashMap<&'static str, u64>,
+        /// Request headers the proxy refuses to edit, as a hostcall failure would.
+        pub locked: Vec<String>,
     }
 
     impl Default for FakeHost {
@@ -128,6 +142,7 @@ pub(crate) mod fake {
                 sent_calls: Vec::new(),
                 root_woken: 0,
                 metrics: HashMap::new(),
+                locked: Vec::new(),
             }
         }
     }
@@ -151,6 +166,13 @@ pub(crate) mod fake {
             self.metrics.get(metric.name()).copied().unwrap_or(0)
         }
 
+        fn refuse_edit(&self, name: &str) -> Result<(), HostError> {
+            match self.locked.iter().any(|n| n == name) {
+                true => Err(HostError("edit a request header")),
+                false => Ok(()),
+            }
+        }
+
         pub fn sent_header(&self, name: &str) -> Option<&str> {
             let (_, headers, _) = self.sent.as_ref()?;
             headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
@@ -158,40 +180,6 @@ pub(crate) mod fake {
     }
 
     impl Host for FakeHost {
-        fn request_headers(&self) -> Vec<(String, String)> {
-            self.request.clone()
-        }
-        fn set_request_header(&mut self, name: &str, value: &str) {
-            self.request.retain(|(n, _)| n != name);
-            self.request.push((name.to_owned(), value.to_owned()));
-        }
-        fn remove_request_header(&mut self, name: &str) {
-            self.request.retain(|(n, _)| n != name);
-            self.removed.push(name.to_owned());
-        }
-        fn request_body(&self, start: usize, len: usize) -> Vec<u8> {
-            self.body[start..start + len].to_vec()
-        }
-        fn resume_request(&mut self) {
-            self.resumed = true;
-        }
-        fn response_header(&self, name: &str) -> Option<String> {
-            self.response.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone())
-        }
-        fn set_response_header(&mut self, name: &str, value: &str) {
-            self.response.retain(|(n, _)| n != name);
-            self.response.push((name.to_owned(), value.to_owned()));
-        }
-        fn remove_response_header(&mut self, name: &str) {
-            self.response.retain(|(n, _)| n != name);
-        }
-        fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
-            self.properties.get(&path.join(".")).cloned()
-        }
-        fn send_response(&mut self, status: u16, headers: &[(&str, &str)], body: &[u8]) {
-            let headers = headers.iter().map(|(n, v)| ((*n).to_owned(), (*v).to_owned())).collect();
-            self.sent = Some((status, headers, serde_json::from_slice(body).unwrap()));
-        }
         fn now_nanos(&self) -> u64 {
             self.now * 1_000_000_000 + self.nanos
         }
@@ -223,6 +211,47 @@ pub(crate) mod fake {
         }
         fn wake_root(&mut self) {
             self.root_woken += 1;
+        }
+    }
+
+    impl StreamHost for FakeHost {
+        fn request_headers(&self) -> Vec<(String, String)> {
+            self.request.clone()
+        }
+        fn set_request_header(&mut self, name: &str, value: &str) -> Result<(), HostError> {
+            self.refuse_edit(name)?;
+            self.request.retain(|(n, _)| n != name);
+            self.request.push((name.to_owned(), value.to_owned()));
+            Ok(())
+        }
+        fn remove_request_header(&mut self, name: &str) -> Result<(), HostError> {
+            self.refuse_edit(name)?;
+            self.request.retain(|(n, _)| n != name);
+            self.removed.push(name.to_owned());
+            Ok(())
+        }
+        fn request_body(&self, start: usize, len: usize) -> Result<Vec<u8>, HostError> {
+            self.body.get(start..start + len).map(<[u8]>::to_vec).ok_or(HostError("read the request body"))
+        }
+        fn resume_request(&mut self) {
+            self.resumed = true;
+        }
+        fn response_header(&self, name: &str) -> Option<String> {
+            self.response.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone())
+        }
+        fn set_response_header(&mut self, name: &str, value: &str) {
+            self.response.retain(|(n, _)| n != name);
+            self.response.push((name.to_owned(), value.to_owned()));
+        }
+        fn remove_response_header(&mut self, name: &str) {
+            self.response.retain(|(n, _)| n != name);
+        }
+        fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
+            self.properties.get(&path.join(".")).cloned()
+        }
+        fn send_response(&mut self, status: u16, headers: &[(&str, &str)], body: &[u8]) {
+            let headers = headers.iter().map(|(n, v)| ((*n).to_owned(), (*v).to_owned())).collect();
+            self.sent = Some((status, headers, serde_json::from_slice(body).unwrap()));
         }
     }
 }

@@ -1,6 +1,8 @@
-//! tollgate: an API gateway filter for Envoy. This file is the request pipeline, step by step in
-//! the order of DESIGN.md; each step's logic lives in its own module, and `wasm/` is the only
-//! code that talks to proxy-wasm.
+//! tollgate: an API gateway filter for Envoy. This file is the table of contents of the request
+//! pipeline, in the order of DESIGN.md: a stream is one `Phase` at a time, and each hook below is a
+//! transition that says what the proxy must do next. The steps live in `request` (headers: steps
+//! 1-6), `body` (the body limit and the signature over the body) and `response` (step 7 and
+//! settling the bill); `wasm/` is the only code that talks to proxy-wasm.
 
 pub mod auth;
 pub mod checks;
@@ -17,27 +19,23 @@ pub mod routes;
 pub mod settle;
 pub mod worker;
 
+mod body;
+mod request;
+mod response;
 #[cfg(target_arch = "wasm32")]
 mod wasm;
 
 use std::rc::Rc;
 
-use auth::{AuthError, Identity, PendingSignature, RequestCredentials};
-use checks::BodyCounter;
-use config::{Config, Method};
-use credits::{CreditError, FailurePolicy, Reservation, Settlement};
-use host::{Callout, Host, NANOS_PER_MS, NANOS_PER_SECOND};
+use auth::PendingSignature;
+use config::Config;
+use credits::{FailurePolicy, Reservation, Settlement};
+use host::{Callout, StreamHost};
 use metrics::Metric;
 use problem::Denial;
-use ratelimit::{Caller, Quota};
-use routes::{Access, Policy};
+use ratelimit::Quota;
+use routes::Policy;
 use worker::Worker;
-
-/// Where an operator attaches a policy to an Envoy route: `metadata.filter_metadata.tollgate.policy`.
-const ROUTE_POLICY_PROPERTY: [&str; 5] = ["xds", "route_metadata", "filter_metadata", "tollgate", "policy"];
-/// The client address as Envoy resolved it: its trusted-proxy rules (`use_remote_address`,
-/// `xff_num_trusted_hops`) decide, so a client cannot pick its own by sending `X-Forwarded-For`.
-const CLIENT_ADDRESS_PROPERTY: [&str; 2] = ["source", "address"];
 
 /// What the proxy should do with the request or response after a callback.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,22 +45,43 @@ pub enum Flow {
     Pause,
 }
 
-/// The callout a held request waits for. Envoy holds the whole request meanwhile (proxy-wasm
-/// pauses headers and body together).
-enum Waiting {
-    Nothing,
-    /// A JWKS refetch for an unknown `kid`.
-    Jwks {
-        token: u32,
-        provider: usize,
-    },
-    /// The credit service's answer to a reservation of `amount`, sent at `sent` (nanoseconds).
-    Credits {
-        token: u32,
-        amount: u64,
-        sent: u64,
-        on_failure: FailurePolicy,
-    },
+/// Where one request stands. Envoy holds the whole request (headers and body) in every phase
+/// before `Forwarded`; the request goes on only from a phase with nothing pending.
+#[derive(Debug)]
+enum Phase {
+    /// The request headers have not been seen.
+    Start,
+    /// Held for a JWKS refetch (an unknown `kid`); authentication runs again, once, on its answer.
+    AwaitKeys { token: u32, provider: usize },
+    /// Held for the credit service's answer to a reservation.
+    AwaitReservation(PendingReservation),
+    /// Admitted, and held until the body has verified against the request signature.
+    VerifyBody,
+    /// Gone on to the upstream.
+    Forwarded,
+    /// Answered by the filter itself.
+    Answered,
+}
+
+/// A reservation sent and not yet answered.
+#[derive(Debug)]
+struct PendingReservation {
+    token: u32,
+    /// The call as sent: sending it again returns the same reservation (its key is idempotent),
+    /// which is how a reservation whose answer never came is found and released.
+    call: Callout,
+    amount: u64,
+    /// When it was sent (nanoseconds), for the latency histogram.
+    sent: u64,
+    on_failure: FailurePolicy,
+}
+
+/// What a header-time step leads to.
+enum Step {
+    /// Held: the phase says for what.
+    Wait(Phase),
+    /// Every header-time step passed.
+    Admitted,
 }
 
 /// Where a billed request stands with the credit service.
@@ -78,435 +97,185 @@ enum Billing {
 pub struct Stream {
     config: Rc<Config>,
     worker: Rc<Worker>,
+    phase: Phase,
+    /// The request headers, read once when they arrive.
+    request: Vec<(String, String)>,
+    request_id: String,
+    https: bool,
     policy: Option<Rc<Policy>>,
-    body: BodyCounter,
-    /// Body bytes Envoy holds for this filter because the last body callback paused; Envoy then
-    /// reports the whole held size, not the new chunk.
-    held: usize,
-    body_complete: bool,
-    waiting: Waiting,
-    /// A request signature to check over the body as it arrives. Boxed: the HMAC state is large
-    /// and most streams never sign.
+    body: body::Body,
+    /// A request signature that checks the body as it arrives. Boxed: the HMAC state is large and
+    /// most streams never sign.
     signature: Option<Box<PendingSignature>>,
     billing: Billing,
-    https: bool,
-    request_id: String,
-    /// The filter answered this request itself; its response already carries every header.
-    answered: bool,
-    /// The request has passed every step and gone on to the upstream.
-    allowed: bool,
     /// The rate-limit window the response reports, and when (Unix seconds) it was counted.
     quota: Option<(Quota, u64)>,
-}
-
-/// The request headers the pipeline reads, taken from one hostcall.
-struct RequestView<'a> {
-    all: &'a [(String, String)],
-}
-
-impl<'a> RequestView<'a> {
-    fn get(&self, name: &str) -> Option<&'a str> {
-        self.all.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
-    }
 }
 
 impl Stream {
     pub fn new(config: Rc<Config>, worker: Rc<Worker>) -> Stream {
         Stream {
-            body: BodyCounter::new(u64::MAX),
             config,
             worker,
+            phase: Phase::Start,
+            request: Vec::new(),
+            request_id: String::new(),
+            https: false,
             policy: None,
-            held: 0,
-            body_complete: false,
-            waiting: Waiting::Nothing,
+            body: body::Body::default(),
             signature: None,
             billing: Billing::None,
-            https: false,
-            request_id: String::new(),
-            answered: false,
-            allowed: false,
             quota: None,
         }
     }
 
-    pub fn on_request_headers(&mut self, host: &mut dyn Host, end_of_stream: bool) -> Flow {
-        let all = host.request_headers();
-        let request = RequestView { all: &all };
-        self.request_id = request.get("x-request-id").unwrap_or_default().to_owned();
-        // Envoy sets X-Forwarded-Proto by its own trust rules (use_remote_address,
-        // xff_num_trusted_hops), so a client cannot claim https through it.
-        self.https = request.get("x-forwarded-proto").or(request.get(":scheme")) == Some("https");
-        self.body_complete = end_of_stream;
-        let flow = self.request_headers(host, &request);
-        self.outcome(host, flow)
+    /// Steps 1-6: route policy, request checks, identity headers, authentication, rate limiting,
+    /// credits.
+    pub fn on_request_headers(&mut self, host: &mut dyn StreamHost, end_of_stream: bool) -> Flow {
+        let step = request::headers(self, host, end_of_stream);
+        self.advance(host, step)
     }
 
-    fn request_headers(&mut self, host: &mut dyn Host, request: &RequestView) -> Result<Flow, Denial> {
-        let method = request.get(":method").and_then(Method::from_header);
-        let raw_path = request.get(":path").ok_or(checks::CheckError::MissingPath)?;
-
-        // 1. Route policy.
-        let policy = self.route_policy(host, method, raw_path)?;
-        self.policy = Some(Rc::clone(&policy));
-
-        // 2. Request checks.
-        checks::path(raw_path)?;
-        checks::content_length(request.get("content-length"), policy.max_body_bytes)?;
-        self.body = BodyCounter::new(policy.max_body_bytes);
-        checks::content_type(method, request.get("content-type"), &policy.content_types)?;
-
-        // 3. Identity headers: nothing downstream may trust what the client sent under them.
-        headers::strip_identity(host, request.all, &self.config.identity_headers);
-
-        self.admit(host, request.all, &policy, true)
-    }
-
-    /// Steps 4 and 5; a request held for a JWKS refetch comes back here.
-    fn admit(
-        &mut self,
-        host: &mut dyn Host,
-        request: &[(String, String)],
-        policy: &Policy,
-        may_refetch: bool,
-    ) -> Result<Flow, Denial> {
-        // One reading of the clock for every step: each hostcall costs the request time.
-        let now = host.now_nanos();
-
-        // 4. Authentication and access.
-        let identity = match policy.access {
-            Access::Public => None,
-            Access::Deny => return Err(Denial::NotFound),
-            Access::Authenticated => match self.authenticate(host, request, policy, may_refetch, now)? {
-                Some(identity) => Some(identity),
-                None => return Ok(Flow::Pause),
-            },
-        };
-
-        // 5. Rate limiting.
-        self.rate_limit(host, policy, identity.as_ref(), now)?;
-
-        // 6. Credits.
-        match identity {
-            Some(identity) => self.reserve_credits(host, request, policy, &identity),
-            None => Ok(Flow::Continue),
-        }
-    }
-
-    /// Envoy route metadata, when the route carries it, wins over the prefix table: it is the
-    /// operator's statement about that very route.
-    fn route_policy(&self, host: &dyn Host, method: Option<Method>, raw_path: &str) -> Result<Rc<Policy>, Denial> {
-        if let Some(name) = host.property(&ROUTE_POLICY_PROPERTY) {
-            let name = String::from_utf8_lossy(&name);
-            return self
-                .config
-                .routes
-                .policy(&name)
-                .cloned()
-                .ok_or(Denial::UnknownRoutePolicy { name: name.into_owned() });
-        }
-        let path = raw_path.split(['?', '#']).next().unwrap_or_default();
-        Ok(self.config.routes.select(method, path).clone())
-    }
-
-    /// Step 4 for a route that needs a caller: the verified identity, or `None` while the request
-    /// waits for a JWKS refetch.
-    fn authenticate(
-        &mut self,
-        host: &mut dyn Host,
-        request: &[(String, String)],
-        policy: &Policy,
-        may_refetch: bool,
-        now_nanos: u64,
-    ) -> Result<Option<Identity>, Denial> {
-        let credentials = RequestCredentials::new(request);
-        let now = now_nanos / NANOS_PER_SECOND;
-        let identity = match self.config.auth.authenticate(&credentials, now) {
-            Ok(Some(identity)) => identity,
-            Ok(None) => return Err(Denial::Unauthenticated),
-            Err(AuthError::UnknownKeyId { provider }) if may_refetch => {
-                return match self.refetch_jwks(host, provider, now) {
-                    Some(()) => Ok(None),
-                    None => Err(AuthError::UnknownKeyId { provider }.into()),
-                };
+    /// The answer to a callout this stream made (`None`: none came, e.g. a timeout).
+    pub fn on_http_call_response(&mut self, host: &mut dyn StreamHost, token: u32, answer: Option<(u16, Vec<u8>)>) {
+        let step = match std::mem::replace(&mut self.phase, Phase::Start) {
+            Phase::AwaitKeys { token: expected, provider } if expected == token => {
+                request::keys_fetched(self, host, provider, answer)
             }
-            Err(err) => return Err(err.into()),
-        };
-        auth::require_scopes(&identity, &policy.scopes)?;
-        headers::forward_identity(host, request, &self.config.identity_headers, &identity);
-
-        if let Some(signatures) = self.config.auth.signatures().filter(|_| policy.signature) {
-            let pending = signatures.begin(&credentials, Some(&identity), now)?;
-            if self.body_complete {
-                self.finish_signature(host, pending)?;
-            } else {
-                // The headers go on: proxy-wasm only hands a filter the body of a request whose
-                // headers continued. The body is held until the signature over it verifies, so
-                // the upstream never gets a body, nor a complete request, that failed.
-                self.signature = Some(Box::new(pending));
-            }
-        }
-        Ok(Some(identity))
-    }
-
-    fn refetch_jwks(&mut self, host: &mut dyn Host, provider: usize, now: u64) -> Option<()> {
-        let remote = self.config.auth.providers().get(provider)?.remote_jwks()?;
-        if !self.worker.may_refetch(provider, now) {
-            return None;
-        }
-        host.count(Metric::RemoteFetches, 1);
-        let token = host.http_call(&Callout::get(&remote.cluster, &remote.authority, &remote.path, remote.timeout_ms));
-        if token.is_none() {
-            host.count(Metric::RemoteFetchFailures, 1);
-        }
-        self.waiting = Waiting::Jwks { token: token?, provider };
-        Some(())
-    }
-
-    /// Step 5: counts the request against the caller's limits, if the policy has any.
-    fn rate_limit(
-        &mut self,
-        host: &mut dyn Host,
-        policy: &Policy,
-        identity: Option<&Identity>,
-        now: u64,
-    ) -> Result<(), Denial> {
-        let (Some(limits), Some(limit)) = (&self.config.rate_limits, &policy.rate_limit) else { return Ok(()) };
-        let address = match identity {
-            Some(_) => None,
-            None => host.property(&CLIENT_ADDRESS_PROPERTY),
-        };
-        let address = address.as_deref().map(String::from_utf8_lossy);
-        let caller = match identity {
-            Some(identity) => Caller::Identity(identity),
-            None => Caller::Address(address.as_deref()),
-        };
-        let checked = limits.check(host, limit, &caller, now);
-        host.count(Metric::RateLimitCasRetries, u64::from(checked.retries));
-        if checked.result == Err(ratelimit::Limited::Contended) {
-            host.count(Metric::RateLimitContended, 1);
-        }
-        self.quota = checked.result?.map(|quota| (quota, now / NANOS_PER_SECOND));
-        Ok(())
-    }
-
-    /// Step 6 for a billed policy: asks the credit service to hold the request's cost, and holds
-    /// the request until it answers.
-    fn reserve_credits(
-        &mut self,
-        host: &mut dyn Host,
-        request: &[(String, String)],
-        policy: &Policy,
-        identity: &Identity,
-    ) -> Result<Flow, Denial> {
-        let (Some(credits), Some(billing)) = (&self.config.credits, &policy.credits) else { return Ok(Flow::Continue) };
-        let amount = billing.amount(|name| request.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str()))?;
-        let key = self.worker.reservation_key(&self.request_id);
-        let call = credits.reserve(billing, &policy.name, &identity.account, amount, &key);
-        host.count(Metric::CreditCallouts, 1);
-        let Some(token) = host.http_call(&call) else {
-            host.count(Metric::CreditCalloutFailures, 1);
-            return self.credits_unavailable(billing.on_failure);
-        };
-        self.waiting = Waiting::Credits { token, amount, sent: host.now_nanos(), on_failure: billing.on_failure };
-        Ok(Flow::Pause)
-    }
-
-    fn credits_unavailable(&mut self, on_failure: FailurePolicy) -> Result<Flow, Denial> {
-        match on_failure {
-            FailurePolicy::Deny => Err(CreditError::Unavailable.into()),
-            FailurePolicy::Allow => {
-                self.billing = Billing::Unbilled;
-                Ok(Flow::Continue)
-            }
-        }
-    }
-
-    /// The answer to a callout this stream made (`None`: no answer, e.g. a timeout): a JWKS
-    /// refetch, after which authentication runs again, once; or a credit reservation.
-    pub fn on_http_call_response(&mut self, host: &mut dyn Host, token: u32, answer: Option<(u16, Vec<u8>)>) {
-        if self.answered {
-            return;
-        }
-        let flow = match std::mem::replace(&mut self.waiting, Waiting::Nothing) {
-            Waiting::Jwks { token: expected, provider } if expected == token => {
-                match (answer, self.config.auth.providers().get(provider)) {
-                    (Some((200, body)), Some(p)) => refresh::load_refetched(p, &body, host),
-                    _ => host.count(Metric::RemoteFetchFailures, 1),
-                }
-                let Some(policy) = self.policy.clone() else { return };
-                let request = host.request_headers();
-                self.admit(host, &request, &policy, false)
-            }
-            Waiting::Credits { token: expected, amount, sent, on_failure } if expected == token => {
-                host.count(Metric::CreditCalloutMilliseconds, host.now_nanos().saturating_sub(sent) / NANOS_PER_MS);
-                match credits::reservation(answer, amount) {
-                    Ok(reservation) => {
-                        self.billing = Billing::Reserved(reservation);
-                        Ok(Flow::Continue)
-                    }
-                    Err(CreditError::Unavailable) => {
-                        host.count(Metric::CreditCalloutFailures, 1);
-                        self.credits_unavailable(on_failure)
-                    }
-                    Err(refused) => Err(refused.into()),
-                }
+            Phase::AwaitReservation(pending) if pending.token == token => {
+                request::reservation_answered(self, host, pending, answer)
             }
             other => {
-                self.waiting = other;
+                self.phase = other;
                 return;
             }
         };
-        if self.outcome(host, flow) == Flow::Continue {
+        if self.advance(host, step) == Flow::Continue {
             host.resume_request();
         }
     }
 
-    /// Counts a body chunk, and feeds it to a pending signature check.
-    pub fn on_request_body(&mut self, host: &mut dyn Host, body_size: usize, end_of_stream: bool) -> Flow {
-        if self.answered {
-            return Flow::Pause;
-        }
-        let new = if self.held > 0 { body_size.saturating_sub(self.held) } else { body_size };
-        let start = self.held;
-        self.body_complete = end_of_stream;
-        let flow = match self.body.add(new) {
-            Err(err) => Err(Denial::from(err)),
-            Ok(()) if !matches!(self.waiting, Waiting::Nothing) => Ok(Flow::Pause),
-            Ok(()) => match &mut self.signature {
-                None => Ok(Flow::Continue),
-                Some(pending) => {
-                    pending.update(&host.request_body(start, new));
-                    if end_of_stream {
-                        self.finish_pending(host)
-                    } else {
-                        Ok(Flow::Pause)
-                    }
-                }
-            },
-        };
-        let flow = self.outcome(host, flow);
-        self.held = if flow == Flow::Pause { body_size } else { 0 };
-        flow
+    /// Counts a body chunk against the limit, and feeds a pending signature.
+    pub fn on_request_body(&mut self, host: &mut dyn StreamHost, body_size: usize, end_of_stream: bool) -> Flow {
+        let step = body::arrived(self, host, body_size, end_of_stream);
+        self.advance(host, step)
     }
 
-    /// With trailers the body callback never says `end_of_stream`; the body is complete here.
-    pub fn on_request_trailers(&mut self, host: &mut dyn Host) -> Flow {
-        if self.answered {
-            return Flow::Pause;
-        }
-        self.body_complete = true;
-        let flow = if matches!(self.waiting, Waiting::Nothing) { self.finish_pending(host) } else { Ok(Flow::Pause) };
-        self.outcome(host, flow)
+    /// With trailers the body callback never says `end_of_stream`: the body is complete here.
+    pub fn on_request_trailers(&mut self, host: &mut dyn StreamHost) -> Flow {
+        let step = body::arrived(self, host, self.body.held(), true);
+        self.advance(host, step)
     }
 
-    /// The body is complete: checks the request signature over it, if one is pending.
-    fn finish_pending(&mut self, host: &mut dyn Host) -> Result<Flow, Denial> {
-        match self.signature.take() {
-            Some(pending) => self.finish_signature(host, *pending).map(|()| Flow::Continue),
-            None => Ok(Flow::Continue),
-        }
-    }
-
-    fn finish_signature(&mut self, host: &mut dyn Host, pending: PendingSignature) -> Result<(), Denial> {
-        let now = host.now();
-        let accepted = {
-            let mut replays = self.worker.replays.try_borrow_mut().map_err(|_| AuthError::ReplayCacheFull)?;
-            pending.finish(&mut replays, now)?
-        };
-        replay::record(host, &accepted, now)?;
-        Ok(())
-    }
-
-    pub fn on_response_headers(&mut self, host: &mut dyn Host) -> Flow {
-        if self.answered {
-            // The filter's own answer (a 413 or 401 after the reservation): nothing was served.
-            self.settle(host, None);
-            return Flow::Continue;
-        }
-        let cache_control = match &self.policy {
-            Some(policy) => policy.cache_control.as_deref(),
-            None => self.config.security_headers.cache_control.as_deref(),
-        };
-        headers::secure_response(host, &self.config.security_headers, cache_control, self.https);
-        if let Some((quota, counted_at)) = &self.quota {
-            for (name, value) in quota.headers(*counted_at) {
-                host.set_response_header(name, &value);
-            }
-        }
-        // The upstream's usage report is for the gateway only, billed or not.
-        let usage_header = self.config.credits.as_ref().and_then(|c| c.actual_cost_header.as_deref());
-        // Reading a header costs a hostcall, so only a reservation, which needs them, reads.
-        let reported = match (&self.billing, usage_header) {
-            (Billing::Reserved(_), Some(name)) => host.response_header(name),
-            _ => None,
-        };
-        if let Some(name) = usage_header {
-            host.remove_response_header(name);
-        }
-        match &self.billing {
-            Billing::Reserved(reservation) => {
-                let status = host.response_header(":status").and_then(|s| s.parse::<u16>().ok()).unwrap_or(0);
-                let served = (200..300).contains(&status);
-                let charge = if served { credits::charge(reservation, reported.as_deref()) } else { 0 };
-                for (name, value) in credits::response_headers(reservation, charge) {
-                    host.set_response_header(name, &value);
-                }
-                self.settle(host, served.then_some(charge));
-            }
-            Billing::Unbilled => host.set_response_header("x-credits-charged", "0"),
-            Billing::None => {}
-        }
+    /// Step 7: security, rate-limit and billing headers; the bill is settled on the status.
+    pub fn on_response_headers(&mut self, host: &mut dyn StreamHost) -> Flow {
+        response::headers(self, host);
         Flow::Continue
     }
 
-    /// The stream has ended. A reservation still open means no response went out (the client
-    /// left, the upstream reset): release it.
-    pub fn on_done(&mut self, host: &mut dyn Host) {
+    /// The stream has ended, whether answered, reset or abandoned by the client: whatever is
+    /// still held at the credit service is given back.
+    pub fn on_done(&mut self, host: &mut dyn StreamHost) {
+        if let Phase::AwaitReservation(pending) = std::mem::replace(&mut self.phase, Phase::Answered) {
+            self.reclaim(host, pending.call);
+        }
         self.settle(host, None);
     }
 
-    /// Commits `charge`, or releases when `None`; once per stream. The root context sends it,
-    /// so that its answer, and any retry, do not depend on this stream still being there.
-    fn settle(&mut self, host: &mut dyn Host, charge: Option<u64>) {
-        let Billing::Reserved(reservation) = std::mem::replace(&mut self.billing, Billing::None) else { return };
-        let settlement = Settlement { reservation_id: reservation.id, charge };
-        match self.worker.settler.try_borrow_mut() {
-            Ok(mut settler) => settler.queue(settlement, host.now_nanos()),
-            Err(_) => log::error!("tollgate: settlement for {} dropped: settler busy", settlement.reservation_id),
-        }
-        host.wake_root();
-    }
-
-    /// Turns a step's result into what the proxy does, answering the request on a denial.
-    fn outcome(&mut self, host: &mut dyn Host, result: Result<Flow, Denial>) -> Flow {
-        match result {
-            Ok(flow) => {
-                let held = !matches!(self.waiting, Waiting::Nothing) || self.signature.is_some();
-                if flow == Flow::Continue && !held && !self.allowed {
-                    self.allowed = true;
+    /// The one place a stream changes phase after a step, and the only one that lets a request go
+    /// on: from a phase with nothing pending, once every check has passed.
+    fn advance(&mut self, host: &mut dyn StreamHost, step: Result<Step, Denial>) -> Flow {
+        let step = match step {
+            Ok(Step::Admitted) => self.verify_body(host),
+            other => other,
+        };
+        match step {
+            Ok(Step::Wait(phase)) => {
+                self.phase = phase;
+                Flow::Pause
+            }
+            Ok(Step::Admitted) => {
+                if !matches!(self.phase, Phase::Forwarded) {
+                    self.phase = Phase::Forwarded;
                     host.count(Metric::Allowed, 1);
                 }
-                flow
+                self.body.went_on();
+                Flow::Continue
             }
             Err(denial) => {
-                self.answered = true;
-                let policy = self.policy.as_ref().map_or("", |p| p.name.as_str());
-                respond(host, &denial, &self.request_id, policy, Some(&self.config), self.https);
+                self.answer(host, &denial);
                 Flow::Pause
             }
         }
+    }
+
+    /// An admitted request whose signature covers the body waits for all of it.
+    fn verify_body(&mut self, host: &mut dyn StreamHost) -> Result<Step, Denial> {
+        if self.signature.is_none() {
+            return Ok(Step::Admitted);
+        }
+        if !self.body.is_complete() {
+            return Ok(Step::Wait(Phase::VerifyBody));
+        }
+        body::finish_signature(self, host)?;
+        Ok(Step::Admitted)
+    }
+
+    /// Answers the request with `denial`, once, and gives back what it held.
+    fn answer(&mut self, host: &mut dyn StreamHost, denial: &Denial) {
+        match std::mem::replace(&mut self.phase, Phase::Answered) {
+            Phase::Answered => return,
+            Phase::AwaitReservation(pending) => self.reclaim(host, pending.call),
+            _ => {}
+        }
+        self.signature = None;
+        self.settle(host, None);
+        let policy = self.policy.as_ref().map_or("", |p| p.name.as_str());
+        respond(host, denial, &self.request_id, policy, Some(&self.config), self.https);
+    }
+
+    /// A reservation whose answer this stream will not wait for: the root context asks for it
+    /// again by its key and releases it, so no hold is left until the service's expiry.
+    fn reclaim(&mut self, host: &mut dyn StreamHost, reserve: Callout) {
+        self.queue_settlement(host, Settlement::Reclaim { reserve });
+    }
+
+    /// Commits `charge`, or releases when `None`; once per stream.
+    fn settle(&mut self, host: &mut dyn StreamHost, charge: Option<u64>) {
+        let Billing::Reserved(reservation) = std::mem::replace(&mut self.billing, Billing::None) else { return };
+        let settlement = match charge {
+            Some(amount) => Settlement::Commit { reservation_id: reservation.id, amount },
+            None => Settlement::Release { reservation_id: reservation.id },
+        };
+        self.queue_settlement(host, settlement);
+    }
+
+    /// The root context sends settlements, so that their answers, and any retry, do not depend on
+    /// this stream still being there.
+    fn queue_settlement(&mut self, host: &mut dyn StreamHost, settlement: Settlement) {
+        match self.worker.settler.try_borrow_mut() {
+            Ok(mut settler) => settler.queue(host, settlement),
+            Err(_) => log::error!("tollgate: {settlement} dropped: settler busy"),
+        }
+        host.wake_root();
     }
 }
 
 /// Answers a request that reached a VM whose configuration never loaded. Envoy does not create
 /// streams for such a plugin; this is the fail-closed answer should one appear anyway.
-pub fn refuse_unconfigured(host: &mut dyn Host) -> Flow {
+pub fn refuse_unconfigured(host: &mut dyn StreamHost) -> Flow {
     respond(host, &Denial::Unconfigured, "", "", None, false);
     Flow::Pause
 }
 
-fn respond(host: &mut dyn Host, denial: &Denial, request_id: &str, policy: &str, config: Option<&Config>, https: bool) {
+fn respond(
+    host: &mut dyn StreamHost,
+    denial: &Denial,
+    request_id: &str,
+    policy: &str,
+    config: Option<&Config>,
+    https: bool,
+) {
     let kind = denial.problem_type();
     host.count(Metric::denied(kind.status), 1);
     // One logfmt line per denial: what and where, never a header value, a credential or a path
@@ -537,6 +306,7 @@ fn respond(host: &mut dyn Host, denial: &Denial, request_id: &str, policy: &str,
 fn log_detail(denial: &Denial) -> String {
     match denial {
         Denial::UnknownRoutePolicy { name } => format!("route metadata names unknown policy {name:?}"),
+        Denial::Host(err) => err.to_string(),
         other => other.to_string(),
     }
 }
@@ -544,6 +314,7 @@ fn log_detail(denial: &Denial) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::checks::BodyCounter;
     use crate::host::fake::FakeHost;
 
     const CONFIG: &str = r#"{
@@ -631,12 +402,12 @@ mod tests {
     #[test]
     fn route_metadata_wins_over_the_prefix_table() {
         let mut host = FakeHost::request("GET", "/health", &[]);
-        host.properties.insert(ROUTE_POLICY_PROPERTY.join("."), b"closed".to_vec());
+        host.properties.insert(request::ROUTE_POLICY_PROPERTY.join("."), b"closed".to_vec());
         run(&mut host);
         assert_eq!(host.sent.as_ref().unwrap().0, 404);
 
         let mut host = FakeHost::request("GET", "/health", &[]);
-        host.properties.insert(ROUTE_POLICY_PROPERTY.join("."), b"missing".to_vec());
+        host.properties.insert(request::ROUTE_POLICY_PROPERTY.join("."), b"missing".to_vec());
         run(&mut host);
         assert_eq!(host.sent.as_ref().unwrap().0, 500);
     }
@@ -756,7 +527,7 @@ mod tests {
                 &[("x-api-key", "key-one"), ("x-signature", &signature), ("x-timestamp", &ts)],
             );
             let (mut stream, flow) = run_with(&auth_config(), &mut host, false);
-            assert_eq!(flow, Flow::Continue, "headers go on; the body is held");
+            assert_eq!(flow, Flow::Pause, "nothing goes on before the body verifies");
             host.body = body[..6].to_vec();
             assert_eq!(stream.on_request_body(&mut host, 6, false), Flow::Pause);
             host.body = body.to_vec();
@@ -796,9 +567,14 @@ mod tests {
 
     /// What the worker's root context sends once the stream has woken it: the settlement calls.
     fn settlements(stream: &Stream, host: &mut FakeHost) -> Vec<host::Callout> {
+        settlements_all(stream, host).into_iter().filter(|c| c.path != "/v1/reservations").collect()
+    }
+
+    /// Every callout made, the stream's and then its root context's.
+    fn settlements_all(stream: &Stream, host: &mut FakeHost) -> Vec<host::Callout> {
         let credits = stream.config.credits.as_ref().unwrap();
         stream.worker.settler.borrow_mut().send_due(host, credits);
-        host.sent_calls.iter().filter(|c| c.path != "/v1/reservations").cloned().collect()
+        host.sent_calls.clone()
     }
 
     #[test]
@@ -870,5 +646,121 @@ mod tests {
         let (_, host, _) = billed("deny", &[("x-units", "1000")]);
         assert_eq!(host.sent.as_ref().map(|s| s.0), Some(400));
         assert!(host.calls.is_empty());
+    }
+
+    /// Signed and billed, with a body limit: where the three bugs of the flag-based pipeline met.
+    fn signed_billed_config() -> String {
+        format!(
+            r#"{{
+            "policies": {{"pay": {{"access": "authenticated", "signature": true, "max_body_bytes": 1000,
+                "credits": {{"cost": 5}}}}}},
+            "routes": [{{"prefix": "/signed", "policy": "pay"}}],
+            "credits": {{"cluster": "credits", "service_token": "s3cret"}},
+            "auth": {{
+                "api_keys": {{"keys": [{{"id": "k1", "sha256": "{}", "account": "acme"}}]}},
+                "signatures": {{"secrets": [{{"account": "acme", "secret": "c2lnbmluZy1zZWNyZXQtb2YtYXQtbGVhc3QtMzItYnl0ZXM="}}]}}
+            }}
+        }}"#,
+            sha256_hex("key-one")
+        )
+    }
+
+    fn signed_billed(signature: &str) -> (Stream, FakeHost) {
+        let ts = NOW.to_string();
+        let mut host = FakeHost::request(
+            "POST",
+            "/signed/pay",
+            &[("x-api-key", "key-one"), ("x-signature", signature), ("x-timestamp", &ts)],
+        );
+        let (stream, flow) = run_with(&signed_billed_config(), &mut host, false);
+        assert_eq!(flow, Flow::Pause, "held for the reservation");
+        assert!(matches!(stream.phase, Phase::AwaitReservation(_)));
+        (stream, host)
+    }
+
+    const GRANTED: &str = r#"{"reservation_id": "res_1", "balance": 10}"#;
+
+    #[test]
+    fn a_body_that_arrives_during_the_reservation_is_verified_before_anything_goes_on() {
+        let body = br#"{"amount": 5}"#;
+        let (mut stream, mut host) = signed_billed(&"0".repeat(64));
+        host.body = body.to_vec();
+        assert_eq!(stream.on_request_body(&mut host, body.len(), true), Flow::Pause);
+        stream.on_http_call_response(&mut host, 1, answer(201, GRANTED));
+        assert!(!host.resumed, "a bogus signature must not go upstream");
+        assert_eq!(host.sent.as_ref().map(|s| s.0), Some(401));
+        assert_eq!(settlements(&stream, &mut host)[0].path, "/v1/reservations/res_1/release");
+
+        let (mut stream, mut host) = signed_billed(&signed("POST", "/signed/pay", body, NOW));
+        host.body = body.to_vec();
+        stream.on_request_body(&mut host, body.len(), true);
+        stream.on_http_call_response(&mut host, 1, answer(201, GRANTED));
+        assert!(host.resumed && host.sent.is_none(), "{:?}", host.sent);
+        assert!(matches!(stream.phase, Phase::Forwarded));
+        assert_eq!(host.metric(Metric::Allowed), 1);
+    }
+
+    #[test]
+    fn a_body_split_around_the_reservation_is_verified_whole() {
+        let body = br#"{"amount": 5, "to": "bob"}"#;
+        let (mut stream, mut host) = signed_billed(&signed("POST", "/signed/pay", body, NOW));
+        host.body = body[..9].to_vec();
+        assert_eq!(stream.on_request_body(&mut host, 9, false), Flow::Pause);
+        stream.on_http_call_response(&mut host, 1, answer(201, GRANTED));
+        assert!(!host.resumed, "the body has not verified yet");
+        assert!(matches!(stream.phase, Phase::VerifyBody));
+        host.body = body.to_vec();
+        assert_eq!(stream.on_request_body(&mut host, body.len(), true), Flow::Continue);
+        assert!(host.sent.is_none(), "{:?}", host.sent);
+    }
+
+    #[test]
+    fn the_body_limit_counts_every_chunk_after_a_callout_resumed_the_request() {
+        let (mut stream, mut host, flow) = billed("deny", &[]);
+        assert_eq!(flow, Flow::Pause);
+        stream.body.start(false);
+        stream.body.limit(BodyCounter::new(1000)).unwrap();
+        assert_eq!(stream.on_request_body(&mut host, 600, false), Flow::Pause);
+        stream.on_http_call_response(&mut host, 1, answer(201, GRANTED));
+        assert!(host.resumed);
+        // Envoy passed the 600 held bytes on; the next callback reports only the new chunk.
+        assert_eq!(stream.on_request_body(&mut host, 600, false), Flow::Pause);
+        assert_eq!(host.sent.as_ref().map(|s| s.0), Some(413));
+    }
+
+    #[test]
+    fn a_reservation_left_unanswered_is_reclaimed_by_its_key_then_released() {
+        let (mut stream, mut host, _) = billed("deny", &[]);
+        stream.on_done(&mut host);
+        let sent = settlements_all(&stream, &mut host);
+        assert_eq!(sent.len(), 2, "the reservation and its reclaim: {sent:?}");
+        assert_eq!(sent[1], host::Callout { timeout_ms: 1000, ..sent[0].clone() }, "the same key, so the same hold");
+        let credits = stream.config.credits.as_ref().unwrap();
+        let mut settler = stream.worker.settler.borrow_mut();
+        settler.on_answer(&mut host, credits, 2, answer(200, GRANTED));
+        assert_eq!(host.sent_calls.last().unwrap().path, "/v1/reservations/res_1/release");
+    }
+
+    #[test]
+    fn a_forged_identity_header_that_cannot_be_removed_denies_the_request() {
+        let mut host = FakeHost::request("GET", "/health", &[("x-tollgate-account", "acme")]);
+        host.locked.push("x-tollgate-account".to_owned());
+        let (stream, flow) = run(&mut host);
+        assert_eq!(flow, Flow::Pause);
+        assert_eq!(host.sent.as_ref().map(|s| s.0), Some(500));
+        assert!(matches!(stream.phase, Phase::Answered));
+    }
+
+    #[test]
+    fn nothing_goes_on_from_a_phase_with_something_pending() {
+        let (mut stream, mut host, _) = billed("deny", &[]);
+        assert_eq!(stream.on_request_body(&mut host, 3, true), Flow::Pause, "held for the reservation");
+        assert_eq!(stream.on_request_trailers(&mut host), Flow::Pause);
+        stream.on_http_call_response(&mut host, 99, answer(201, GRANTED));
+        assert!(!host.resumed, "an answer to another callout moves nothing");
+        stream.on_http_call_response(&mut host, 1, answer(402, r#"{"balance": 0, "required": 5}"#));
+        assert!(matches!(stream.phase, Phase::Answered));
+        assert_eq!(stream.on_request_body(&mut host, 10, true), Flow::Pause, "an answered request stays answered");
+        assert!(!host.resumed);
     }
 }

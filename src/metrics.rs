@@ -32,10 +32,13 @@ pub enum Metric {
     CreditCalloutMilliseconds,
     /// Commits and releases retried from the root context after a failure.
     CreditRetries,
+    /// Commits and releases dropped because a worker's queue was full (the credit service down
+    /// for long under load).
+    CreditSettlementsDropped,
 }
 
 impl Metric {
-    pub const ALL: [Metric; 19] = [
+    pub const ALL: [Metric; 20] = [
         Metric::Allowed,
         Metric::Denied400,
         Metric::Denied401,
@@ -55,6 +58,7 @@ impl Metric {
         Metric::CreditCalloutFailures,
         Metric::CreditCalloutMilliseconds,
         Metric::CreditRetries,
+        Metric::CreditSettlementsDropped,
     ];
 
     /// The stat name, as Prometheus shows it.
@@ -79,6 +83,7 @@ impl Metric {
             Metric::CreditCalloutFailures => "tollgate_credit_callout_failures",
             Metric::CreditCalloutMilliseconds => "tollgate_credit_callout_ms",
             Metric::CreditRetries => "tollgate_credit_retries",
+            Metric::CreditSettlementsDropped => "tollgate_credit_settlements_dropped",
         }
     }
 

@@ -3,6 +3,7 @@
 use crate::auth::{self, AuthError};
 use crate::checks::CheckError;
 use crate::credits::CreditError;
+use crate::host::HostError;
 use crate::ratelimit::Limited;
 
 /// Every reason the filter answers a request itself instead of passing it on.
@@ -25,6 +26,10 @@ pub enum Denial {
     UnknownRoutePolicy { name: String },
     #[error("the gateway is not configured")]
     Unconfigured,
+    /// The proxy refused an edit the request needs (removing a forged header, say): refuse the
+    /// request rather than let it go on half-edited.
+    #[error("the gateway could not process this request")]
+    Host(#[from] HostError),
 }
 
 /// A problem type: the status and the stable `type` URI and `title` clients can rely on.
@@ -62,6 +67,7 @@ impl Denial {
             Denial::Credits(CreditError::Unavailable) => (503, "credits-unavailable", "Credit service unavailable"),
             Denial::UnknownRoutePolicy { .. } => (500, "gateway-misconfigured", "Gateway misconfigured"),
             Denial::Unconfigured => (503, "gateway-unavailable", "Gateway unavailable"),
+            Denial::Host(_) => (500, "gateway-error", "Gateway error"),
         };
         ProblemType { status, slug, title }
     }

@@ -3,32 +3,64 @@
 //! stream, so the response being sent or the client leaving never drops one. A failed one is
 //! retried with backoff until the credit service gives a definite answer or
 //! `credits.retry_seconds` runs out.
+//!
+//! The queue is bounded and ordered by when each job is due, so a slow credit service costs a
+//! wake-up only the jobs that are due, and a dead one cannot grow a worker's memory.
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 
-use crate::credits::{Credits, Settlement};
+use crate::credits::{self, Credits, Settlement};
 use crate::host::{Host, NANOS_PER_MS, NANOS_PER_SECOND};
 use crate::metrics::Metric;
 
 const MAX_BACKOFF_SECONDS: u64 = 30;
+/// Settlements one worker keeps, waiting and in flight. Past this a new one is dropped and
+/// logged: its hold then ends at the credit service's expiry, and a commit dropped is an
+/// under-charge, never an over-charge. At ~200 bytes a job, 4 MB at most.
+pub const MAX_JOBS: usize = 20_000;
 
 #[derive(Debug)]
 struct Job {
     settlement: Settlement,
-    /// When it was first sent (Unix nanoseconds): retries stop `retry_seconds` after that.
+    /// When it was first queued (Unix nanoseconds): retries stop `retry_seconds` after that.
     first_sent: u64,
     /// When the current attempt was sent, for the latency histogram.
     sent: u64,
     attempts: u32,
-    /// For a job waiting to be retried: when (Unix nanoseconds).
+}
+
+/// A job waiting, ordered by when it is due, then by when it was queued.
+#[derive(Debug)]
+struct Waiting {
     due: u64,
+    order: u64,
+    job: Job,
+}
+
+impl PartialEq for Waiting {
+    fn eq(&self, other: &Self) -> bool {
+        (self.due, self.order) == (other.due, other.order)
+    }
+}
+impl Eq for Waiting {}
+impl PartialOrd for Waiting {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Waiting {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.due, self.order).cmp(&(other.due, other.order))
+    }
 }
 
 /// One worker's commits and releases: waiting to be sent (now, or for a retry), or in flight.
 #[derive(Debug, Default)]
 pub struct Settler {
     in_flight: HashMap<u32, Job>,
-    waiting: Vec<Job>,
+    waiting: BinaryHeap<Reverse<Waiting>>,
+    queued: u64,
 }
 
 /// What became of an answer the root context received.
@@ -45,8 +77,19 @@ pub enum Answer {
 
 impl Settler {
     /// Queues a commit or release; the root context sends it on `send_due`.
-    pub fn queue(&mut self, settlement: Settlement, now: u64) {
-        self.waiting.push(Job { settlement, first_sent: now, sent: now, attempts: 0, due: now });
+    pub fn queue(&mut self, host: &mut dyn Host, settlement: Settlement) {
+        let now = host.now_nanos();
+        if self.waiting.len() + self.in_flight.len() >= MAX_JOBS {
+            host.count(Metric::CreditSettlementsDropped, 1);
+            log::error!("tollgate: {settlement} dropped: {MAX_JOBS} settlements already queued");
+            return;
+        }
+        self.wait(Job { settlement, first_sent: now, sent: now, attempts: 0 }, now);
+    }
+
+    fn wait(&mut self, job: Job, due: u64) {
+        self.queued += 1;
+        self.waiting.push(Reverse(Waiting { due, order: self.queued, job }));
     }
 
     fn dispatch(&mut self, host: &mut dyn Host, credits: &Credits, mut job: Job) {
@@ -64,21 +107,42 @@ impl Settler {
         }
     }
 
+    /// Whether callout `token` is one of this settler's.
+    pub fn is_waiting_for(&self, token: u32) -> bool {
+        self.in_flight.contains_key(&token)
+    }
+
     /// The credit service's answer (`None`: no answer, e.g. a timeout) to callout `token`.
-    pub fn on_answer(&mut self, host: &mut dyn Host, credits: &Credits, token: u32, status: Option<u16>) -> Answer {
+    pub fn on_answer(
+        &mut self,
+        host: &mut dyn Host,
+        credits: &Credits,
+        token: u32,
+        answer: Option<(u16, Vec<u8>)>,
+    ) -> Answer {
         let Some(job) = self.in_flight.remove(&token) else { return Answer::NotOurs };
         let elapsed = host.now_nanos().saturating_sub(job.sent) / NANOS_PER_MS;
         host.count(Metric::CreditCalloutMilliseconds, elapsed);
-        match status {
-            Some(200) => Answer::Done,
+        let status = answer.as_ref().map(|(status, _)| *status);
+        match (&job.settlement, answer) {
+            (Settlement::Reclaim { .. }, Some((200 | 201, body))) => match credits::granted_id(&body) {
+                Some((reservation_id, _)) => {
+                    self.wait(Job { settlement: Settlement::Release { reservation_id }, attempts: 0, ..job }, 0);
+                    self.send_due(host, credits);
+                    Answer::Done
+                }
+                None => self.retry_later(host, credits, job),
+            },
+            // Refused (402, no such account): nothing is held under that key.
+            (Settlement::Reclaim { .. }, Some((400..=499, _))) => Answer::Done,
+            (_, Some((200, _))) => Answer::Done,
             // The service looked and refused (committed elsewhere, released, expired, unknown):
             // sending it again cannot change that.
-            Some(404 | 409 | 422) => {
+            (_, Some((404 | 409 | 422, _))) => {
                 host.count(Metric::CreditCalloutFailures, 1);
                 log::error!(
-                    "tollgate: credit service refused {} for reservation {}: status {}",
-                    job.settlement.action(),
-                    job.settlement.reservation_id,
+                    "tollgate: credit service refused the {}: status {}",
+                    job.settlement,
                     status.unwrap_or_default()
                 );
                 Answer::GaveUp
@@ -90,20 +154,19 @@ impl Settler {
         }
     }
 
-    fn retry_later(&mut self, host: &mut dyn Host, credits: &Credits, mut job: Job) -> Answer {
+    fn retry_later(&mut self, host: &mut dyn Host, credits: &Credits, job: Job) -> Answer {
         let now = host.now_nanos();
         let backoff = (1u64 << job.attempts.min(5)).min(MAX_BACKOFF_SECONDS);
-        job.due = now.saturating_add(backoff * NANOS_PER_SECOND);
-        if job.due.saturating_sub(job.first_sent) > credits.retry_seconds * NANOS_PER_SECOND {
+        let due = now.saturating_add(backoff * NANOS_PER_SECOND);
+        if due.saturating_sub(job.first_sent) > credits.retry_seconds * NANOS_PER_SECOND {
             log::error!(
-                "tollgate: gave up on {} for reservation {} after {} attempts; the credit service's expiry releases it",
-                job.settlement.action(),
-                job.settlement.reservation_id,
+                "tollgate: gave up on the {} after {} attempts; the credit service's expiry releases it",
+                job.settlement,
                 job.attempts
             );
             return Answer::GaveUp;
         }
-        self.waiting.push(job);
+        self.wait(job, due);
         Answer::Retrying
     }
 
@@ -111,10 +174,8 @@ impl Settler {
     /// calls this when a stream wakes it, and on every tick.
     pub fn send_due(&mut self, host: &mut dyn Host, credits: &Credits) {
         let now = host.now_nanos();
-        let (due, later): (Vec<Job>, Vec<Job>) =
-            std::mem::take(&mut self.waiting).into_iter().partition(|j| j.due <= now);
-        self.waiting = later;
-        for job in due {
+        while self.waiting.peek().is_some_and(|Reverse(w)| w.due <= now) {
+            let Some(Reverse(Waiting { job, .. })) = self.waiting.pop() else { break };
             if job.attempts > 0 {
                 host.count(Metric::CreditRetries, 1);
             }
@@ -136,26 +197,30 @@ mod tests {
     }
 
     fn commit(id: &str) -> Settlement {
-        Settlement { reservation_id: id.to_owned(), charge: Some(5) }
+        Settlement::Commit { reservation_id: id.to_owned(), amount: 5 }
+    }
+
+    fn status(status: u16) -> Option<(u16, Vec<u8>)> {
+        Some((status, b"{}".to_vec()))
     }
 
     #[test]
     fn a_queued_commit_goes_out_from_the_root_and_a_200_settles_it() {
         let (credits, mut host, mut settler) = (credits(), FakeHost::default(), Settler::default());
-        settler.queue(commit("res_1"), host.now_nanos());
+        settler.queue(&mut host, commit("res_1"));
         assert!(host.sent_calls.is_empty(), "only the root context sends");
         settler.send_due(&mut host, &credits);
         assert_eq!(host.sent_calls.len(), 1);
         assert_eq!(host.sent_calls[0].path, "/v1/reservations/res_1/commit");
         assert_eq!(host.sent_calls[0].body, br#"{"amount":5}"#);
-        assert_eq!(settler.on_answer(&mut host, &credits, 1, Some(200)), Answer::Done);
-        assert_eq!(settler.on_answer(&mut host, &credits, 1, Some(200)), Answer::NotOurs);
+        assert_eq!(settler.on_answer(&mut host, &credits, 1, status(200)), Answer::Done);
+        assert_eq!(settler.on_answer(&mut host, &credits, 1, status(200)), Answer::NotOurs);
     }
 
     #[test]
     fn a_failed_commit_is_retried_with_backoff_until_the_service_answers() {
         let (credits, mut host, mut settler) = (credits(), FakeHost::default(), Settler::default());
-        settler.queue(commit("res_1"), host.now_nanos());
+        settler.queue(&mut host, commit("res_1"));
         settler.send_due(&mut host, &credits);
         assert_eq!(settler.on_answer(&mut host, &credits, 1, None), Answer::Retrying);
         settler.send_due(&mut host, &credits);
@@ -164,17 +229,17 @@ mod tests {
         settler.send_due(&mut host, &credits);
         assert_eq!(host.sent_calls.len(), 2);
         assert_eq!(host.sent_calls[1], host.sent_calls[0], "the same commit, so the service's idempotency holds");
-        assert_eq!(settler.on_answer(&mut host, &credits, 2, Some(503)), Answer::Retrying);
+        assert_eq!(settler.on_answer(&mut host, &credits, 2, status(503)), Answer::Retrying);
         host.now += 4;
         settler.send_due(&mut host, &credits);
-        assert_eq!(settler.on_answer(&mut host, &credits, 3, Some(200)), Answer::Done);
+        assert_eq!(settler.on_answer(&mut host, &credits, 3, status(200)), Answer::Done);
         assert_eq!(host.metric(Metric::CreditRetries), 2);
     }
 
     #[test]
     fn retries_stop_after_retry_seconds_and_on_a_definite_refusal() {
         let (credits, mut host, mut settler) = (credits(), FakeHost::default(), Settler::default());
-        settler.queue(commit("res_1"), host.now_nanos());
+        settler.queue(&mut host, commit("res_1"));
         settler.send_due(&mut host, &credits);
         let mut token = 1;
         let mut answer = settler.on_answer(&mut host, &credits, token, None);
@@ -187,9 +252,9 @@ mod tests {
         assert_eq!(answer, Answer::GaveUp);
         assert!(host.sent_calls.len() <= 4, "{} attempts in 20 s", host.sent_calls.len());
 
-        settler.queue(commit("res_2"), host.now_nanos());
+        settler.queue(&mut host, commit("res_2"));
         settler.send_due(&mut host, &credits);
         let last = u32::try_from(host.calls.len()).unwrap();
-        assert_eq!(settler.on_answer(&mut host, &credits, last, Some(409)), Answer::GaveUp);
+        assert_eq!(settler.on_answer(&mut host, &credits, last, status(409)), Answer::GaveUp);
     }
 }

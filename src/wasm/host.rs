@@ -8,7 +8,7 @@ use std::cell::RefCell;
 
 use proxy_wasm::types::{BufferType, MapType, MetricType, Status};
 
-use crate::host::{Callout, Host};
+use crate::host::{Callout, Host, HostError, StreamHost};
 use crate::metrics::Metric;
 
 /// The proxy, as the contexts of one VM see it.
@@ -45,6 +45,14 @@ pub fn define_metrics() {
         })
         .collect();
     METRIC_IDS.with(|cell| *cell.borrow_mut() = ids);
+}
+
+/// A hostcall the request depends on: its failure is the pipeline's to act on, and logged here.
+fn checked<T>(what: &'static str, result: Result<T, Status>) -> Result<T, HostError> {
+    result.map_err(|status| {
+        log::warn!("tollgate: hostcall {what} failed: {status:?}");
+        HostError(what)
+    })
 }
 
 fn logged<T: Default>(what: &str, result: Result<T, Status>) -> T {
@@ -85,47 +93,6 @@ fn dispatch(call: &Callout) -> Option<u32> {
 }
 
 impl Host for WasmHost {
-    fn request_headers(&self) -> Vec<(String, String)> {
-        let headers = logged("get request headers", hostcalls::get_map_bytes(MapType::HttpRequestHeaders));
-        headers.into_iter().map(|(name, value)| (name, text(value))).collect()
-    }
-
-    fn set_request_header(&mut self, name: &str, value: &str) {
-        logged("set request header", hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(value)));
-    }
-
-    fn remove_request_header(&mut self, name: &str) {
-        logged("remove request header", hostcalls::set_map_value(MapType::HttpRequestHeaders, name, None));
-    }
-
-    fn request_body(&self, start: usize, len: usize) -> Vec<u8> {
-        logged("get request body", hostcalls::get_buffer(BufferType::HttpRequestBody, start, len)).unwrap_or_default()
-    }
-
-    fn resume_request(&mut self) {
-        logged("resume request", hostcalls::resume_http_request());
-    }
-
-    fn response_header(&self, name: &str) -> Option<String> {
-        logged("get response header", hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, name)).map(text)
-    }
-
-    fn set_response_header(&mut self, name: &str, value: &str) {
-        logged("set response header", hostcalls::set_map_value(MapType::HttpResponseHeaders, name, Some(value)));
-    }
-
-    fn remove_response_header(&mut self, name: &str) {
-        logged("remove response header", hostcalls::set_map_value(MapType::HttpResponseHeaders, name, None));
-    }
-
-    fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
-        logged("get property", hostcalls::get_property(path.to_vec()))
-    }
-
-    fn send_response(&mut self, status: u16, headers: &[(&str, &str)], body: &[u8]) {
-        logged("send response", hostcalls::send_http_response(u32::from(status), headers.to_vec(), Some(body)));
-    }
-
     fn now_nanos(&self) -> u64 {
         let time = logged("get time", hostcalls::get_current_time().map(Some)).unwrap_or(UNIX_EPOCH);
         time.duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
@@ -174,5 +141,53 @@ impl Host for WasmHost {
         if let Some(queue) = ROOT_QUEUE.with(|cell| *cell.borrow()) {
             logged("wake the root context", hostcalls::enqueue_shared_queue(queue, Some(b"")));
         }
+    }
+}
+
+impl StreamHost for WasmHost {
+    fn request_headers(&self) -> Vec<(String, String)> {
+        let headers = logged("get request headers", hostcalls::get_map_bytes(MapType::HttpRequestHeaders));
+        headers.into_iter().map(|(name, value)| (name, text(value))).collect()
+    }
+
+    fn set_request_header(&mut self, name: &str, value: &str) -> Result<(), HostError> {
+        checked("set a request header", hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(value)))
+    }
+
+    fn remove_request_header(&mut self, name: &str) -> Result<(), HostError> {
+        checked("remove a request header", hostcalls::set_map_value(MapType::HttpRequestHeaders, name, None))
+    }
+
+    fn request_body(&self, start: usize, len: usize) -> Result<Vec<u8>, HostError> {
+        let body = checked("read the request body", hostcalls::get_buffer(BufferType::HttpRequestBody, start, len))?;
+        let body = body.unwrap_or_default();
+        match body.len() == len {
+            true => Ok(body),
+            false => Err(HostError("read the whole request body")),
+        }
+    }
+
+    fn resume_request(&mut self) {
+        logged("resume request", hostcalls::resume_http_request());
+    }
+
+    fn response_header(&self, name: &str) -> Option<String> {
+        logged("get response header", hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, name)).map(text)
+    }
+
+    fn set_response_header(&mut self, name: &str, value: &str) {
+        logged("set response header", hostcalls::set_map_value(MapType::HttpResponseHeaders, name, Some(value)));
+    }
+
+    fn remove_response_header(&mut self, name: &str) {
+        logged("remove response header", hostcalls::set_map_value(MapType::HttpResponseHeaders, name, None));
+    }
+
+    fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
+        logged("get property", hostcalls::get_property(path.to_vec()))
+    }
+
+    fn send_response(&mut self, status: u16, headers: &[(&str, &str)], body: &[u8]) {
+        logged("send response", hostcalls::send_http_response(u32::from(status), headers.to_vec(), Some(body)));
     }
 }

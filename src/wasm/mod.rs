@@ -13,7 +13,6 @@ use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel};
 
 use crate::config::Config;
 use crate::refresh::Refresher;
-use crate::settle::Answer;
 use crate::worker::Worker;
 use crate::{Flow, Stream};
 use host::WasmHost;
@@ -48,8 +47,8 @@ impl Context for Root {
         let Some(state) = &mut self.state else { return };
         let answer = host::call_answer(body_size);
         if let (Some(credits), Ok(mut settler)) = (&state.config.credits, state.worker.settler.try_borrow_mut()) {
-            let status = answer.as_ref().map(|(status, _)| *status);
-            if settler.on_answer(&mut host, credits, token_id, status) != Answer::NotOurs {
+            if settler.is_waiting_for(token_id) {
+                settler.on_answer(&mut host, credits, token_id, answer);
                 return;
             }
         }

@@ -1,0 +1,254 @@
+//! Steps 1-6, run when the request headers arrive: route policy, request checks, identity headers,
+//! authentication, rate limiting and credits. A step that must wait for a callout hands back the
+//! phase to wait in; the callout's answer comes back here to finish the steps after it.
+
+use std::rc::Rc;
+
+use crate::auth::{self, AuthError, Identity, RequestCredentials};
+use crate::checks::{self, BodyCounter};
+use crate::config::Method;
+use crate::credits::{self, CreditError, FailurePolicy};
+use crate::headers;
+use crate::host::{Callout, StreamHost, NANOS_PER_MS, NANOS_PER_SECOND};
+use crate::metrics::Metric;
+use crate::problem::Denial;
+use crate::ratelimit::{self, Caller};
+use crate::refresh;
+use crate::routes::{Access, Policy};
+use crate::{Billing, PendingReservation, Phase, Step, Stream};
+
+/// Where an operator attaches a policy to an Envoy route: `metadata.filter_metadata.tollgate.policy`.
+pub(crate) const ROUTE_POLICY_PROPERTY: [&str; 5] = ["xds", "route_metadata", "filter_metadata", "tollgate", "policy"];
+/// The client address as Envoy resolved it: its trusted-proxy rules (`use_remote_address`,
+/// `xff_num_trusted_hops`) decide, so a client cannot pick its own by sending `X-Forwarded-For`.
+const CLIENT_ADDRESS_PROPERTY: [&str; 2] = ["source", "address"];
+
+/// The request headers arrived.
+pub(crate) fn headers(stream: &mut Stream, host: &mut dyn StreamHost, end_of_stream: bool) -> Result<Step, Denial> {
+    stream.request = host.request_headers();
+    stream.request_id = header(&stream.request, "x-request-id").unwrap_or_default().to_owned();
+    // Envoy sets X-Forwarded-Proto by its own trust rules (use_remote_address,
+    // xff_num_trusted_hops), so a client cannot claim https through it.
+    stream.https = header(&stream.request, "x-forwarded-proto").or(header(&stream.request, ":scheme")) == Some("https");
+    stream.body.start(end_of_stream);
+
+    let method = header(&stream.request, ":method").and_then(Method::from_header);
+    let raw_path = header(&stream.request, ":path").ok_or(checks::CheckError::MissingPath)?;
+
+    // 1. Route policy.
+    let policy = route_policy(stream, host, method, raw_path)?;
+    stream.policy = Some(Rc::clone(&policy));
+
+    // 2. Request checks.
+    checks::path(raw_path)?;
+    checks::content_length(header(&stream.request, "content-length"), policy.max_body_bytes)?;
+    stream.body.limit(BodyCounter::new(policy.max_body_bytes))?;
+    checks::content_type(method, header(&stream.request, "content-type"), &policy.content_types)?;
+
+    // 3. Identity headers: nothing downstream may trust what the client sent under them.
+    headers::strip_identity(host, &stream.request, &stream.config.identity_headers)?;
+
+    admit(stream, host, &policy, true)
+}
+
+/// Steps 4 to 6; a request held for a JWKS refetch comes back here.
+fn admit(stream: &mut Stream, host: &mut dyn StreamHost, policy: &Policy, may_refetch: bool) -> Result<Step, Denial> {
+    // One reading of the clock for every step: each hostcall costs the request time.
+    let now = host.now_nanos();
+
+    // 4. Authentication and access.
+    let identity = match policy.access {
+        Access::Public => None,
+        Access::Deny => return Err(Denial::NotFound),
+        Access::Authenticated => match authenticate(stream, host, policy, may_refetch, now)? {
+            Ok(identity) => Some(identity),
+            Err(wait) => return Ok(wait),
+        },
+    };
+
+    // 5. Rate limiting.
+    rate_limit(stream, host, policy, identity.as_ref(), now)?;
+
+    // 6. Credits.
+    match identity {
+        Some(identity) => reserve_credits(stream, host, policy, &identity),
+        None => Ok(Step::Admitted),
+    }
+}
+
+/// Envoy route metadata, when the route carries it, wins over the prefix table: it is the
+/// operator's statement about that very route.
+fn route_policy(
+    stream: &Stream,
+    host: &dyn StreamHost,
+    method: Option<Method>,
+    raw_path: &str,
+) -> Result<Rc<Policy>, Denial> {
+    if let Some(name) = host.property(&ROUTE_POLICY_PROPERTY) {
+        let name = String::from_utf8_lossy(&name);
+        return stream
+            .config
+            .routes
+            .policy(&name)
+            .cloned()
+            .ok_or(Denial::UnknownRoutePolicy { name: name.into_owned() });
+    }
+    let path = raw_path.split(['?', '#']).next().unwrap_or_default();
+    Ok(stream.config.routes.select(method, path).clone())
+}
+
+/// Step 4 for a route that needs a caller: the verified identity, or the step to wait in while a
+/// JWKS refetch is under way.
+fn authenticate(
+    stream: &mut Stream,
+    host: &mut dyn StreamHost,
+    policy: &Policy,
+    may_refetch: bool,
+    now_nanos: u64,
+) -> Result<Result<Identity, Step>, Denial> {
+    let credentials = RequestCredentials::new(&stream.request);
+    let now = now_nanos / NANOS_PER_SECOND;
+    let identity = match stream.config.auth.authenticate(&credentials, now) {
+        Ok(Some(identity)) => identity,
+        Ok(None) => return Err(Denial::Unauthenticated),
+        Err(AuthError::UnknownKeyId { provider }) if may_refetch => {
+            return match refetch_jwks(stream, host, provider, now) {
+                Some(token) => Ok(Err(Step::Wait(Phase::AwaitKeys { token, provider }))),
+                None => Err(AuthError::UnknownKeyId { provider }.into()),
+            };
+        }
+        Err(err) => return Err(err.into()),
+    };
+    auth::require_scopes(&identity, &policy.scopes)?;
+    headers::forward_identity(host, &stream.request, &stream.config.identity_headers, &identity)?;
+
+    if let Some(signatures) = stream.config.auth.signatures().filter(|_| policy.signature) {
+        let mut pending = signatures.begin(&credentials, Some(&identity), now)?;
+        // Envoy has held every body byte so far: the signature starts from the first.
+        stream.body.feed(host, &mut pending)?;
+        stream.signature = Some(Box::new(pending));
+    }
+    Ok(Ok(identity))
+}
+
+fn refetch_jwks(stream: &Stream, host: &mut dyn StreamHost, provider: usize, now: u64) -> Option<u32> {
+    let remote = stream.config.auth.providers().get(provider)?.remote_jwks()?;
+    if !stream.worker.may_refetch(provider, now) {
+        return None;
+    }
+    host.count(Metric::RemoteFetches, 1);
+    let token = host.http_call(&Callout::get(&remote.cluster, &remote.authority, &remote.path, remote.timeout_ms));
+    if token.is_none() {
+        host.count(Metric::RemoteFetchFailures, 1);
+    }
+    token
+}
+
+/// The JWKS refetch answered (or did not): authentication runs again, once.
+pub(crate) fn keys_fetched(
+    stream: &mut Stream,
+    host: &mut dyn StreamHost,
+    provider: usize,
+    answer: Option<(u16, Vec<u8>)>,
+) -> Result<Step, Denial> {
+    match (answer, stream.config.auth.providers().get(provider)) {
+        (Some((200, body)), Some(p)) => refresh::load_refetched(p, &body, host),
+        _ => host.count(Metric::RemoteFetchFailures, 1),
+    }
+    let Some(policy) = stream.policy.clone() else { return Err(Denial::Unauthenticated) };
+    admit(stream, host, &policy, false)
+}
+
+/// Step 5: counts the request against the caller's limits, if the policy has any.
+fn rate_limit(
+    stream: &mut Stream,
+    host: &mut dyn StreamHost,
+    policy: &Policy,
+    identity: Option<&Identity>,
+    now: u64,
+) -> Result<(), Denial> {
+    let (Some(limits), Some(limit)) = (&stream.config.rate_limits, &policy.rate_limit) else { return Ok(()) };
+    let address = match identity {
+        Some(_) => None,
+        None => host.property(&CLIENT_ADDRESS_PROPERTY),
+    };
+    let address = address.as_deref().map(String::from_utf8_lossy);
+    let caller = match identity {
+        Some(identity) => Caller::Identity(identity),
+        None => Caller::Address(address.as_deref()),
+    };
+    let checked = limits.check(host, limit, &caller, now);
+    host.count(Metric::RateLimitCasRetries, u64::from(checked.retries));
+    if checked.result == Err(ratelimit::Limited::Contended) {
+        host.count(Metric::RateLimitContended, 1);
+    }
+    stream.quota = checked.result?.map(|quota| (quota, now / NANOS_PER_SECOND));
+    Ok(())
+}
+
+/// Step 6 for a billed policy: asks the credit service to hold the request's cost, and holds the
+/// request until it answers.
+fn reserve_credits(
+    stream: &mut Stream,
+    host: &mut dyn StreamHost,
+    policy: &Policy,
+    identity: &Identity,
+) -> Result<Step, Denial> {
+    let (Some(credits), Some(billing)) = (&stream.config.credits, &policy.credits) else { return Ok(Step::Admitted) };
+    let amount = billing.amount(|name| header(&stream.request, name))?;
+    let key = stream.worker.reservation_key(&stream.request_id);
+    let call = credits.reserve(billing, &policy.name, &identity.account, amount, &key);
+    host.count(Metric::CreditCallouts, 1);
+    let Some(token) = host.http_call(&call) else {
+        host.count(Metric::CreditCalloutFailures, 1);
+        return credits_unavailable(stream, billing.on_failure);
+    };
+    let sent = host.now_nanos();
+    Ok(Step::Wait(Phase::AwaitReservation(PendingReservation {
+        token,
+        call,
+        amount,
+        sent,
+        on_failure: billing.on_failure,
+    })))
+}
+
+/// The credit service answered the reservation (or did not).
+pub(crate) fn reservation_answered(
+    stream: &mut Stream,
+    host: &mut dyn StreamHost,
+    pending: PendingReservation,
+    answer: Option<(u16, Vec<u8>)>,
+) -> Result<Step, Denial> {
+    host.count(Metric::CreditCalloutMilliseconds, host.now_nanos().saturating_sub(pending.sent) / NANOS_PER_MS);
+    let unanswered = answer.is_none();
+    match credits::reservation(answer, pending.amount) {
+        Ok(reservation) => {
+            stream.billing = Billing::Reserved(reservation);
+            Ok(Step::Admitted)
+        }
+        Err(CreditError::Unavailable) => {
+            host.count(Metric::CreditCalloutFailures, 1);
+            // No answer is not "nothing held": the service may have made the reservation.
+            if unanswered {
+                stream.reclaim(host, pending.call);
+            }
+            credits_unavailable(stream, pending.on_failure)
+        }
+        Err(refused) => Err(refused.into()),
+    }
+}
+
+fn credits_unavailable(stream: &mut Stream, on_failure: FailurePolicy) -> Result<Step, Denial> {
+    match on_failure {
+        FailurePolicy::Deny => Err(CreditError::Unavailable.into()),
+        FailurePolicy::Allow => {
+            stream.billing = Billing::Unbilled;
+            Ok(Step::Admitted)
+        }
+    }
+}
+
+pub(crate) fn header<'a>(request: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    request.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+}

@@ -1,0 +1,48 @@
+//! Step 7, on the response headers: security headers, the rate-limit window, and the bill —
+//! committed on a 2xx (what the upstream reports, never more than was held), released otherwise.
+
+use crate::credits;
+use crate::headers;
+use crate::host::StreamHost;
+use crate::{Billing, Phase, Stream};
+
+pub(crate) fn headers(stream: &mut Stream, host: &mut dyn StreamHost) {
+    if matches!(stream.phase, Phase::Answered) {
+        // The filter's own answer already carries every header, and nothing was served.
+        stream.settle(host, None);
+        return;
+    }
+    let cache_control = match &stream.policy {
+        Some(policy) => policy.cache_control.as_deref(),
+        None => stream.config.security_headers.cache_control.as_deref(),
+    };
+    headers::secure_response(host, &stream.config.security_headers, cache_control, stream.https);
+    if let Some((quota, counted_at)) = &stream.quota {
+        for (name, value) in quota.headers(*counted_at) {
+            host.set_response_header(name, &value);
+        }
+    }
+    // The upstream's usage report is for the gateway only, billed or not.
+    let usage_header = stream.config.credits.as_ref().and_then(|c| c.actual_cost_header.as_deref());
+    // Reading a header costs a hostcall, so only a reservation, which needs them, reads.
+    let reported = match (&stream.billing, usage_header) {
+        (Billing::Reserved(_), Some(name)) => host.response_header(name),
+        _ => None,
+    };
+    if let Some(name) = usage_header {
+        host.remove_response_header(name);
+    }
+    match &stream.billing {
+        Billing::Reserved(reservation) => {
+            let status = host.response_header(":status").and_then(|s| s.parse::<u16>().ok()).unwrap_or(0);
+            let served = (200..300).contains(&status);
+            let charge = if served { credits::charge(reservation, reported.as_deref()) } else { 0 };
+            for (name, value) in credits::response_headers(reservation, charge) {
+                host.set_response_header(name, &value);
+            }
+            stream.settle(host, served.then_some(charge));
+        }
+        Billing::Unbilled => host.set_response_header("x-credits-charged", "0"),
+        Billing::None => {}
+    }
+}
