@@ -45,8 +45,9 @@ pub enum Flow {
     Pause,
 }
 
-/// Where one request stands. Envoy holds the whole request (headers and body) in every phase
-/// before `Forwarded`; the request goes on only from a phase with nothing pending.
+/// Where one request stands. Envoy holds the whole request (headers and body) in the `Await`
+/// phases and the body in `VerifyBody`; the request goes on only from a phase with nothing
+/// pending.
 #[derive(Debug)]
 enum Phase {
     /// The request headers have not been seen.
@@ -55,7 +56,8 @@ enum Phase {
     AwaitKeys { token: u32, provider: usize },
     /// Held for the credit service's answer to a reservation.
     AwaitReservation(PendingReservation),
-    /// Admitted, and held until the body has verified against the request signature.
+    /// Admitted; the head has gone on and the body is held until it verifies against the
+    /// request signature. (Envoy hands a wasm filter no body while it holds the headers.)
     VerifyBody,
     /// Gone on to the upstream.
     Forwarded,
@@ -80,7 +82,10 @@ struct PendingReservation {
 enum Step {
     /// Held: the phase says for what.
     Wait(Phase),
-    /// Every header-time step passed.
+    /// Every header-time step passed, but the body must verify first: the head goes on, the body
+    /// is held.
+    HeadOnly,
+    /// Every check passed.
     Admitted,
 }
 
@@ -194,6 +199,10 @@ impl Stream {
                 self.phase = phase;
                 Flow::Pause
             }
+            Ok(Step::HeadOnly) => {
+                self.phase = Phase::VerifyBody;
+                Flow::Continue
+            }
             Ok(Step::Admitted) => {
                 if !matches!(self.phase, Phase::Forwarded) {
                     self.phase = Phase::Forwarded;
@@ -215,7 +224,7 @@ impl Stream {
             return Ok(Step::Admitted);
         }
         if !self.body.is_complete() {
-            return Ok(Step::Wait(Phase::VerifyBody));
+            return Ok(Step::HeadOnly);
         }
         body::finish_signature(self, host)?;
         Ok(Step::Admitted)
@@ -527,7 +536,7 @@ mod tests {
                 &[("x-api-key", "key-one"), ("x-signature", &signature), ("x-timestamp", &ts)],
             );
             let (mut stream, flow) = run_with(&auth_config(), &mut host, false);
-            assert_eq!(flow, Flow::Pause, "nothing goes on before the body verifies");
+            assert_eq!(flow, Flow::Continue, "the head goes on; the body is held until it verifies");
             host.body = body[..6].to_vec();
             assert_eq!(stream.on_request_body(&mut host, 6, false), Flow::Pause);
             host.body = body.to_vec();
@@ -707,8 +716,9 @@ mod tests {
         host.body = body[..9].to_vec();
         assert_eq!(stream.on_request_body(&mut host, 9, false), Flow::Pause);
         stream.on_http_call_response(&mut host, 1, answer(201, GRANTED));
-        assert!(!host.resumed, "the body has not verified yet");
+        assert!(host.resumed, "the head goes on");
         assert!(matches!(stream.phase, Phase::VerifyBody));
+        assert_eq!(host.metric(Metric::Allowed), 0, "not before the body verifies");
         host.body = body.to_vec();
         assert_eq!(stream.on_request_body(&mut host, body.len(), true), Flow::Continue);
         assert!(host.sent.is_none(), "{:?}", host.sent);

@@ -156,6 +156,37 @@ pub fn send_to(port: u16, request: &Request) -> Result<Response, String> {
     exchange_from(port, request.source, request.to_bytes(), request.method == "HEAD")
 }
 
+/// A request written in parts, at moments the test chooses; the response is read after the last.
+pub struct Conversation {
+    stream: TcpStream,
+}
+
+impl Conversation {
+    pub fn open(port: u16) -> Conversation {
+        let stream = connect(port, None).unwrap_or_else(|e| panic!("connect to port {port}: {e}"));
+        stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+        Conversation { stream }
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).unwrap();
+    }
+
+    pub fn response(self) -> Result<Response, String> {
+        let mut wire = Wire::new(self.stream, true);
+        read_response(&mut wire, false).map_err(|e| format!("reading the response: {e}"))
+    }
+}
+
+/// One chunk of a `Transfer-Encoding: chunked` body, framed.
+pub fn chunk(data: &[u8]) -> Vec<u8> {
+    let mut framed = format!("{:x}\r\n", data.len()).into_bytes();
+    framed.extend_from_slice(data);
+    framed.extend_from_slice(b"\r\n");
+    framed
+}
+
 pub(super) fn exchange(port: u16, bytes: Vec<u8>, head_request: bool) -> Result<Response, String> {
     exchange_from(port, None, bytes, head_request)
 }

@@ -8,6 +8,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "test code: a failed step fails the test")]
 
 mod credit;
+mod gate;
 mod http;
 mod upstream;
 
@@ -24,11 +25,13 @@ use serde_json::{json, Value};
 
 #[allow(unused_imports, reason = "not every test file bills")]
 pub use credit::{binary as credit_binary, CreditService, SERVICE_TOKEN};
+#[allow(unused_imports, reason = "not every test file slows a server down")]
+pub use gate::Gate;
 use http::exchange;
 #[allow(unused_imports, reason = "not every test file talks to other servers")]
 pub use http::send_to;
 #[allow(unused_imports, reason = "not every test file names every type")]
-pub use http::{Request, Response};
+pub use http::{chunk, Conversation, Request, Response};
 #[allow(unused_imports, reason = "not every test file names every type")]
 pub use upstream::{Recorded, Upstream};
 
