@@ -65,22 +65,21 @@ impl Body {
 
 /// A body callback (or the trailers, which end the body) reported `size` bytes.
 pub(crate) fn arrived(stream: &mut Stream, host: &mut dyn StreamHost, size: usize, end: bool) -> Result<Step, Denial> {
-    let phase = std::mem::replace(&mut stream.phase, Phase::Start);
-    let body = &mut stream.body;
-    if matches!(phase, Phase::Answered | Phase::Start) {
-        return Ok(Step::Wait(phase));
+    if matches!(stream.phase, Phase::Answered | Phase::Start) {
+        return Ok(Step::Wait(std::mem::replace(&mut stream.phase, Phase::Start)));
     }
+    let body = &mut stream.body;
     body.counter.add(size.saturating_sub(body.held))?;
     body.held = size;
     body.complete |= end;
     if let Some(signature) = &mut stream.signature {
         body.feed(host, signature)?;
     }
-    match phase {
+    match stream.phase {
         // Every check passed already; `advance` lets the chunk on.
         Phase::Forwarded => Ok(Step::Admitted),
         Phase::VerifyBody if body.complete => Ok(Step::Admitted),
-        waiting => Ok(Step::Wait(waiting)),
+        _ => Ok(Step::Wait(std::mem::replace(&mut stream.phase, Phase::Start))),
     }
 }
 

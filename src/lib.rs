@@ -762,6 +762,16 @@ mod tests {
     }
 
     #[test]
+    fn a_request_is_counted_allowed_once_however_many_chunks_its_body_has() {
+        let mut host = FakeHost::request("POST", "/health", &[("transfer-encoding", "chunked")]);
+        let (mut stream, flow) = run_with(CONFIG, &mut host, false);
+        assert_eq!(flow, Flow::Continue);
+        assert_eq!(stream.on_request_body(&mut host, 2, false), Flow::Continue);
+        assert_eq!(stream.on_request_body(&mut host, 2, true), Flow::Continue);
+        assert_eq!(host.metric(Metric::Allowed), 1);
+    }
+
+    #[test]
     fn nothing_goes_on_from_a_phase_with_something_pending() {
         let (mut stream, mut host, _) = billed("deny", &[]);
         assert_eq!(stream.on_request_body(&mut host, 3, true), Flow::Pause, "held for the reservation");
