@@ -1,7 +1,7 @@
 //! The request body, as it streams: counted against the route's limit in every phase, and fed to
-//! a pending request signature, which must verify before the request goes on.
+//! a signed request's body check, which must pass before the body's end goes on.
 
-use crate::auth::{AuthError, PendingSignature};
+use crate::auth::{Accepted, AuthError, BodyCheck};
 use crate::checks::{BodyCounter, CheckError};
 use crate::host::StreamHost;
 use crate::problem::Denial;
@@ -16,14 +16,16 @@ pub(crate) struct Body {
     counter: BodyCounter,
     /// Bytes Envoy holds for this filter since the request last went on.
     held: usize,
-    /// Of those, how many the pending signature has read.
+    /// Of those, how many the body check has read.
     fed: usize,
     complete: bool,
+    /// The length `Content-Length` declared, if any.
+    length: Option<u64>,
 }
 
 impl Default for Body {
     fn default() -> Self {
-        Body { counter: BodyCounter::new(u64::MAX), held: 0, fed: 0, complete: false }
+        Body { counter: BodyCounter::new(u64::MAX), held: 0, fed: 0, complete: false, length: None }
     }
 }
 
@@ -33,10 +35,18 @@ impl Body {
         *self = Body { complete: end_of_stream, ..Body::default() };
     }
 
-    /// The route's limit, once the route is known: counts what already arrived against it.
-    pub(crate) fn limit(&mut self, counter: BodyCounter) -> Result<(), CheckError> {
+    /// The route's limit and the declared length, once known: counts what already arrived.
+    pub(crate) fn limit(&mut self, counter: BodyCounter, length: Option<u64>) -> Result<(), CheckError> {
         self.counter = counter;
+        self.length = length;
         self.counter.add(self.held)
+    }
+
+    /// Whether what Envoy holds may go on before the body's check is done: not the bytes that
+    /// complete a declared length, which the upstream would take as the whole body whether or not
+    /// the end of the stream follows (Envoy may report the end in a callback of its own).
+    fn may_stream(&self) -> bool {
+        !self.complete && self.length.is_none_or(|length| self.counter.seen() < length)
     }
 
     pub(crate) fn is_complete(&self) -> bool {
@@ -47,10 +57,10 @@ impl Body {
         self.held
     }
 
-    /// Gives the signature every held byte it has not read yet.
-    pub(crate) fn feed(&mut self, host: &dyn StreamHost, signature: &mut PendingSignature) -> Result<(), Denial> {
+    /// Gives the check every held byte it has not read yet.
+    pub(crate) fn feed(&mut self, host: &dyn StreamHost, check: &mut BodyCheck) -> Result<(), Denial> {
         if self.held > self.fed {
-            signature.update(&host.request_body(self.fed, self.held - self.fed).map_err(Denial::Host)?);
+            check.update(&host.request_body(self.fed, self.held - self.fed).map_err(Denial::Host)?);
             self.fed = self.held;
         }
         Ok(())
@@ -72,25 +82,40 @@ pub(crate) fn arrived(stream: &mut Stream, host: &mut dyn StreamHost, size: usiz
     body.counter.add(size.saturating_sub(body.held))?;
     body.held = size;
     body.complete |= end;
-    if let Some(signature) = &mut stream.signature {
-        body.feed(host, signature)?;
+    if let Some(check) = &mut stream.body_check {
+        body.feed(host, check)?;
     }
     match stream.phase {
         // Every check passed already; `advance` lets the chunk on.
         Phase::Forwarded => Ok(Step::Admitted),
         Phase::VerifyBody if body.complete => Ok(Step::Admitted),
+        Phase::VerifyBody if body.may_stream() && stream.body_check.as_ref().is_some_and(|c| c.streams()) => {
+            Ok(Step::Stream(Phase::VerifyBody))
+        }
         _ => Ok(Step::Wait(std::mem::replace(&mut stream.phase, Phase::Start))),
     }
 }
 
-/// The whole body has been fed: the signature must match, and be new to every worker.
-pub(crate) fn finish_signature(stream: &mut Stream, host: &mut dyn StreamHost) -> Result<(), Denial> {
-    let Some(pending) = stream.signature.take() else { return Ok(()) };
+/// The whole body has been fed: it must pass its check, and a signature over it be new to every
+/// worker.
+pub(crate) fn finish_check(stream: &mut Stream, host: &mut dyn StreamHost) -> Result<(), Denial> {
+    let Some(check) = stream.body_check.take() else { return Ok(()) };
     let now = host.now();
     let accepted = {
         let mut replays = stream.worker.replays.try_borrow_mut().map_err(|_| AuthError::ReplayCacheFull)?;
-        pending.finish(&mut replays, now)?
+        check.finish(&mut replays, now)?
     };
-    replay::record(host, &accepted, now)?;
+    if let Some(accepted) = accepted {
+        replay::record(host, &accepted, now)?;
+    }
+    Ok(())
+}
+
+/// A signature checked at request headers: accepted once, on this worker and across all of them.
+pub(crate) fn accept(stream: &Stream, host: &mut dyn StreamHost, accepted: &Accepted, now: u64) -> Result<(), Denial> {
+    let mut replays = stream.worker.replays.try_borrow_mut().map_err(|_| AuthError::ReplayCacheFull)?;
+    replays.insert(accepted.signature, accepted.expires_at, now)?;
+    drop(replays);
+    replay::record(host, accepted, now)?;
     Ok(())
 }

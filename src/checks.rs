@@ -83,14 +83,14 @@ fn is_control(b: u8) -> bool {
     b < 0x20 || b == 0x7f
 }
 
-/// Refuses a declared body over the limit before a byte of it is read.
-pub fn content_length(header: Option<&str>, limit: u64) -> Result<(), CheckError> {
-    let Some(value) = header else { return Ok(()) };
+/// Refuses a declared body over the limit before a byte of it is read; the declared length.
+pub fn content_length(header: Option<&str>, limit: u64) -> Result<Option<u64>, CheckError> {
+    let Some(value) = header else { return Ok(None) };
     let length: u64 = value.trim().parse().map_err(|_| CheckError::InvalidContentLength)?;
     if length > limit {
         return Err(CheckError::BodyTooLarge { limit });
     }
-    Ok(())
+    Ok(Some(length))
 }
 
 /// Refuses a `Content-Type` outside the allow-list for the method. Requests without one, and
@@ -125,6 +125,11 @@ pub struct BodyCounter {
 impl BodyCounter {
     pub fn new(limit: u64) -> BodyCounter {
         BodyCounter { limit, seen: 0 }
+    }
+
+    /// Bytes counted so far.
+    pub fn seen(&self) -> u64 {
+        self.seen
     }
 
     pub fn add(&mut self, chunk_len: usize) -> Result<(), CheckError> {
@@ -175,8 +180,8 @@ mod tests {
 
     #[test]
     fn content_length_limit() {
-        assert_eq!(content_length(None, 10), Ok(()));
-        assert_eq!(content_length(Some("10"), 10), Ok(()));
+        assert_eq!(content_length(None, 10), Ok(None));
+        assert_eq!(content_length(Some("10"), 10), Ok(Some(10)));
         assert_eq!(content_length(Some("11"), 10), Err(CheckError::BodyTooLarge { limit: 10 }));
         assert_eq!(content_length(Some("99999999999999999999999"), 10), Err(CheckError::InvalidContentLength));
         assert_eq!(content_length(Some("-1"), 10), Err(CheckError::InvalidContentLength));

@@ -27,7 +27,7 @@ mod wasm;
 
 use std::rc::Rc;
 
-use auth::PendingSignature;
+use auth::BodyCheck;
 use config::Config;
 use credits::{FailurePolicy, Reservation, Settlement};
 use host::{Callout, StreamHost};
@@ -56,8 +56,9 @@ enum Phase {
     AwaitKeys { token: u32, provider: usize },
     /// Held for the credit service's answer to a reservation.
     AwaitReservation(PendingReservation),
-    /// Admitted; the head has gone on and the body is held until it verifies against the
-    /// request signature. (Envoy hands a wasm filter no body while it holds the headers.)
+    /// Admitted; the head has gone on, and the body's end is held until the body passes its
+    /// check (the signed `Content-Digest`, or the signature over the body, which holds all of
+    /// it). Envoy hands a wasm filter no body while it holds the headers.
     VerifyBody,
     /// Gone on to the upstream.
     Forwarded,
@@ -82,9 +83,9 @@ struct PendingReservation {
 enum Step {
     /// Held: the phase says for what.
     Wait(Phase),
-    /// Every header-time step passed, but the body must verify first: the head goes on, the body
-    /// is held.
-    HeadOnly,
+    /// Let on what Envoy holds (the head, a chunk) and stay in this phase: the body's end is still
+    /// to be checked.
+    Stream(Phase),
     /// Every check passed.
     Admitted,
 }
@@ -109,9 +110,9 @@ pub struct Stream {
     https: bool,
     policy: Option<Rc<Policy>>,
     body: body::Body,
-    /// A request signature that checks the body as it arrives. Boxed: the HMAC state is large and
-    /// most streams never sign.
-    signature: Option<Box<PendingSignature>>,
+    /// What a signed request's body must pass, checked as it arrives. Boxed: the hash state is
+    /// large and most streams never sign.
+    body_check: Option<Box<BodyCheck>>,
     billing: Billing,
     /// The rate-limit window the response reports, and when (Unix seconds) it was counted.
     quota: Option<(Quota, u64)>,
@@ -128,7 +129,7 @@ impl Stream {
             https: false,
             policy: None,
             body: body::Body::default(),
-            signature: None,
+            body_check: None,
             billing: Billing::None,
             quota: None,
         }
@@ -199,8 +200,9 @@ impl Stream {
                 self.phase = phase;
                 Flow::Pause
             }
-            Ok(Step::HeadOnly) => {
-                self.phase = Phase::VerifyBody;
+            Ok(Step::Stream(phase)) => {
+                self.phase = phase;
+                self.body.went_on();
                 Flow::Continue
             }
             Ok(Step::Admitted) => {
@@ -218,16 +220,21 @@ impl Stream {
         }
     }
 
-    /// An admitted request whose signature covers the body waits for all of it.
+    /// An admitted request whose body has a check to pass goes on only once it passed: the head
+    /// first, then the body, its end held until the check is done.
     fn verify_body(&mut self, host: &mut dyn StreamHost) -> Result<Step, Denial> {
-        if self.signature.is_none() {
+        let Some(check) = &self.body_check else { return Ok(Step::Admitted) };
+        if self.body.is_complete() {
+            body::finish_check(self, host)?;
             return Ok(Step::Admitted);
         }
-        if !self.body.is_complete() {
-            return Ok(Step::HeadOnly);
+        // A host that handed over body bytes while holding the headers would pass them on with
+        // the head: a check that holds the whole body keeps holding them.
+        if check.streams() || self.body.held() == 0 {
+            Ok(Step::Stream(Phase::VerifyBody))
+        } else {
+            Ok(Step::Wait(Phase::VerifyBody))
         }
-        body::finish_signature(self, host)?;
-        Ok(Step::Admitted)
     }
 
     /// Answers the request with `denial`, once, and gives back what it held.
@@ -237,7 +244,7 @@ impl Stream {
             Phase::AwaitReservation(pending) => self.reclaim(host, pending.call),
             _ => {}
         }
-        self.signature = None;
+        self.body_check = None;
         self.settle(host, None);
         let policy = self.policy.as_ref().map_or("", |p| p.name.as_str());
         respond(host, denial, &self.request_id, policy, Some(&self.config), self.https);
@@ -450,6 +457,10 @@ mod tests {
     }
 
     fn auth_config() -> String {
+        auth_config_with("body")
+    }
+
+    fn auth_config_with(scheme: &str) -> String {
         format!(
             r#"{{
             "policies": {{
@@ -466,10 +477,11 @@ mod tests {
                 "api_keys": {{"keys": [
                     {{"id": "k1", "sha256": "{}", "account": "acme", "tier": "pro", "scopes": ["read", "write"]}}
                 ]}},
-                "signatures": {{"secrets": [{{"account": "acme", "secret": "c2lnbmluZy1zZWNyZXQtb2YtYXQtbGVhc3QtMzItYnl0ZXM="}}]}}
+                "signatures": {{"scheme": "{scheme}", "secrets": [{{"account": "acme", "secret": "c2lnbmluZy1zZWNyZXQtb2YtYXQtbGVhc3QtMzItYnl0ZXM="}}]}}
             }}
         }}"#,
-            sha256_hex("key-one")
+            sha256_hex("key-one"),
+            scheme = scheme
         )
     }
 
@@ -659,6 +671,7 @@ mod tests {
 
     /// Signed and billed, with a body limit: where the three bugs of the flag-based pipeline met.
     fn signed_billed_config() -> String {
+        let scheme = "body";
         format!(
             r#"{{
             "policies": {{"pay": {{"access": "authenticated", "signature": true, "max_body_bytes": 1000,
@@ -667,10 +680,11 @@ mod tests {
             "credits": {{"cluster": "credits", "service_token": "s3cret"}},
             "auth": {{
                 "api_keys": {{"keys": [{{"id": "k1", "sha256": "{}", "account": "acme"}}]}},
-                "signatures": {{"secrets": [{{"account": "acme", "secret": "c2lnbmluZy1zZWNyZXQtb2YtYXQtbGVhc3QtMzItYnl0ZXM="}}]}}
+                "signatures": {{"scheme": "{scheme}", "secrets": [{{"account": "acme", "secret": "c2lnbmluZy1zZWNyZXQtb2YtYXQtbGVhc3QtMzItYnl0ZXM="}}]}}
             }}
         }}"#,
-            sha256_hex("key-one")
+            sha256_hex("key-one"),
+            scheme = scheme
         )
     }
 
@@ -716,7 +730,7 @@ mod tests {
         host.body = body[..9].to_vec();
         assert_eq!(stream.on_request_body(&mut host, 9, false), Flow::Pause);
         stream.on_http_call_response(&mut host, 1, answer(201, GRANTED));
-        assert!(host.resumed, "the head goes on");
+        assert!(!host.resumed, "body bytes already held stay held until the body verifies");
         assert!(matches!(stream.phase, Phase::VerifyBody));
         assert_eq!(host.metric(Metric::Allowed), 0, "not before the body verifies");
         host.body = body.to_vec();
@@ -729,7 +743,7 @@ mod tests {
         let (mut stream, mut host, flow) = billed("deny", &[]);
         assert_eq!(flow, Flow::Pause);
         stream.body.start(false);
-        stream.body.limit(BodyCounter::new(1000)).unwrap();
+        stream.body.limit(BodyCounter::new(1000), None).unwrap();
         assert_eq!(stream.on_request_body(&mut host, 600, false), Flow::Pause);
         stream.on_http_call_response(&mut host, 1, answer(201, GRANTED));
         assert!(host.resumed);
@@ -782,5 +796,131 @@ mod tests {
         assert!(matches!(stream.phase, Phase::Answered));
         assert_eq!(stream.on_request_body(&mut host, 10, true), Flow::Pause, "an answered request stays answered");
         assert!(!host.resumed);
+    }
+
+    fn digest_header(body: &[u8]) -> String {
+        use ct_codecs::{Base64, Encoder};
+        format!("sha-256=:{}:", Base64::encode_to_string(hmac_sha256::Hash::hash(body)).unwrap())
+    }
+
+    /// The `content-digest` scheme's signature: over `METHOD:path:timestamp:` and the digest.
+    fn digest_signed(method: &str, path: &str, digest: &str, timestamp: u64) -> String {
+        let b64 = digest.trim_start_matches("sha-256=:").trim_end_matches(':');
+        let message = format!("{method}:{path}:{timestamp}:{b64}");
+        hmac_sha256::HMAC::mac(message.as_bytes(), b"signing-secret-of-at-least-32-bytes")
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
+    #[test]
+    fn a_content_digest_signature_is_checked_before_the_head_goes_on() {
+        let body = br#"{"amount": 5}"#;
+        let digest = digest_header(body);
+        let ts = NOW.to_string();
+        let cases = [
+            (digest_signed("POST", "/signed/pay", &digest, NOW), digest.clone(), Flow::Continue, None),
+            ("0".repeat(64), digest.clone(), Flow::Pause, Some(401)),
+            (digest_signed("POST", "/signed/other", &digest, NOW), digest.clone(), Flow::Pause, Some(401)),
+            (
+                digest_signed("POST", "/signed/pay", "sha-256=:AAAA:", NOW),
+                "sha-256=:AAAA:".to_owned(),
+                Flow::Pause,
+                Some(401),
+            ),
+        ];
+        for (signature, digest, flow, status) in cases {
+            let mut host = FakeHost::request(
+                "POST",
+                "/signed/pay",
+                &[
+                    ("x-api-key", "key-one"),
+                    ("x-signature", &signature),
+                    ("x-timestamp", &ts),
+                    ("content-digest", &digest),
+                ],
+            );
+            let (_, got) = run_with(&auth_config_with("content-digest"), &mut host, false);
+            assert_eq!((got, host.sent.as_ref().map(|s| s.0)), (flow, status), "{signature} {digest}");
+        }
+
+        let mut host = FakeHost::request(
+            "POST",
+            "/signed/pay",
+            &[("x-api-key", "key-one"), ("x-signature", &"0".repeat(64)), ("x-timestamp", &ts)],
+        );
+        run_with(&auth_config_with("content-digest"), &mut host, false);
+        let (_, _, problem) = host.sent.as_ref().unwrap();
+        assert!(problem["detail"].as_str().unwrap().contains("Content-Digest"), "{problem}");
+    }
+
+    #[test]
+    fn a_body_that_does_not_match_its_signed_digest_never_ends_upstream() {
+        let body = br#"{"amount": 5}"#;
+        let digest = digest_header(body);
+        for tampered in [false, true] {
+            let ts = NOW.to_string();
+            let signature = digest_signed("POST", "/signed/pay", &digest, NOW);
+            let mut host = FakeHost::request(
+                "POST",
+                "/signed/pay",
+                &[
+                    ("x-api-key", "key-one"),
+                    ("x-signature", &signature),
+                    ("x-timestamp", &ts),
+                    ("content-digest", &digest),
+                ],
+            );
+            let (mut stream, flow) = run_with(&auth_config_with("content-digest"), &mut host, false);
+            assert_eq!(flow, Flow::Continue, "the head goes on: its signature verified");
+            host.body = body[..6].to_vec();
+            assert_eq!(stream.on_request_body(&mut host, 6, false), Flow::Continue, "the body streams");
+            host.body = body[6..].to_vec();
+            if tampered {
+                host.body[5] = b'9';
+            }
+            let end = stream.on_request_body(&mut host, body.len() - 6, true);
+            assert_eq!(end, if tampered { Flow::Pause } else { Flow::Continue }, "tampered: {tampered}");
+            assert_eq!(host.sent.as_ref().map(|s| s.0), tampered.then_some(401));
+            assert_eq!(host.metric(Metric::Allowed), u64::from(!tampered));
+        }
+    }
+
+    #[test]
+    fn the_bytes_that_complete_a_declared_length_wait_for_the_digest() {
+        let body = br#"{"amount": 5}"#;
+        let digest = digest_header(body);
+        let ts = NOW.to_string();
+        let signature = digest_signed("POST", "/signed/pay", &digest, NOW);
+        let length = body.len().to_string();
+        let mut host = FakeHost::request(
+            "POST",
+            "/signed/pay",
+            &[
+                ("x-api-key", "key-one"),
+                ("x-signature", &signature),
+                ("x-timestamp", &ts),
+                ("content-digest", &digest),
+                ("content-length", &length),
+            ],
+        );
+        let (mut stream, _) = run_with(&auth_config_with("content-digest"), &mut host, false);
+        host.body = br#"{"amount": 9}"#.to_vec();
+        // Envoy may hand over all the bytes first and the end of the stream in a callback of its own.
+        assert_eq!(
+            stream.on_request_body(&mut host, body.len(), false),
+            Flow::Pause,
+            "the upstream would take it whole"
+        );
+        assert_eq!(stream.on_request_body(&mut host, body.len(), true), Flow::Pause);
+        assert_eq!(host.sent.as_ref().map(|s| s.0), Some(401));
+    }
+
+    #[test]
+    fn a_route_that_takes_no_body_refuses_a_streamed_one_before_the_head_goes_on() {
+        let config = CONFIG.replace(r#""max_body_bytes": 8"#, r#""max_body_bytes": 0"#);
+        let mut host = FakeHost::request("POST", "/health", &[("transfer-encoding", "chunked")]);
+        let (_, flow) = run_with(&config, &mut host, false);
+        assert_eq!((flow, host.sent.as_ref().map(|s| s.0)), (Flow::Pause, Some(413)));
     }
 }

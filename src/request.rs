@@ -4,7 +4,8 @@
 
 use std::rc::Rc;
 
-use crate::auth::{self, AuthError, Identity, RequestCredentials};
+use crate::auth::{self, AuthError, BodyCheck, Identity, RequestCredentials, SignatureScheme};
+use crate::body;
 use crate::checks::{self, BodyCounter};
 use crate::config::Method;
 use crate::credits::{self, CreditError, FailurePolicy};
@@ -41,8 +42,12 @@ pub(crate) fn headers(stream: &mut Stream, host: &mut dyn StreamHost, end_of_str
 
     // 2. Request checks.
     checks::path(raw_path)?;
-    checks::content_length(header(&stream.request, "content-length"), policy.max_body_bytes)?;
-    stream.body.limit(BodyCounter::new(policy.max_body_bytes))?;
+    let length = checks::content_length(header(&stream.request, "content-length"), policy.max_body_bytes)?;
+    // A route that takes no body refuses one before the head can go upstream, whatever its framing.
+    if policy.max_body_bytes == 0 && !end_of_stream {
+        return Err(checks::CheckError::BodyTooLarge { limit: 0 }.into());
+    }
+    stream.body.limit(BodyCounter::new(policy.max_body_bytes), length)?;
     checks::content_type(method, header(&stream.request, "content-type"), &policy.content_types)?;
 
     // 3. Identity headers: nothing downstream may trust what the client sent under them.
@@ -123,10 +128,22 @@ fn authenticate(
     headers::forward_identity(host, &stream.request, &stream.config.identity_headers, &identity)?;
 
     if let Some(signatures) = stream.config.auth.signatures().filter(|_| policy.signature) {
-        let mut pending = signatures.begin(&credentials, Some(&identity), now)?;
-        // Envoy has held every body byte so far: the signature starts from the first.
-        stream.body.feed(host, &mut pending)?;
-        stream.signature = Some(Box::new(pending));
+        let check = match signatures.scheme() {
+            SignatureScheme::ContentDigest => {
+                let has_body = !stream.body.is_complete();
+                let (accepted, digest) = signatures.verify_head(&credentials, Some(&identity), now, has_body)?;
+                body::accept(stream, host, &accepted, now)?;
+                digest.map(BodyCheck::Digest)
+            }
+            SignatureScheme::Body => {
+                Some(BodyCheck::Signature(signatures.begin(&credentials, Some(&identity), now)?))
+            }
+        };
+        if let Some(mut check) = check {
+            // Envoy has held every body byte so far: the check starts from the first.
+            stream.body.feed(host, &mut check)?;
+            stream.body_check = Some(Box::new(check));
+        }
     }
     Ok(Ok(identity))
 }

@@ -324,22 +324,27 @@ fn a_missing_scope_is_403_and_forged_identity_never_passes() {
     assert_eq!(seen.headers.iter().filter(|(n, _)| n == "x-tollgate-account").count(), 1);
 }
 
-fn signature(method: &str, path: &str, timestamp: u64, body: &[u8]) -> String {
-    let mut mac = hmac_sha256::HMAC::new(SIGNING_SECRET);
-    for part in [method.as_bytes(), path.as_bytes(), timestamp.to_string().as_bytes()] {
-        mac.update(part);
-        mac.update(b":");
-    }
-    mac.update(body);
-    hex(&mac.finalize())
+/// RFC 9530 `Content-Digest` of a body: its sha-256, as a structured-field byte sequence.
+fn content_digest(body: &[u8]) -> String {
+    use jwt_simple::reexports::ct_codecs::{Base64, Encoder};
+    format!("sha-256=:{}:", Base64::encode_to_string(hmac_sha256::Hash::hash(body)).unwrap())
 }
 
-fn signed(path: &str, timestamp: u64, signature: &str, body: &[u8]) -> Request {
-    Request::new("POST", path)
+/// The default scheme's signature: `METHOD:path:timestamp:` and the body's sha-256, base64.
+fn signature(method: &str, path: &str, timestamp: u64, body: &[u8]) -> String {
+    let digest = content_digest(body);
+    let b64 = digest.trim_start_matches("sha-256=:").trim_end_matches(':');
+    hex(&hmac_sha256::HMAC::mac(format!("{method}:{path}:{timestamp}:{b64}").as_bytes(), SIGNING_SECRET))
+}
+
+/// A request signed over `signed_body`, carrying `body`.
+fn signed(method: &str, path: &str, timestamp: u64, signed_body: &[u8], body: &[u8]) -> Request {
+    Request::new(method, path)
         .header("x-api-key", "pro-key-123")
         .header("content-type", "application/json")
         .header("x-timestamp", timestamp.to_string())
-        .header("x-signature", signature)
+        .header("x-signature", signature(method, path, timestamp, signed_body))
+        .header("content-digest", content_digest(signed_body))
         .body(body.to_vec())
 }
 
@@ -348,44 +353,75 @@ fn request_signatures_valid_stale_tampered_and_replayed() {
     let gw = gateway();
     let body = br#"{"amount": 5}"#;
     let ts = now();
-    let good = signature("POST", "/signed/pay", ts, body);
-    let resp = gw.send(signed("/signed/pay", ts, &good, body));
+    let resp = gw.send(signed("POST", "/signed/pay", ts, body, body));
     assert_eq!(resp.status, 200, "{}", resp.text());
     assert_eq!(upstream_saw(&gw).body, body.to_vec(), "the upstream got the signed body whole");
 
     // Replays on fresh connections, which Envoy spreads over both workers: each is refused.
     for _ in 0..6 {
-        let replay = gw.send(signed("/signed/pay", ts, &good, body));
+        let replay = gw.send(signed("POST", "/signed/pay", ts, body, body));
         assert_problem(&replay, 401, "invalid-credentials");
         assert!(replay.json()["detail"].as_str().unwrap().contains("already used"));
     }
 
     let stale = now() - 3600;
-    let resp = gw.send(signed("/signed/pay", stale, &signature("POST", "/signed/pay", stale, body), body));
+    let resp = gw.send(signed("POST", "/signed/pay", stale, body, body));
     assert_problem(&resp, 401, "invalid-credentials");
+
+    // A body other than the one signed: the head verified and went on, the body's end did not.
+    let resp = gw.send(signed("POST", "/signed/pay", now() - 1, body, br#"{"amount": 9}"#));
+    assert_problem(&resp, 401, "invalid-credentials");
+    assert!(resp.json()["detail"].as_str().unwrap().contains("Content-Digest"), "{}", resp.text());
 
     let ts = now();
-    let resp = gw.send(signed("/signed/pay", ts, &signature("POST", "/signed/pay", ts, body), br#"{"amount": 9}"#));
-    assert_problem(&resp, 401, "invalid-credentials");
-    assert!(resp.json()["detail"].as_str().unwrap().contains("does not match"));
-
     let chunks: Vec<Vec<u8>> = vec![b"{\"amount\":".to_vec(), b" 7}".to_vec()];
-    let ts = now();
-    let sig = signature("POST", "/signed/pay", ts, b"{\"amount\": 7}");
+    let whole = b"{\"amount\": 7}";
     let resp = gw.send(
         Request::new("POST", "/signed/pay")
             .header("x-api-key", "pro-key-123")
             .header("content-type", "application/json")
             .header("x-timestamp", ts.to_string())
-            .header("x-signature", sig)
+            .header("x-signature", signature("POST", "/signed/pay", ts, whole))
+            .header("content-digest", content_digest(whole))
             .chunked(chunks),
     );
     assert_eq!(resp.status, 200, "a chunked signed body: {}", resp.text());
-    // Refused requests may have reached the upstream as a head, never with a body.
+    // The tampered request's head verified and may have reached the upstream; its body never ended.
     let seen = gw.upstream().wait_for(2, Duration::from_secs(5));
-    let complete: Vec<_> = seen.iter().filter(|r| r.complete).collect();
-    assert_eq!(complete.len(), 2, "only the two good requests reached the upstream whole");
-    assert!(seen.iter().filter(|r| !r.complete).all(|r| r.body.is_empty()), "a refused body reached the upstream");
+    let complete: Vec<&[u8]> = seen.iter().filter(|r| r.complete).map(|r| r.body.as_slice()).collect();
+    assert_eq!(complete, [&body[..], &whole[..]], "only the two good requests reached the upstream whole: {seen:?}");
+}
+
+#[test]
+fn a_badly_signed_request_never_reaches_the_upstream_not_even_its_head() {
+    let gw = gateway();
+    let body = br#"{"confirm": true}"#;
+    let zero = "0".repeat(64);
+    let ts = now();
+    let forged = [
+        Request::new("DELETE", "/signed/items/42")
+            .header("x-api-key", "pro-key-123")
+            .header("content-type", "application/json")
+            .header("x-timestamp", ts.to_string())
+            .header("x-signature", zero.clone())
+            .header("content-digest", content_digest(body))
+            .body(body.to_vec()),
+        // A captured request replayed: its signature was already accepted once.
+        signed("DELETE", "/signed/items/43", ts, body, body),
+        signed("DELETE", "/signed/items/43", ts, body, body),
+        // Signed, but with the digest left out: the body is not covered.
+        Request::new("DELETE", "/signed/items/44")
+            .header("x-api-key", "pro-key-123")
+            .header("content-type", "application/json")
+            .header("x-timestamp", ts.to_string())
+            .header("x-signature", zero)
+            .body(body.to_vec()),
+    ];
+    let statuses: Vec<u16> = forged.into_iter().map(|r| gw.send(r).status).collect();
+    assert_eq!(statuses, [401, 200, 401, 401]);
+    let seen = gw.upstream().wait_for(1, Duration::from_secs(5));
+    let paths: Vec<&str> = seen.iter().map(|r| r.path.as_str()).collect();
+    assert_eq!(paths, ["/signed/items/43"], "only the one good request reached the upstream, once");
 }
 
 /// A gateway whose Envoy has a cluster `name` for each server.

@@ -58,7 +58,8 @@ fn plugin_config(credits: bool) -> String {
                 "issuer": ISSUER, "audiences": ["api"], "claims": {"account": "account"},
                 "remote_jwks": {"cluster": "jwks", "path": "/jwks.json", "refresh_seconds": 3600, "timeout_ms": 10000}
             }]},
-            "signatures": {"secrets": [{"account": "acme", "secret": b64(SIGNING_SECRET)}]}
+            // The seeds' scheme, which holds the body until the signature over it verifies.
+            "signatures": {"scheme": "body", "secrets": [{"account": "acme", "secret": b64(SIGNING_SECRET)}]}
         }
     });
     if credits {

@@ -20,7 +20,9 @@ pub use jwt::{
     JwksReport, Provider, RawClaimMapping, RawHmacAlgorithm, RawHmacSecret, RawJwt, RawProvider, RawRemoteJwks,
     RawTokenSources, RemoteJwks,
 };
-pub use signature::{Accepted, PendingSignature, RawSignatures, RawSigningSecret, ReplayCache, Signatures};
+pub use signature::{
+    Accepted, BodyCheck, PendingSignature, RawSignatures, RawSigningSecret, ReplayCache, SignatureScheme, Signatures,
+};
 
 /// Where the auth section sits in the plugin configuration; every error path starts with it.
 const PATH: &str = "auth";
@@ -473,6 +475,12 @@ pub enum AuthError {
     SignatureMismatch,
     #[error("the request signature was already used")]
     SignatureReplayed,
+    #[error("a signed request with a body must carry a Content-Digest header with a sha-256 digest (RFC 9530)")]
+    DigestMissing,
+    #[error("the Content-Digest header is malformed or has no sha-256 digest")]
+    DigestMalformed,
+    #[error("the request body does not match its signed Content-Digest")]
+    DigestMismatch,
     #[error("too many recent signed requests to rule out a replay")]
     ReplayCacheFull,
 }
@@ -528,7 +536,10 @@ impl AuthError {
             | TimestampOutsideSkew { .. }
             | NoSigningSecret
             | SignatureMismatch
-            | SignatureReplayed => AuthErrorKind::Unauthorized,
+            | SignatureReplayed
+            | DigestMissing
+            | DigestMalformed
+            | DigestMismatch => AuthErrorKind::Unauthorized,
             InsufficientScope { .. } => AuthErrorKind::InsufficientScope,
             KeysUnavailable { .. } | ReplayCacheFull => AuthErrorKind::Unavailable,
         }

@@ -1,14 +1,20 @@
-//! HMAC request signatures, as the seeds' `RequestSignatureMiddleware` does them: `X-Signature` is
-//! the hex HMAC-SHA256 of `METHOD:path:timestamp:body` under the caller's account secret, and
-//! `X-Timestamp` must be near the gateway's clock. Checked in two steps, because the body comes
-//! after the headers: `begin` at request headers, `PendingSignature::update` per body chunk (so
-//! nothing is buffered), `finish` at the end of the body.
+//! HMAC request signatures. `X-Signature` is the hex HMAC-SHA256, under the caller's account
+//! secret, of `METHOD:path:timestamp:` and then, by scheme:
+//!
+//! - `content-digest` (the default): the request's RFC 9530 `Content-Digest` sha-256 value, as
+//!   sent. The whole signature is checked when the headers arrive, before anything goes upstream;
+//!   the body is then hashed as it streams and its end held until it matches the digest.
+//! - `body`: the body itself, as the seeds' `RequestSignatureMiddleware` signs it. It can only be
+//!   checked at the end of the body, and Envoy hands a filter the body only after the head went on,
+//!   so the upstream sees the head of a request whose signature has not been checked yet.
+//!
+//! `X-Timestamp` must be near the gateway's clock, and each signature is accepted once.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::fmt;
 
-use hmac_sha256::HMAC;
+use hmac_sha256::{Hash, HMAC};
 use serde::Deserialize;
 
 use super::{
@@ -39,9 +45,30 @@ pub struct RawSignatures {
     /// of unexpired ones, signed requests get 503 rather than risk an undetected replay.
     #[serde(default = "default_replay_cache_entries")]
     pub replay_cache_entries: usize,
+    /// What the signature covers after `METHOD:path:timestamp:`.
+    #[serde(default)]
+    pub scheme: SignatureScheme,
     /// A secret per account; the caller must have authenticated as that account.
     pub secrets: Vec<RawSigningSecret>,
 }
+
+/// What a request signature covers besides the method, path and timestamp.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[cfg_attr(not(target_arch = "wasm32"), derive(schemars::JsonSchema))]
+#[serde(rename_all = "kebab-case")]
+pub enum SignatureScheme {
+    /// The sha-256 value of the request's `Content-Digest` header (RFC 9530), base64 as sent:
+    /// checked before anything goes upstream; the body is then checked against the digest.
+    #[default]
+    ContentDigest,
+    /// The body itself (the seeds' scheme): checkable only at the end of the body, after the
+    /// request's head has reached the upstream. Only for upstreams that act on complete requests.
+    Body,
+}
+
+/// The sha-256 of an empty body, as `Content-Digest` carries it: what a body-less request signs
+/// when it sends no `Content-Digest`.
+const EMPTY_SHA256: &str = "47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=";
 
 fn default_signature_header() -> String {
     "x-signature".to_owned()
@@ -79,6 +106,7 @@ pub struct Signatures {
     max_skew_seconds: u64,
     sign_query: bool,
     replay_cache_entries: usize,
+    scheme: SignatureScheme,
     /// Each account's HMAC state with the key already absorbed; cloned per request.
     secrets: HashMap<String, HMAC>,
 }
@@ -133,6 +161,7 @@ impl Signatures {
             max_skew_seconds: raw.max_skew_seconds,
             sign_query: raw.sign_query,
             replay_cache_entries: raw.replay_cache_entries,
+            scheme: raw.scheme,
             secrets,
         })
     }
@@ -142,14 +171,63 @@ impl Signatures {
         ReplayCache::new(self.replay_cache_entries)
     }
 
-    /// The header-time checks: both headers present and single, the timestamp within the skew, a
-    /// secret for the caller's account. The body goes into the returned state.
+    pub fn scheme(&self) -> SignatureScheme {
+        self.scheme
+    }
+
+    /// The `content-digest` scheme, at request headers: checks the whole signature, and hands back
+    /// what it accepted (for the replay check) and the digest the body must then have. `has_body`:
+    /// the request's headers did not end the stream.
+    pub fn verify_head(
+        &self,
+        request: &RequestCredentials,
+        identity: Option<&Identity>,
+        now: u64,
+        has_body: bool,
+    ) -> Result<(Accepted, Option<BodyDigest>), AuthError> {
+        let (mut mac, signature, expires_at) = self.signed_head(request, identity, now)?;
+        let digest = match request.single_header("content-digest", "Content-Digest header")? {
+            Some(value) => sha256_member(value).ok_or(AuthError::DigestMalformed)?,
+            None if has_body => return Err(AuthError::DigestMissing),
+            None => EMPTY_SHA256,
+        };
+        let expected = decode_base64_any(digest)
+            .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
+            .ok_or(AuthError::DigestMalformed)?;
+        mac.update(digest.as_bytes());
+        if !mac.finalize_verify(&signature) {
+            return Err(AuthError::SignatureMismatch);
+        }
+        let body = BodyDigest { hash: Hash::new(), expected };
+        let accepted = Accepted { signature, expires_at };
+        if has_body {
+            return Ok((accepted, Some(body)));
+        }
+        body.finish()?;
+        Ok((accepted, None))
+    }
+
+    /// The `body` scheme, at request headers: the header-time checks; the body goes into the
+    /// returned state.
     pub fn begin(
         &self,
         request: &RequestCredentials,
         identity: Option<&Identity>,
         now: u64,
     ) -> Result<PendingSignature, AuthError> {
+        let (mac, signature, expires_at) = self.signed_head(request, identity, now)?;
+        Ok(PendingSignature { mac, signature, expires_at })
+    }
+
+    /// Both headers present and single, the timestamp within the skew, a secret for the caller's
+    /// account: the MAC with `METHOD:path:timestamp:` absorbed, the signature to compare it with,
+    /// and until when a replay of it would pass the timestamp check.
+    fn signed_head(
+        &self,
+        request: &RequestCredentials,
+        identity: Option<&Identity>,
+        now: u64,
+    ) -> Result<(HMAC, [u8; 32], u64), AuthError> {
         let signature = request.single_header(&self.header, "signature header")?;
         let timestamp = request.single_header(&self.timestamp_header, "timestamp header")?;
         let (Some(signature), Some(timestamp)) = (signature, timestamp) else {
@@ -168,7 +246,83 @@ impl Signatures {
             mac.update(part.as_bytes());
             mac.update(b":");
         }
-        Ok(PendingSignature { mac, signature, expires_at: seconds.saturating_add(self.max_skew_seconds) })
+        Ok((mac, signature, seconds.saturating_add(self.max_skew_seconds)))
+    }
+}
+
+/// The `sha-256` member of a `Content-Digest` dictionary (RFC 9530, RFC 8941 byte sequence
+/// `:base64:`), as sent. Other algorithms are ignored; two `sha-256` members are refused.
+fn sha256_member(header: &str) -> Option<&str> {
+    let mut found = None;
+    for member in header.split(',') {
+        let (key, value) = member.trim().split_once('=')?;
+        if key.trim() == "sha-256" {
+            let value = value.trim().strip_prefix(':')?.strip_suffix(':')?;
+            if found.replace(value).is_some() {
+                return None;
+            }
+        }
+    }
+    found
+}
+
+/// The digest a signed `Content-Digest` promises, checked against the body as it streams.
+pub struct BodyDigest {
+    hash: Hash,
+    expected: [u8; 32],
+}
+
+impl BodyDigest {
+    pub fn update(&mut self, chunk: &[u8]) {
+        self.hash.update(chunk);
+    }
+
+    /// The whole body has been fed.
+    pub fn finish(self) -> Result<(), AuthError> {
+        match self.hash.finalize() == self.expected {
+            true => Ok(()),
+            false => Err(AuthError::DigestMismatch),
+        }
+    }
+}
+
+/// What a request's body must pass before its end goes upstream.
+pub enum BodyCheck {
+    /// The `body` scheme's MAC over the body: the body is held until it verifies.
+    Signature(PendingSignature),
+    /// The `content-digest` scheme: the body goes on as it streams, its end held until it matches.
+    Digest(BodyDigest),
+}
+
+impl fmt::Debug for BodyCheck {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BodyCheck::Signature(_) => "BodyCheck::Signature",
+            BodyCheck::Digest(_) => "BodyCheck::Digest",
+        })
+    }
+}
+
+impl BodyCheck {
+    pub fn update(&mut self, chunk: &[u8]) {
+        match self {
+            BodyCheck::Signature(pending) => pending.update(chunk),
+            BodyCheck::Digest(digest) => digest.update(chunk),
+        }
+    }
+
+    /// Whether the body may go on as it streams (only its end is held).
+    pub fn streams(&self) -> bool {
+        matches!(self, BodyCheck::Digest(_))
+    }
+
+    /// The whole body has been fed. A `body` signature is accepted here, once: what it accepted
+    /// comes back for the check across workers.
+    pub fn finish(self, replays: &mut ReplayCache, now: u64) -> Result<Option<Accepted>, AuthError> {
+        match self {
+            BodyCheck::Signature(pending) => pending.finish(replays, now).map(Some),
+            BodyCheck::Digest(digest) => digest.finish().map(|()| None),
+        }
     }
 }
 
