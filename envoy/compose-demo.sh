@@ -84,7 +84,10 @@ from_demo() {
 # The walkthrough of envoy/demo.sh, with its commands for this setup: the credit service is not
 # published to the host, so the command that reads its ledger runs curl inside the compose network.
 walkthrough() {
+  # g, cli and token are what demo.sh's walkthrough names; the eval'd blocks use them.
+  # shellcheck disable=SC2034,SC2016
   local g=$gateway token entries
+  # shellcheck disable=SC2016
   eval "$(from_demo '^token=\$("\$cli" token' ')$')"
   entries=$(from_demo '^  # ' '^Ctrl-C stops the demo')
   entries=$(eval "cat <<TXT
