@@ -23,8 +23,14 @@ done
 if ! podman image exists "$base"; then
   command -v debootstrap >/dev/null || { echo "debootstrap is missing: apt-get install debootstrap" >&2; exit 1; }
   # The first Debian mirror apt is configured with (deb822 or one-line sources).
-  mirror=$(cat /etc/apt/sources.list /etc/apt/sources.list.d/*.sources 2>/dev/null \
-    | awk '$1 == "URIs:" || $1 == "deb" { for (i = 2; i <= NF; i++) if ($i ~ /^https?:/) { print $i; exit } }')
+  sources=()
+  for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do
+    [[ -f $f ]] && sources+=("$f")
+  done
+  # (No pipe into awk: its early exit would fail the pipe under pipefail.)
+  mirror=$(awk '$1 == "URIs:" || $1 == "deb" { for (i = 2; i <= NF; i++) if ($i ~ /^https?:/) { print $i; exit } }' \
+    "${sources[@]}" /dev/null)
+  [[ -n $mirror ]] || { echo "no Debian mirror in /etc/apt/sources.list*: set one up first" >&2; exit 1; }
   rootfs=$(mktemp -d /var/tmp/standin-rootfs.XXXXXX)
   trap 'rm -rf "$rootfs"' EXIT
   echo "debootstrap bookworm from $mirror"
