@@ -22,7 +22,7 @@ OCI_TOOLS     := skopeo umoci
 TEST_TOOLS    := $(OCI_TOOLS) docker-registry docker-compose
 SUDO          := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help wasm cli credit envoy demo test test-tools unit bench bench-credit check-configs lint fmt oci oci-tools oci-push clean
+.PHONY: help wasm cli credit envoy demo compose-demo test test-tools unit bench bench-credit check-configs lint fmt oci oci-tools oci-push clean
 
 # Installs the Debian packages among $(1) whose command is missing.
 define apt_install
@@ -77,6 +77,10 @@ check-configs: cli envoy wasm ## validate the shipped configs with tollgate and 
 demo: wasm cli credit envoy ## run Envoy + tollgate + the credit service + a sample upstream on localhost; Ctrl-C stops it
 	@$(CLI) check envoy/envoy.yaml
 	@bash envoy/demo.sh $(ENVOY) $(DEMO_PORT)
+
+# e.g. make compose-demo COMPOSE=podman-compose COMPOSE_IMAGES=build/standin.env
+compose-demo: wasm cli ## the demo in containers (docker compose, docker-compose or podman-compose); waits for health, prints the walkthrough; Ctrl-C brings it down
+	@COMPOSE="$(COMPOSE)" COMPOSE_IMAGES="$(COMPOSE_IMAGES)" bash envoy/compose-demo.sh $(CLI)
 
 test: wasm envoy oci test-tools ## the whole suite: unit tests and end-to-end tests against a real Envoy
 	@# Not --all-targets: that would also run the benchmark, which is `make bench`'s.
