@@ -11,6 +11,8 @@ BINARYEN_VERSION := 132.0.0
 BINARYEN      := .binaryen
 WASM_OPT      := $(BINARYEN)/node_modules/.bin/wasm-opt
 WASM          := build/tollgate.wasm
+# The dynamic module Envoy loads as `tollgate` from ENVOY_DYNAMIC_MODULES_SEARCH_PATH=build.
+NATIVE        := build/libtollgate.so
 CLI           := target/release/tollgate
 DEMO_PORT     := 10000
 # The OCI image: a layout under build/, tagged with the crate's version.
@@ -22,7 +24,7 @@ OCI_TOOLS     := skopeo umoci
 TEST_TOOLS    := $(OCI_TOOLS) docker-registry docker-compose
 SUDO          := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help wasm cli credit envoy demo compose-demo test test-tools unit bench bench-credit check-configs lint fmt oci oci-tools oci-push clean
+.PHONY: help wasm native cli credit envoy demo compose-demo test test-tools unit bench bench-credit check-configs lint fmt oci oci-tools oci-push clean
 
 # Installs the Debian packages among $(1) whose command is missing.
 define apt_install
@@ -51,6 +53,17 @@ $(WASM): FORCE | $(WASM_OPT)
 	  target/$(WASM_TARGET)/release/tollgate.wasm -o $(WASM).tmp
 	@mv $(WASM).tmp $(WASM)
 	@echo "$(WASM): $$(wc -c < $(WASM)) bytes"
+
+native: $(NATIVE) ## build the filter as an Envoy dynamic module at build/libtollgate.so (Envoy $(ENVOY_VERSION) only)
+
+# The `native` profile is release with panics that unwind (each hook catches them), in a target
+# directory of its own.
+$(NATIVE): FORCE
+	cargo rustc --profile native --features native --lib --crate-type cdylib
+	@mkdir -p build
+	cp target/native/libtollgate.so $(NATIVE).tmp
+	@mv $(NATIVE).tmp $(NATIVE)
+	@echo "$(NATIVE): $$(wc -c < $(NATIVE)) bytes"
 
 $(WASM_OPT):
 	$(call apt_install,npm)

@@ -2,7 +2,8 @@
 //! pipeline, in the order of DESIGN.md: a stream is one `Phase` at a time, and each hook below is a
 //! transition that says what the proxy must do next. The steps live in `request` (headers: steps
 //! 1-6), `body` (the body limit and the signature over the body) and `response` (step 7 and
-//! settling the bill); `wasm/` is the only code that talks to proxy-wasm.
+//! settling the bill); `wasm/` is the only code that talks to proxy-wasm, `native/` the only code
+//! that talks to Envoy's dynamic-module ABI.
 
 pub mod auth;
 pub mod checks;
@@ -20,6 +21,8 @@ pub mod settle;
 pub mod worker;
 
 mod body;
+#[cfg(any(feature = "native", test))]
+mod native;
 mod request;
 mod response;
 #[cfg(target_arch = "wasm32")]

@@ -64,15 +64,11 @@ impl Refresher {
     }
 
     pub fn on_tick(&mut self, config: &Config, host: &mut dyn Host) {
+        self.load_shared(config, host);
         let now = host.now();
         for source in &mut self.sources {
             let Some(provider) = config.auth.providers().get(source.provider) else { continue };
             let Some(remote) = source.kind.remote(provider) else { continue };
-            if let Some((body, version)) = host.shared_get(&shared_key(remote)) {
-                if source.shared_version != Some(version) && source.kind.load(provider, &body).is_ok() {
-                    source.shared_version = Some(version);
-                }
-            }
             if source.in_flight.is_some() || now < source.next_fetch_at {
                 continue;
             }
@@ -83,6 +79,21 @@ impl Refresher {
                     host.count(Metric::RemoteFetchFailures, 1);
                     source.failures = source.failures.saturating_add(1);
                     source.next_fetch_at = now.saturating_add(backoff(source.failures));
+                }
+            }
+        }
+    }
+
+    /// Loads every document another worker (or, natively, the main thread) stored in shared data
+    /// since this worker last looked; fetches nothing. The native build's worker threads have no
+    /// tick of their own and call this alone.
+    pub fn load_shared(&mut self, config: &Config, host: &dyn Host) {
+        for source in &mut self.sources {
+            let Some(provider) = config.auth.providers().get(source.provider) else { continue };
+            let Some(remote) = source.kind.remote(provider) else { continue };
+            if let Some((body, version)) = host.shared_get(&shared_key(remote)) {
+                if source.shared_version != Some(version) && source.kind.load(provider, &body).is_ok() {
+                    source.shared_version = Some(version);
                 }
             }
         }

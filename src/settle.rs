@@ -107,6 +107,18 @@ impl Settler {
         }
     }
 
+    /// Hands every job waiting here to `root`, which sends it from then on. The native build's
+    /// streams queue on their worker thread, and the main thread, which outlives them, sends.
+    pub fn hand_over(&mut self, root: &mut Settler) {
+        for Reverse(Waiting { due, job, .. }) in std::mem::take(&mut self.waiting).into_vec() {
+            if root.waiting.len() + root.in_flight.len() >= MAX_JOBS {
+                log::error!("tollgate: {} dropped: {MAX_JOBS} settlements already queued", job.settlement);
+                continue;
+            }
+            root.wait(job, due);
+        }
+    }
+
     /// Whether callout `token` is one of this settler's.
     pub fn is_waiting_for(&self, token: u32) -> bool {
         self.in_flight.contains_key(&token)
@@ -215,6 +227,19 @@ mod tests {
         assert_eq!(host.sent_calls[0].body, br#"{"amount":5}"#);
         assert_eq!(settler.on_answer(&mut host, &credits, 1, status(200)), Answer::Done);
         assert_eq!(settler.on_answer(&mut host, &credits, 1, status(200)), Answer::NotOurs);
+    }
+
+    #[test]
+    fn a_handed_over_commit_goes_out_from_the_root_it_was_handed_to() {
+        let (mut host, credits) = (FakeHost::default(), credits());
+        let (mut worker, mut root) = (Settler::default(), Settler::default());
+        worker.queue(&mut host, commit("r1"));
+        worker.hand_over(&mut root);
+        worker.send_due(&mut host, &credits);
+        assert!(host.calls.is_empty(), "the worker kept a job it handed over");
+        root.send_due(&mut host, &credits);
+        assert_eq!(host.calls.len(), 1);
+        assert!(root.is_waiting_for(1));
     }
 
     #[test]

@@ -1,0 +1,109 @@
+//! Shared data in process memory: what proxy-wasm's shared data is to the wasm build. One store for
+//! every worker thread, each entry a value and a version, and a compare-and-swap on the version, so
+//! rate-limit counters and the replay window stay exact across workers. The keys are the ones the
+//! pipeline makes (fixed rate-limit slots, replay slots, JWKS documents), so memory stays as bounded
+//! as the wasm build's. Sharded by key so that workers updating different slots do not wait on one
+//! lock; a lock is held only for one map operation and never across a call into Envoy.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
+
+const SHARDS: usize = 64;
+
+type Shard = Mutex<HashMap<String, (Vec<u8>, u32)>>;
+
+pub struct Store {
+    shards: Vec<Shard>,
+    hasher: RandomState,
+}
+
+/// The one store of the process: like proxy-wasm's shared data, it outlives a config reload.
+pub fn store() -> &'static Store {
+    static STORE: OnceLock<Store> = OnceLock::new();
+    STORE.get_or_init(Store::new)
+}
+
+impl Store {
+    fn new() -> Store {
+        Store { shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(), hasher: RandomState::new() }
+    }
+
+    /// A panic elsewhere while a shard was held leaves a map that is still whole (every operation
+    /// below is one insert or lookup), so a poisoned lock is taken as is.
+    fn shard(&self, key: &str) -> MutexGuard<'_, HashMap<String, (Vec<u8>, u32)>> {
+        let index = usize::try_from(self.hasher.hash_one(key) % SHARDS as u64).unwrap_or(0);
+        self.shards[index].lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+        self.shard(key).get(key).cloned()
+    }
+
+    /// Stores `value` if the entry is still at `version` (`None`: whatever it is); versions start
+    /// at 1 and grow by one per store, as Envoy's do.
+    pub fn swap(&self, key: &str, value: &[u8], version: Option<u32>) -> bool {
+        let mut shard = self.shard(key);
+        let current = shard.get(key).map(|(_, v)| *v);
+        if version.is_some() && version != current {
+            return false;
+        }
+        let next = current.map_or(1, |v| v.wrapping_add(1).max(1));
+        match shard.get_mut(key) {
+            Some(entry) => {
+                entry.0.clear();
+                entry.0.extend_from_slice(value);
+                entry.1 = next;
+            }
+            None => {
+                shard.insert(key.to_owned(), (value.to_vec(), next));
+            }
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::thread;
+
+    use super::*;
+
+    #[test]
+    fn a_swap_at_a_stale_version_fails_and_one_at_the_current_version_wins() {
+        let store = Store::new();
+        assert!(store.get("k").is_none());
+        assert!(store.swap("k", b"a", None));
+        let (value, version) = store.get("k").unwrap();
+        assert_eq!((value.as_slice(), version), (&b"a"[..], 1));
+        assert!(store.swap("k", b"b", Some(1)));
+        assert!(!store.swap("k", b"c", Some(1)), "a stale version won");
+        assert_eq!(store.get("k").unwrap(), (b"b".to_vec(), 2));
+    }
+
+    #[test]
+    fn increments_by_compare_and_swap_from_many_threads_are_exact() {
+        let store = Arc::new(Store::new());
+        store.swap("n", &0u64.to_le_bytes(), None);
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let store = Arc::clone(&store);
+                thread::spawn(move || {
+                    for _ in 0..1000 {
+                        loop {
+                            let (value, version) = store.get("n").unwrap();
+                            let value = u64::from_le_bytes(value.try_into().unwrap());
+                            if store.swap("n", &(value + 1).to_le_bytes(), Some(version)) {
+                                break;
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        threads.into_iter().for_each(|t| t.join().unwrap());
+        let (value, _) = store.get("n").unwrap();
+        assert_eq!(u64::from_le_bytes(value.try_into().unwrap()), 4000);
+    }
+}
