@@ -454,9 +454,13 @@ impl Filter {
             return Flow::Pause;
         }
         let outcome = catch_unwind(AssertUnwindSafe(|| {
-            let Some(local) = &self.local else { return None };
-            let mut stream = self.stream.try_borrow_mut().ok()?;
-            let stream = stream.as_mut()?;
+            let Some(local) = &self.local else { return Err(()) };
+            let Ok(mut stream) = self.stream.try_borrow_mut() else {
+                // Held by the hook that is running: Envoy calls back into the filter while it
+                // sends our own local reply, which needs nothing more from the pipeline.
+                return Ok(Flow::Continue);
+            };
+            let Some(stream) = stream.as_mut() else { return Err(()) };
             let mut host = StreamEnvoy {
                 filter: envoy,
                 plugin: &self.plugin,
@@ -473,11 +477,11 @@ impl Filter {
             if host.resumed {
                 flow = Flow::Continue;
             }
-            Some(flow)
+            Ok(flow)
         }));
         match outcome {
-            Ok(Some(flow)) => flow,
-            Ok(None) => {
+            Ok(Ok(flow)) => flow,
+            Ok(Err(())) => {
                 // No stream: the config never parsed on this thread. Fail closed.
                 let body = problem::body(&Denial::Unconfigured, "");
                 host::send_response(envoy, 503, &[("content-type", "application/problem+json")], &body);

@@ -127,7 +127,30 @@ fn envoy_config(opts: GatewayOptions, upstream_port: u16) -> Value {
     if let Some(mutate) = opts.mutate {
         mutate(&mut config);
     }
+    if native_build() {
+        to_native(&mut config);
+    }
     config
+}
+
+/// Whether the gateway loads the dynamic module (`TOLLGATE_BUILD=native`, build/libtollgate.so from
+/// `make native`) instead of the wasm module: the one switch that runs the e2e suites against the
+/// native build.
+pub fn native_build() -> bool {
+    std::env::var("TOLLGATE_BUILD").is_ok_and(|build| build == "native")
+}
+
+/// Swaps the wasm filter for the dynamic module with the same plugin JSON, as
+/// `envoy/envoy-native.yaml` does; after every test's own edits, which name the wasm fields.
+fn to_native(config: &mut Value) {
+    let filter = tollgate_filter(config);
+    let value = filter["typed_config"]["config"]["configuration"]["value"].take();
+    filter["typed_config"] = json!({
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter",
+        "dynamic_module_config": {"name": "tollgate", "do_not_close": true},
+        "filter_name": "tollgate",
+        "filter_config": {"@type": "type.googleapis.com/google.protobuf.StringValue", "value": value},
+    });
 }
 
 /// Makes every relative `vm_config.code.local.filename` absolute against the repository root.
@@ -237,6 +260,8 @@ impl Gateway {
             .arg(dir.join("admin-address"))
             // The shipped config's relative paths are relative to the repository root.
             .current_dir(repo())
+            // Where Envoy finds `libtollgate.so` for the native build.
+            .env("ENVOY_DYNAMIC_MODULES_SEARCH_PATH", repo().join("build"))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -252,6 +277,9 @@ impl Gateway {
                 let module = repo().join("build/tollgate.wasm");
                 if !module.exists() && config.to_string().contains(module.to_str().unwrap()) {
                     reason.push_str(" (build/tollgate.wasm is missing: run `make wasm`)");
+                }
+                if native_build() && !repo().join("build/libtollgate.so").exists() {
+                    reason.push_str(" (build/libtollgate.so is missing: run `make native`)");
                 }
                 let _ = fs::remove_dir_all(&dir);
                 Err(StartFailure { reason, log })
@@ -287,10 +315,16 @@ impl Gateway {
 
     /// A metric's value in Envoy's Prometheus output, summed over label sets; 0 when absent.
     #[allow(dead_code, reason = "not every test file reads metrics")]
+    /// The native build's metrics have the names the wasm build's have, under the prefix Envoy
+    /// gives a dynamic module's stats.
     pub fn metric(&self, name: &str) -> u64 {
+        let name = match native_build() && name.starts_with("tollgate_") {
+            true => format!("envoy_dynamicmodulescustom_{name}"),
+            false => name.to_owned(),
+        };
         let text = self.admin("/stats/prometheus").text();
         text.lines()
-            .filter(|line| line.split(['{', ' ']).next() == Some(name))
+            .filter(|line| line.split(['{', ' ']).next() == Some(name.as_str()))
             .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
             .map(|v| v as u64)
             .sum()
