@@ -382,6 +382,26 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_per_route_config_destroy(_
 // ---------------------------------------------------------------------------------------------
 // Stream hooks
 
+/// Which hook a pipeline step runs in.
+#[derive(Clone, Copy)]
+enum Hook {
+    /// Request headers, body or trailers: Envoy waits for the hook's answer to go on.
+    Request(&'static str),
+    /// Response headers, or the end of the stream.
+    Response(&'static str),
+    /// A callout's answer: nothing waits on it, the stream goes on by `continue_decoding`.
+    Callout,
+}
+
+impl Hook {
+    fn name(self) -> &'static str {
+        match self {
+            Hook::Request(name) | Hook::Response(name) => name,
+            Hook::Callout => "callout done",
+        }
+    }
+}
+
 /// A callout's token and its answer (status and body; `None` when none came).
 type Answer = (u32, Option<(u16, Vec<u8>)>);
 
@@ -449,7 +469,7 @@ fn load_documents(plugin: &Plugin, local: &Local) {
 
 impl Filter {
     /// Runs one pipeline step with the stream and a host for this hook; answers a panic with a 500.
-    fn run(&self, envoy: FilterEnvoyPtr, hook: &str, step: impl FnOnce(&mut Stream, &mut StreamEnvoy) -> Flow) -> Flow {
+    fn run(&self, envoy: FilterEnvoyPtr, hook: Hook, step: impl FnOnce(&mut Stream, &mut StreamEnvoy) -> Flow) -> Flow {
         if self.failed.get() {
             return Flow::Pause;
         }
@@ -457,30 +477,41 @@ impl Filter {
             let Some(local) = &self.local else { return Err(()) };
             let Ok(mut stream) = self.stream.try_borrow_mut() else {
                 // Held by the hook that is running: Envoy calls back into the filter while it
-                // sends our own local reply, which needs nothing more from the pipeline.
-                return Ok(Flow::Continue);
+                // sends our own local reply, which needs nothing more from the pipeline. A request
+                // hook is never let on from here (nothing of ours continues a stream it holds).
+                return Ok(match hook {
+                    Hook::Request(_) => (Flow::Pause, false),
+                    Hook::Response(_) | Hook::Callout => (Flow::Continue, false),
+                });
             };
             let Some(stream) = stream.as_mut() else { return Err(()) };
             let mut host = StreamEnvoy {
                 filter: envoy,
                 plugin: &self.plugin,
                 worker: &local.worker,
-                in_hook: true,
                 resumed: false,
                 buffering: self.buffering.get(),
             };
-            let mut flow = step(stream, &mut host);
+            let flow = step(stream, &mut host);
             loop {
                 let Some((token, answer)) = self.early_answers.borrow_mut().pop() else { break };
                 stream.on_http_call_response(&mut host, token, answer);
             }
-            if host.resumed {
-                flow = Flow::Continue;
-            }
-            Ok(flow)
+            Ok((flow, host.resumed))
         }));
         match outcome {
-            Ok(Ok(flow)) => flow,
+            // A resume asked for in a hook Envoy is waiting on is that hook's answer; one asked for
+            // in a callout's answer is sent once the stream is let go, since Envoy runs the body
+            // hook inside `continue_decoding`.
+            Ok(Ok((flow, resumed))) => match (hook, resumed) {
+                (Hook::Callout, true) => {
+                    // SAFETY: `envoy` is the live filter whose callout came back.
+                    unsafe { abi::envoy_dynamic_module_callback_http_filter_continue_decoding(envoy) };
+                    flow
+                }
+                (_, true) => Flow::Continue,
+                (_, false) => flow,
+            },
             Ok(Err(())) => {
                 // No stream: the config never parsed on this thread. Fail closed.
                 let body = problem::body(&Denial::Unconfigured, "");
@@ -489,7 +520,7 @@ impl Filter {
                 Flow::Pause
             }
             Err(_) => {
-                log::error!("tollgate: panic in {hook}; the request is answered 500 and Envoy carries on");
+                log::error!("tollgate: panic in {}; the request is answered 500 and Envoy carries on", hook.name());
                 self.failed.set(true);
                 if !self.response_started.get() {
                     let body = problem::body(&Denial::Host(HostError("handle the request")), "");
@@ -510,7 +541,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
     guarded("request headers", abi::HEADERS_STOP_ALL_AND_BUFFER, || {
         // SAFETY: Envoy passes the live filter this module made.
         let Some(filter) = (unsafe { filter_of(filter) }) else { return abi::HEADERS_CONTINUE };
-        match filter.run(envoy, "request headers", |s, h| s.on_request_headers(h, end_of_stream)) {
+        match filter.run(envoy, Hook::Request("request headers"), |s, h| s.on_request_headers(h, end_of_stream)) {
             Flow::Continue => abi::HEADERS_CONTINUE,
             // Envoy holds the headers and buffers the body: the filter sees it once it goes on.
             Flow::Pause => abi::HEADERS_STOP_ALL_AND_BUFFER,
@@ -527,7 +558,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_request_body(
     guarded("request body", abi::BODY_STOP_AND_BUFFER, || {
         // SAFETY: Envoy passes the live filter this module made.
         let Some(filter) = (unsafe { filter_of(filter) }) else { return abi::BODY_CONTINUE };
-        let flow = filter.run(envoy, "request body", |s, h| {
+        let flow = filter.run(envoy, Hook::Request("request body"), |s, h| {
             let size = h.held_body_size();
             s.on_request_body(h, size, end_of_stream)
         });
@@ -547,7 +578,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_request_trailers(
     guarded("request trailers", abi::TRAILERS_STOP, || {
         // SAFETY: Envoy passes the live filter this module made.
         let Some(filter) = (unsafe { filter_of(filter) }) else { return abi::TRAILERS_CONTINUE };
-        match filter.run(envoy, "request trailers", |s, h| s.on_request_trailers(h)) {
+        match filter.run(envoy, Hook::Request("request trailers"), |s, h| s.on_request_trailers(h)) {
             Flow::Continue => abi::TRAILERS_CONTINUE,
             Flow::Pause => abi::TRAILERS_STOP,
         }
@@ -564,7 +595,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(
         // SAFETY: Envoy passes the live filter this module made.
         let Some(filter) = (unsafe { filter_of(filter) }) else { return abi::HEADERS_CONTINUE };
         if !filter.failed.get() {
-            filter.run(envoy, "response headers", |s, h| s.on_response_headers(h));
+            filter.run(envoy, Hook::Response("response headers"), |s, h| s.on_response_headers(h));
         }
         filter.response_started.set(true);
         abi::HEADERS_CONTINUE
@@ -601,7 +632,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_stream_complete(
         let Some(filter) = (unsafe { filter_of(filter) }) else { return };
         filter.failed.set(false);
         filter.response_started.set(true);
-        filter.run(envoy, "stream complete", |s, h| {
+        filter.run(envoy, Hook::Response("stream complete"), |s, h| {
             s.on_done(h);
             Flow::Continue
         });
@@ -641,8 +672,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_http_callout_done(
             filter.early_answers.borrow_mut().push((token, answer));
             return;
         }
-        filter.run(envoy, "callout done", |s, h| {
-            h.in_hook = false;
+        filter.run(envoy, Hook::Callout, |s, h| {
             s.on_http_call_response(h, token, answer);
             Flow::Continue
         });

@@ -86,9 +86,8 @@ pub struct StreamEnvoy<'a> {
     pub filter: FilterEnvoyPtr,
     pub plugin: &'a Plugin,
     pub worker: &'a Worker,
-    /// Set inside a hook: a resume asked for there is the hook's answer (continue), since Envoy
-    /// must not be told to continue a stream from inside the callback that holds it.
-    pub in_hook: bool,
+    /// A resume the pipeline asked for: the hook that runs it decides how Envoy hears of it (see
+    /// `Filter::run`), since Envoy must not be told to continue a stream the filter still holds.
     pub resumed: bool,
     /// The request body Envoy holds for the filter spans its buffer and the chunk just received
     /// (the filter buffered the earlier chunks): the pipeline sees them as one body, as proxy-wasm
@@ -290,12 +289,7 @@ impl StreamHost for StreamEnvoy<'_> {
     }
 
     fn resume_request(&mut self) {
-        if self.in_hook {
-            self.resumed = true;
-        } else {
-            // SAFETY: `filter` is live (the callout's answer came to it).
-            unsafe { abi::envoy_dynamic_module_callback_http_filter_continue_decoding(self.filter) };
-        }
+        self.resumed = true;
     }
 
     fn response_header(&self, name: &str) -> Option<String> {
