@@ -95,9 +95,14 @@ demo: wasm cli credit envoy ## run Envoy + tollgate + the credit service + a sam
 compose-demo: wasm cli ## the demo in containers (docker compose, docker-compose or podman-compose); waits for health, prints the walkthrough; Ctrl-C brings it down
 	@COMPOSE="$(COMPOSE)" COMPOSE_IMAGES="$(COMPOSE_IMAGES)" bash envoy/compose-demo.sh $(CLI)
 
-test: wasm envoy oci test-tools ## the whole suite: unit tests and end-to-end tests against a real Envoy
+# The e2e suites that drive the filter run again against the native build (TOLLGATE_BUILD=native);
+# tests/native_abi.rs checks the module's symbols against the pinned Envoy in the first run.
+NATIVE_SUITES := request_checks auth rate_limits credits pipeline routes_and_headers metrics bad_config
+
+test: wasm native envoy oci test-tools ## the whole suite: unit tests and end-to-end tests against a real Envoy, wasm and native
 	@# Not --all-targets: that would also run the benchmark, which is `make bench`'s.
 	cargo test --workspace --lib --bins --tests
+	TOLLGATE_BUILD=native cargo test $(addprefix --test ,$(NATIVE_SUITES))
 
 bench: wasm credit envoy ## tollgate in Envoy (build/bench.md), then the credit service alone (build/bench-credit.md)
 	$(call apt_install,wrk valgrind)
@@ -131,6 +136,7 @@ lint: ## clippy with the project's rules, and formatting
 	@rustup target list --installed | grep -qx $(WASM_TARGET) || rustup target add $(WASM_TARGET)
 	cargo clippy --workspace --all-targets -- -D warnings
 	cargo clippy --release --target $(WASM_TARGET) --lib -- -D warnings
+	cargo clippy --lib --features native -- -D warnings
 	cargo fmt --check
 	cargo fmt --check --manifest-path benches/hostcall-probe/Cargo.toml
 

@@ -166,19 +166,28 @@ fn check_envoy_config(document: &Value) -> Result<String, String> {
     walk(document, "$", &mut |path, value| {
         if value.get("root_id").and_then(Value::as_str) == Some("tollgate") {
             let json = value.pointer("/configuration/value").and_then(Value::as_str);
-            configs.push((path.to_owned(), json.map(str::to_owned)));
+            configs.push((format!("{path}.configuration"), json.map(str::to_owned)));
+        }
+        // The native build (envoy/envoy-native.yaml): the same JSON in the dynamic module's config.
+        if value.get("filter_name").and_then(Value::as_str) == Some("tollgate") {
+            let json = value.pointer("/filter_config/value").and_then(Value::as_str);
+            configs.push((format!("{path}.filter_config"), json.map(str::to_owned)));
         }
         if let Some(name) = value.pointer("/filter_metadata/tollgate/policy") {
             references.push((format!("{path}.filter_metadata.tollgate.policy"), name.clone()));
         }
     });
     if configs.is_empty() {
-        return Err("no tollgate Wasm filter (root_id \"tollgate\") and no \"policies\": nothing to check".to_owned());
+        return Err(
+            "no tollgate filter (Wasm root_id or dynamic module filter_name \"tollgate\") and no \"policies\": \
+             nothing to check"
+                .to_owned(),
+        );
     }
     let mut parsed = Vec::new();
     for (path, json) in configs {
-        let json = json.ok_or_else(|| format!("{path}.configuration.value: missing; the plugin needs its config"))?;
-        let config = Config::from_json(json.as_bytes()).map_err(|e| format!("{path}.configuration: {e}"))?;
+        let json = json.ok_or_else(|| format!("{path}.value: missing; the plugin needs its config"))?;
+        let config = Config::from_json(json.as_bytes()).map_err(|e| format!("{path}: {e}"))?;
         parsed.push(config);
     }
     for (path, name) in &references {
