@@ -104,7 +104,7 @@ test: wasm native envoy oci test-tools ## the whole suite: unit tests and end-to
 	cargo test --workspace --lib --bins --tests
 	TOLLGATE_BUILD=native cargo test $(addprefix --test ,$(NATIVE_SUITES))
 
-bench: wasm credit envoy ## tollgate in Envoy (build/bench.md), then the credit service alone (build/bench-credit.md)
+bench: wasm native credit envoy ## tollgate in Envoy (build/bench.md), then the credit service alone (build/bench-credit.md)
 	$(call apt_install,wrk valgrind)
 	cargo bench --bench gateway
 	cargo bench -p tollgate-credit --bench throughput

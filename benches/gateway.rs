@@ -21,7 +21,8 @@
 //! `TOLLGATE_BENCH_CLIENTS` distinct clients for the memory part (2000000),
 //! `TOLLGATE_BENCH_STARTS` per start-time variant (5), `TOLLGATE_BENCH_PARTS` (default
 //! `throughput,billing,contention,memory,start,instructions,hostcalls`), `TOLLGATE_BENCH_ONLY`
-//! (scenario names and hostcall kinds; plain, native and the noop probe always run), and
+//! (scenario names and hostcall kinds; plain, native and the noop probe always run; the
+//! `tollgate-native*` rows run the dynamic module from `make native`), and
 //! `TOLLGATE_BENCH_ALT_WASM`, a second module whose tollgate scenarios run alongside (to compare
 //! builds, e.g. profiles).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "benchmark driver")]
@@ -243,6 +244,8 @@ struct Scenario {
     chain: Chain,
     /// The module a tollgate scenario loads, if not build/tollgate.wasm.
     wasm: Option<PathBuf>,
+    /// Loads the native build (build/libtollgate.so) instead of a wasm module.
+    native: bool,
     path: &'static str,
     headers: Vec<(String, String)>,
     /// A header every response of this scenario must carry: proof the step under test ran.
@@ -265,6 +268,7 @@ fn scenarios(keys: &Keys) -> Vec<Scenario> {
         what,
         chain,
         wasm: None,
+        native: false,
         path,
         headers: headers.clone(),
         expect,
@@ -348,13 +352,31 @@ fn scenarios(keys: &Keys) -> Vec<Scenario> {
             limited,
         ),
     ];
+    // The same filter as an Envoy dynamic module (`make native`), beside its wasm rows.
+    let native_rows: Vec<Scenario> = ["tollgate", "tollgate-apikey", "tollgate-credits"]
+        .iter()
+        .filter_map(|name| list.iter().find(|s| s.name == *name))
+        .map(|s| Scenario {
+            name: s.name.replacen("tollgate", "tollgate-native", 1),
+            what: match s.name.as_str() {
+                "tollgate" => "HS256 + rate limit: the full filter, native build",
+                "tollgate-apikey" => "API key + rate limit, native build",
+                _ => "API key + rate limit + credits, native build",
+            },
+            native: true,
+            wasm: None,
+            headers: s.headers.clone(),
+            ..*s
+        })
+        .collect();
+    list.extend(native_rows);
     // plain and native stay: every other figure is relative to them.
     list.retain(|s| ["plain", "native"].contains(&s.name.as_str()) || picked(&s.name));
     if let Ok(alt) = std::env::var("TOLLGATE_BENCH_ALT_WASM") {
         let alt = PathBuf::from(alt).canonicalize().expect("TOLLGATE_BENCH_ALT_WASM: no such file");
         let extra: Vec<Scenario> = list
             .iter()
-            .filter(|s| matches!(s.chain, Chain::Tollgate(_)))
+            .filter(|s| matches!(s.chain, Chain::Tollgate(_)) && !s.native)
             .map(|s| Scenario {
                 name: format!("{} (alt)", s.name),
                 what: "the same, with TOLLGATE_BENCH_ALT_WASM",
@@ -382,6 +404,7 @@ fn start(scenario: &Scenario, keys: &Keys, credit_port: u16, wrapper: Vec<String
         plugin_config: Some(plugin),
         concurrency: 1,
         wasm: scenario.wasm.clone(),
+        native: scenario.native,
         credit_port: Some(credit_port),
         wrapper,
         mutate: Some(Box::new(move |config| {
@@ -1095,6 +1118,7 @@ fn hostcalls_part() -> String {
         what: "",
         chain: Chain::Plain,
         wasm: None,
+        native: false,
         path: "/api/items",
         headers: vec![],
         expect: None,
@@ -1107,6 +1131,8 @@ fn hostcalls_part() -> String {
                 plugin_config: config,
                 concurrency: 1,
                 wasm: Some(module.clone()),
+                // The probe is a proxy-wasm module.
+                native: false,
                 credit_port: None,
                 wrapper,
                 mutate: Some(Box::new(move |config| {

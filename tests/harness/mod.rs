@@ -127,7 +127,7 @@ fn envoy_config(opts: GatewayOptions, upstream_port: u16) -> Value {
     if let Some(mutate) = opts.mutate {
         mutate(&mut config);
     }
-    if native_build() {
+    if opts.native {
         to_native(&mut config);
     }
     config
@@ -186,6 +186,9 @@ pub struct GatewayOptions {
     pub wasm: Option<PathBuf>,
     /// The port of the credit service that the `credits` cluster points at.
     pub credit_port: Option<u16>,
+    /// Loads the dynamic module (build/libtollgate.so) instead of the wasm module; by default
+    /// whatever `TOLLGATE_BUILD` says (`native_build`).
+    pub native: bool,
     /// A command Envoy's own binary runs under (e.g. `valgrind --tool=callgrind`); it may take
     /// minutes to start, so the ready timeout grows with it.
     pub wrapper: Vec<String>,
@@ -199,6 +202,7 @@ impl Default for GatewayOptions {
             concurrency: 2,
             wasm: None,
             credit_port: None,
+            native: native_build(),
             wrapper: vec![],
         }
     }
@@ -280,7 +284,7 @@ impl Gateway {
                 if !module.exists() && config.to_string().contains(module.to_str().unwrap()) {
                     reason.push_str(" (build/tollgate.wasm is missing: run `make wasm`)");
                 }
-                if native_build() && !repo().join("build/libtollgate.so").exists() {
+                if config.to_string().contains("DynamicModuleFilter") && !repo().join("build/libtollgate.so").exists() {
                     reason.push_str(" (build/libtollgate.so is missing: run `make native`)");
                 }
                 let _ = fs::remove_dir_all(&dir);
