@@ -24,7 +24,7 @@ OCI_TOOLS     := skopeo umoci
 TEST_TOOLS    := $(OCI_TOOLS) docker-registry docker-compose
 SUDO          := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help wasm native cli credit envoy demo compose-demo test test-tools unit bench bench-credit check-configs lint fmt oci oci-tools oci-push clean
+.PHONY: help wasm native native-probe cli credit envoy demo compose-demo test test-tools unit bench bench-credit check-configs lint fmt oci oci-tools oci-push clean
 
 # Installs the Debian packages among $(1) whose command is missing.
 define apt_install
@@ -65,6 +65,13 @@ $(NATIVE): FORCE
 	@mv $(NATIVE).tmp $(NATIVE)
 	@echo "$(NATIVE): $$(wc -c < $(NATIVE)) bytes"
 
+# The module with a panic on demand (feature native-panic-probe), loaded by tests/native_panic.rs as
+# `tollgate-probe`; a test build only, never shipped.
+native-probe: FORCE
+	cargo rustc --profile native-probe --features native-panic-probe --lib --crate-type cdylib
+	@mkdir -p build
+	cp target/native-probe/libtollgate.so build/libtollgate-probe.so
+
 $(WASM_OPT):
 	$(call apt_install,npm)
 	npm install --prefix $(BINARYEN) --no-save --no-audit --no-fund --loglevel=error binaryen@$(BINARYEN_VERSION)
@@ -99,7 +106,7 @@ compose-demo: wasm cli ## the demo in containers (docker compose, docker-compose
 # tests/native_abi.rs checks the module's symbols against the pinned Envoy in the first run.
 NATIVE_SUITES := request_checks auth rate_limits credits pipeline routes_and_headers metrics bad_config
 
-test: wasm native envoy oci test-tools ## the whole suite: unit tests and end-to-end tests against a real Envoy, wasm and native
+test: wasm native native-probe envoy oci test-tools ## the whole suite: unit tests and end-to-end tests against a real Envoy, wasm and native
 	@# Not --all-targets: that would also run the benchmark, which is `make bench`'s.
 	cargo test --workspace --lib --bins --tests
 	TOLLGATE_BUILD=native cargo test $(addprefix --test ,$(NATIVE_SUITES))

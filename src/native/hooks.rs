@@ -532,6 +532,21 @@ impl Filter {
     }
 }
 
+/// Test builds only (`make native-probe`, feature `native-panic-probe`): a request carrying
+/// `x-tollgate-panic-probe` panics inside the pipeline's step, so tests/native_panic.rs can see the
+/// guard answer 500 and Envoy carry on. Release builds compile the empty one.
+#[cfg(feature = "native-panic-probe")]
+#[allow(clippy::panic, reason = "a panic on demand is the probe's whole point")]
+fn panic_probe(host: &StreamEnvoy) {
+    use crate::host::StreamHost;
+    if host.request_headers().iter().any(|(name, _)| name == "x-tollgate-panic-probe") {
+        panic!("tollgate panic probe");
+    }
+}
+
+#[cfg(not(feature = "native-panic-probe"))]
+fn panic_probe(_host: &StreamEnvoy) {}
+
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
     envoy: FilterEnvoyPtr,
@@ -541,7 +556,11 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
     guarded("request headers", abi::HEADERS_STOP_ALL_AND_BUFFER, || {
         // SAFETY: Envoy passes the live filter this module made.
         let Some(filter) = (unsafe { filter_of(filter) }) else { return abi::HEADERS_CONTINUE };
-        match filter.run(envoy, Hook::Request("request headers"), |s, h| s.on_request_headers(h, end_of_stream)) {
+        let step = |s: &mut Stream, h: &mut StreamEnvoy| {
+            panic_probe(h);
+            s.on_request_headers(h, end_of_stream)
+        };
+        match filter.run(envoy, Hook::Request("request headers"), step) {
             Flow::Continue => abi::HEADERS_CONTINUE,
             // Envoy holds the headers and buffers the body: the filter sees it once it goes on.
             Flow::Pause => abi::HEADERS_STOP_ALL_AND_BUFFER,

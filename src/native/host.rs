@@ -160,7 +160,26 @@ impl StreamEnvoy<'_> {
     }
 }
 
-impl Host for StreamEnvoy<'_> {
+/// What differs between a stream's view and the main thread's: whose counters and callouts the
+/// ABI call names, and how the root is woken. The rest of `Host` is the same process-wide clock
+/// and store for both.
+pub trait Side {
+    /// Adds to a counter (`histogram`: records in a histogram) defined on the plugin's config.
+    fn record(&self, id: usize, histogram: bool, value: u64) -> u32;
+    /// Starts a callout; Envoy writes its id into `id`.
+    fn callout(
+        &self,
+        id: &mut u64,
+        cluster: ModuleBuffer,
+        headers: &mut [ModuleHttpHeader],
+        body: ModuleBuffer,
+        timeout_ms: u64,
+    ) -> u32;
+    fn plugin(&self) -> &Plugin;
+    fn wake(&mut self);
+}
+
+impl<S: Side> Host for S {
     fn now_nanos(&self) -> u64 {
         now_nanos()
     }
@@ -178,47 +197,17 @@ impl Host for StreamEnvoy<'_> {
     }
 
     fn count(&mut self, metric: Metric, value: u64) {
-        let Some(id) = self.plugin.metric_id(metric) else { return };
-        // SAFETY: `filter` is live and `id` was defined on the config that made it.
-        let result = unsafe {
-            if metric.is_histogram() {
-                abi::envoy_dynamic_module_callback_http_filter_record_histogram_value(
-                    self.filter,
-                    id,
-                    std::ptr::null_mut(),
-                    0,
-                    value,
-                )
-            } else if value > 0 {
-                abi::envoy_dynamic_module_callback_http_filter_increment_counter(
-                    self.filter,
-                    id,
-                    std::ptr::null_mut(),
-                    0,
-                    value,
-                )
-            } else {
-                abi::METRICS_SUCCESS
-            }
-        };
-        logged("record a metric", result == abi::METRICS_SUCCESS);
+        let Some(id) = self.plugin().metric_id(metric) else { return };
+        if metric.is_histogram() || value > 0 {
+            logged("record a metric", self.record(id, metric.is_histogram(), value) == abi::METRICS_SUCCESS);
+        }
     }
 
     fn http_call(&mut self, call: &Callout) -> Option<u32> {
         let mut headers = callout_headers(call);
         let mut id = 0u64;
-        // SAFETY: `filter` is live; every buffer is ours and outlives the call, which copies them.
-        let result = unsafe {
-            abi::envoy_dynamic_module_callback_http_filter_http_callout(
-                self.filter,
-                &mut id,
-                ModuleBuffer::of(call.cluster.as_bytes()),
-                headers.as_mut_ptr(),
-                headers.len(),
-                ModuleBuffer::of(&call.body),
-                call.timeout_ms,
-            )
-        };
+        let cluster = ModuleBuffer::of(call.cluster.as_bytes());
+        let result = self.callout(&mut id, cluster, &mut headers, ModuleBuffer::of(&call.body), call.timeout_ms);
         if result != abi::CALLOUT_INIT_SUCCESS {
             log::warn!("tollgate: callout to cluster {:?} failed: {result}", call.cluster);
             return None;
@@ -226,8 +215,63 @@ impl Host for StreamEnvoy<'_> {
         u32::try_from(id).ok()
     }
 
-    /// Hands the worker's queued settlements to the main thread and wakes it.
     fn wake_root(&mut self) {
+        self.wake();
+    }
+}
+
+impl Side for StreamEnvoy<'_> {
+    fn record(&self, id: usize, histogram: bool, value: u64) -> u32 {
+        let (labels, no_labels) = (std::ptr::null_mut(), 0);
+        // SAFETY: `filter` is live and `id` was defined on the config that made it.
+        unsafe {
+            match histogram {
+                true => abi::envoy_dynamic_module_callback_http_filter_record_histogram_value(
+                    self.filter,
+                    id,
+                    labels,
+                    no_labels,
+                    value,
+                ),
+                false => abi::envoy_dynamic_module_callback_http_filter_increment_counter(
+                    self.filter,
+                    id,
+                    labels,
+                    no_labels,
+                    value,
+                ),
+            }
+        }
+    }
+
+    fn callout(
+        &self,
+        id: &mut u64,
+        cluster: ModuleBuffer,
+        headers: &mut [ModuleHttpHeader],
+        body: ModuleBuffer,
+        timeout_ms: u64,
+    ) -> u32 {
+        // SAFETY: `filter` is live; every buffer is ours and outlives the call, which copies them.
+        unsafe {
+            abi::envoy_dynamic_module_callback_http_filter_http_callout(
+                self.filter,
+                id,
+                cluster,
+                headers.as_mut_ptr(),
+                headers.len(),
+                body,
+                timeout_ms,
+            )
+        }
+    }
+
+    fn plugin(&self) -> &Plugin {
+        self.plugin
+    }
+
+    /// Hands the worker's queued settlements to the main thread and wakes it.
+    fn wake(&mut self) {
         self.plugin.take_settlements(self.worker);
         self.plugin.wake();
     }
@@ -361,73 +405,48 @@ pub struct MainEnvoy<'a> {
     pub plugin: &'a Plugin,
 }
 
-impl Host for MainEnvoy<'_> {
-    fn now_nanos(&self) -> u64 {
-        now_nanos()
-    }
-
-    fn shared_get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
-        store().get(key)
-    }
-
-    fn shared_set(&mut self, key: &str, value: &[u8]) {
-        store().swap(key, value, None);
-    }
-
-    fn shared_swap(&mut self, key: &str, value: &[u8], version: Option<u32>) -> bool {
-        store().swap(key, value, version)
-    }
-
-    fn count(&mut self, metric: Metric, value: u64) {
-        let Some(id) = self.plugin.metric_id(metric) else { return };
-        let config = self.plugin.envoy_config();
+impl Side for MainEnvoy<'_> {
+    fn record(&self, id: usize, histogram: bool, value: u64) -> u32 {
+        let (config, labels, no_labels) = (self.plugin.envoy_config(), std::ptr::null_mut(), 0);
         // SAFETY: on the main thread, with the config that defined `id`.
-        let result = unsafe {
-            if metric.is_histogram() {
-                abi::envoy_dynamic_module_callback_http_filter_config_record_histogram_value(
-                    config,
-                    id,
-                    std::ptr::null_mut(),
-                    0,
-                    value,
-                )
-            } else if value > 0 {
-                abi::envoy_dynamic_module_callback_http_filter_config_increment_counter(
-                    config,
-                    id,
-                    std::ptr::null_mut(),
-                    0,
-                    value,
-                )
-            } else {
-                abi::METRICS_SUCCESS
+        unsafe {
+            match histogram {
+                true => abi::envoy_dynamic_module_callback_http_filter_config_record_histogram_value(
+                    config, id, labels, no_labels, value,
+                ),
+                false => abi::envoy_dynamic_module_callback_http_filter_config_increment_counter(
+                    config, id, labels, no_labels, value,
+                ),
             }
-        };
-        logged("record a metric", result == abi::METRICS_SUCCESS);
+        }
     }
 
-    fn http_call(&mut self, call: &Callout) -> Option<u32> {
-        let mut headers = callout_headers(call);
-        let mut id = 0u64;
+    fn callout(
+        &self,
+        id: &mut u64,
+        cluster: ModuleBuffer,
+        headers: &mut [ModuleHttpHeader],
+        body: ModuleBuffer,
+        timeout_ms: u64,
+    ) -> u32 {
         // SAFETY: on the main thread with a live config; every buffer outlives the call.
-        let result = unsafe {
+        unsafe {
             abi::envoy_dynamic_module_callback_http_filter_config_http_callout(
                 self.plugin.envoy_config(),
-                &mut id,
-                ModuleBuffer::of(call.cluster.as_bytes()),
+                id,
+                cluster,
                 headers.as_mut_ptr(),
                 headers.len(),
-                ModuleBuffer::of(&call.body),
-                call.timeout_ms,
+                body,
+                timeout_ms,
             )
-        };
-        if result != abi::CALLOUT_INIT_SUCCESS {
-            log::warn!("tollgate: callout to cluster {:?} failed: {result}", call.cluster);
-            return None;
         }
-        u32::try_from(id).ok()
+    }
+
+    fn plugin(&self) -> &Plugin {
+        self.plugin
     }
 
     /// This is the root already: what it has to send, it sends.
-    fn wake_root(&mut self) {}
+    fn wake(&mut self) {}
 }
