@@ -20,6 +20,8 @@ pub mod settle;
 pub mod worker;
 
 mod body;
+#[cfg(test)]
+mod properties;
 mod request;
 mod response;
 #[cfg(target_arch = "wasm32")]

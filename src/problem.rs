@@ -46,9 +46,10 @@ impl Denial {
     pub fn problem_type(&self) -> ProblemType {
         use CheckError::*;
         let (status, slug, title) = match self {
-            Denial::Check(MissingPath | ControlCharacter | MalformedEscape | EncodedSlash | Backslash | DotSegment) => {
-                (400, "invalid-path", "Invalid request path")
-            }
+            Denial::Check(
+                MissingPath | ControlCharacter | MalformedEscape | EncodedSlash | Backslash | DotSegment
+                | PathParameter | EncodedPercent | InvalidEncoding,
+            ) => (400, "invalid-path", "Invalid request path"),
             Denial::Check(InvalidContentLength) => (400, "invalid-content-length", "Invalid Content-Length"),
             Denial::Check(BodyTooLarge { .. }) => (413, "payload-too-large", "Payload too large"),
             Denial::Check(UnsupportedMediaType { .. }) => (415, "unsupported-media-type", "Unsupported media type"),

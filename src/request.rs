@@ -36,12 +36,13 @@ pub(crate) fn headers(stream: &mut Stream, host: &mut dyn StreamHost, end_of_str
     let method = header(&stream.request, ":method").and_then(Method::from_header);
     let raw_path = header(&stream.request, ":path").ok_or(checks::CheckError::MissingPath)?;
 
-    // 1. Route policy.
-    let policy = route_policy(stream, host, method, raw_path)?;
+    // 1. Route policy, for the path as every backend reads it (so the path checks of step 2 come
+    // first).
+    let path = checks::path(raw_path)?;
+    let policy = route_policy(stream, host, method, &path)?;
     stream.policy = Some(Rc::clone(&policy));
 
     // 2. Request checks.
-    checks::path(raw_path)?;
     let length = checks::content_length(header(&stream.request, "content-length"), policy.max_body_bytes)?;
     // A route that takes no body refuses one before the head can go upstream, whatever its framing.
     if policy.max_body_bytes == 0 && !end_of_stream {
@@ -87,7 +88,7 @@ fn route_policy(
     stream: &Stream,
     host: &dyn StreamHost,
     method: Option<Method>,
-    raw_path: &str,
+    path: &str,
 ) -> Result<Rc<Policy>, Denial> {
     if let Some(name) = host.property(&ROUTE_POLICY_PROPERTY) {
         let name = String::from_utf8_lossy(&name);
@@ -98,7 +99,6 @@ fn route_policy(
             .cloned()
             .ok_or(Denial::UnknownRoutePolicy { name: name.into_owned() });
     }
-    let path = raw_path.split(['?', '#']).next().unwrap_or_default();
     Ok(stream.config.routes.select(method, path).clone())
 }
 
