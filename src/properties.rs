@@ -39,7 +39,7 @@ fn misreadable(path: &str) -> Option<String> {
     let raw = path.split(['?', '#']).next().unwrap_or_default().as_bytes();
     let mut layer = raw.to_vec();
     for round in 1..=2 {
-        let Some(decoded) = decode(&layer) else { return None };
+        let decoded = decode(&layer)?;
         if std::str::from_utf8(&decoded).is_err() {
             return Some(format!("decoding {round}× gives bytes that are not UTF-8"));
         }
