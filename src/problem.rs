@@ -65,7 +65,11 @@ impl Denial {
             Denial::Credits(CreditError::InvalidMultiplier { .. }) => {
                 (400, "invalid-credit-multiplier", "Invalid credit multiplier")
             }
+            Denial::Credits(CreditError::DuplicateMultiplier { .. }) => {
+                (400, "invalid-credit-multiplier", "Invalid credit multiplier")
+            }
             Denial::Credits(CreditError::Unavailable) => (503, "credits-unavailable", "Credit service unavailable"),
+            Denial::Credits(CreditError::Refused) => (403, "billing-refused", "Billing refused"),
             Denial::UnknownRoutePolicy { .. } => (500, "gateway-misconfigured", "Gateway misconfigured"),
             Denial::Unconfigured => (503, "gateway-unavailable", "Gateway unavailable"),
             Denial::Host(_) => (500, "gateway-error", "Gateway error"),

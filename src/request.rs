@@ -51,8 +51,14 @@ pub(crate) fn headers(stream: &mut Stream, host: &mut dyn StreamHost, end_of_str
     stream.body.limit(BodyCounter::new(policy.max_body_bytes), length)?;
     checks::content_type(method, header(&stream.request, "content-type"), &policy.content_types)?;
 
-    // 3. Identity headers: nothing downstream may trust what the client sent under them.
+    // 3. Identity headers: nothing downstream may trust what the client sent under them, nor the
+    // upstream's usage report (an upstream that reflects request headers would report it).
     headers::strip_identity(host, &stream.request, &stream.config.identity_headers)?;
+    if let Some(usage) = stream.config.credits.as_ref().and_then(|c| c.actual_cost_header.as_deref()) {
+        if header(&stream.request, usage).is_some() {
+            host.remove_request_header(usage)?;
+        }
+    }
 
     admit(stream, host, &policy, true)
 }
@@ -212,7 +218,10 @@ fn reserve_credits(
     identity: &Identity,
 ) -> Result<Step, Denial> {
     let (Some(credits), Some(billing)) = (&stream.config.credits, &policy.credits) else { return Ok(Step::Admitted) };
-    let amount = billing.amount(|name| header(&stream.request, name))?;
+    let amount = billing.amount(&stream.request)?;
+    if !credits::billable_account(&identity.account) {
+        return Err(CreditError::Refused.into());
+    }
     let key = stream.worker.reservation_key(&stream.request_id);
     let call = credits.reserve(billing, &policy.name, &identity.account, amount, &key);
     host.count(Metric::CreditCallouts, 1);
