@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod checks;
+pub mod common;
 pub mod config;
 pub mod credits;
 pub mod headers;

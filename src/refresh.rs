@@ -8,13 +8,10 @@
 //! that one worker learned (say, by a refetch for an unknown `kid`) reaches them all.
 
 use crate::auth::{Provider, RemoteJwks};
+use crate::common::{backoff_seconds, ConfigError};
 use crate::config::Config;
 use crate::host::{Callout, Host};
 use crate::metrics::Metric;
-
-/// Retry delays after a failure grow to this; a document that never loaded is retried at least
-/// this often, since until then the provider's requests get 503.
-const MAX_RETRY_SECONDS: u64 = 30;
 
 /// What a remote source holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,7 +79,7 @@ impl Refresher {
                 None => {
                     host.count(Metric::RemoteFetchFailures, 1);
                     source.failures = source.failures.saturating_add(1);
-                    source.next_fetch_at = now.saturating_add(backoff(source.failures));
+                    source.next_fetch_at = now.saturating_add(backoff_seconds(source.failures));
                 }
             }
         }
@@ -118,7 +115,7 @@ impl Refresher {
         } else {
             host.count(Metric::RemoteFetchFailures, 1);
             source.failures = source.failures.saturating_add(1);
-            source.next_fetch_at = now.saturating_add(backoff(source.failures).min(remote.refresh_seconds));
+            source.next_fetch_at = now.saturating_add(backoff_seconds(source.failures).min(remote.refresh_seconds));
         }
     }
 }
@@ -131,7 +128,7 @@ impl Kind {
         }
     }
 
-    fn load(self, provider: &Provider, body: &[u8]) -> Result<(), crate::config::ConfigError> {
+    fn load(self, provider: &Provider, body: &[u8]) -> Result<(), ConfigError> {
         match self {
             Kind::Jwks => provider.load_remote_jwks(body).map(|report| {
                 for skipped in &report.skipped {
@@ -156,11 +153,6 @@ pub fn load_refetched(provider: &Provider, body: &[u8], host: &mut dyn Host) {
 /// it comes from so two filters with the same source share it.
 fn shared_key(source: &RemoteJwks) -> String {
     format!("tollgate.remote.{}.{}{}", source.cluster, source.authority, source.path)
-}
-
-/// 1, 2, 4, … seconds, up to `MAX_RETRY_SECONDS`.
-fn backoff(failures: u32) -> u64 {
-    1u64.checked_shl(failures.saturating_sub(1)).unwrap_or(u64::MAX).min(MAX_RETRY_SECONDS)
 }
 
 #[cfg(test)]

@@ -6,8 +6,8 @@ use std::collections::{HashMap, HashSet};
 use serde::Deserialize;
 use subtle::ConstantTimeEq;
 
-use super::{decode_hex32, default_true, error_at, header_safe, is_scope_token, AuthError, AuthMethod, Identity};
-use crate::config::{is_token_byte, ConfigError};
+use super::{decode_hex32, header_safe, is_scope_token, AuthError, AuthMethod, Identity};
+use crate::common::{default_true, is_token_byte, ConfigError};
 
 /// API key settings.
 #[derive(Debug, Deserialize)]
@@ -81,7 +81,7 @@ impl ApiKeys {
     pub(crate) fn compile(raw: &RawApiKeys, path: &str) -> Result<ApiKeys, ConfigError> {
         let header = raw.header.to_ascii_lowercase();
         if header.is_empty() || !header.bytes().all(is_token_byte) || header == "authorization" {
-            return Err(error_at(
+            return Err(ConfigError::at(
                 format!("{path}.header"),
                 format!("{:?} is not a usable header name (Authorization: ApiKey is always accepted)", raw.header),
             ));
@@ -90,7 +90,7 @@ impl ApiKeys {
         let mut by_prefix = HashMap::with_capacity(raw.keys.len());
         let mut ids = HashMap::new();
         for (i, key) in raw.keys.iter().enumerate() {
-            let at = |field: &str, message: String| error_at(format!("{path}.keys[{i}].{field}"), message);
+            let at = |field: &str, message: String| ConfigError::at(format!("{path}.keys[{i}].{field}"), message);
             if !header_safe(&key.id) {
                 return Err(at("id", "must be a non-empty header value".to_owned()));
             }

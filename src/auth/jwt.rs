@@ -15,10 +15,10 @@ use serde_json::Value;
 use super::cache::{TokenCache, Verified};
 use super::jwks::{self, Algorithm, Claims, Key, KeySet, RawJwks};
 use super::{
-    decode_base64_any, decode_base64url, default_true, error_at, header_safe, is_scope_token, AuthError, AuthMethod,
-    CredentialLocation, Identity, RequestCredentials, SecretString,
+    decode_base64_any, decode_base64url, header_safe, is_scope_token, AuthError, AuthMethod, CredentialLocation,
+    Identity, RequestCredentials, SecretString,
 };
-use crate::config::{is_token_byte, ConfigError};
+use crate::common::{default_true, is_token_byte, ConfigError};
 
 /// JWT settings.
 #[derive(Debug, Deserialize)]
@@ -323,7 +323,7 @@ impl Provider {
         }
         let list = match serde_json::from_slice(body) {
             Ok(Document::List(list) | Document::Object { revoked_jti: list }) => list,
-            Err(err) => return Err(error_at("revoked_jti_remote", format!("not a list of jti values: {err}"))),
+            Err(err) => return Err(ConfigError::at("revoked_jti_remote", format!("not a list of jti values: {err}"))),
         };
         let count = list.len();
         self.remote_revoked.set(Some(Rc::new(list.into_iter().collect())));
@@ -349,7 +349,7 @@ impl Provider {
 
 pub(crate) fn compile_providers(raw: &RawJwt, path: &str) -> Result<Vec<Provider>, ConfigError> {
     if raw.providers.is_empty() {
-        return Err(error_at(format!("{path}.providers"), "must list at least one provider, or omit jwt"));
+        return Err(ConfigError::at(format!("{path}.providers"), "must list at least one provider, or omit jwt"));
     }
     let mut providers: Vec<Provider> = Vec::with_capacity(raw.providers.len());
     for (i, p) in raw.providers.iter().enumerate() {
@@ -364,7 +364,7 @@ pub(crate) fn compile_providers(raw: &RawJwt, path: &str) -> Result<Vec<Provider
                          iss no other provider names"
                     ),
                 };
-                return Err(error_at(format!("{path}.issuer"), message));
+                return Err(ConfigError::at(format!("{path}.issuer"), message));
             }
         }
         providers.push(provider);
@@ -373,7 +373,7 @@ pub(crate) fn compile_providers(raw: &RawJwt, path: &str) -> Result<Vec<Provider
 }
 
 fn compile_provider(raw: &RawProvider, path: &str, cache_entries: usize) -> Result<Provider, ConfigError> {
-    let at = |field: &str, message: &str| error_at(format!("{path}.{field}"), message);
+    let at = |field: &str, message: &str| ConfigError::at(format!("{path}.{field}"), message);
     if raw.issuer.as_deref() == Some("") {
         return Err(at("issuer", "must not be empty; omit it to accept any issuer"));
     }
@@ -406,11 +406,11 @@ fn compile_provider(raw: &RawProvider, path: &str, cache_entries: usize) -> Resu
         let path = format!("{path}.secrets[{i}]");
         if let Some(kid) = &secret.kid {
             if kid.is_empty() || !seen_kids.insert(kid.clone()) {
-                return Err(error_at(format!("{path}.kid"), format!("{kid:?} is empty or used by another key")));
+                return Err(ConfigError::at(format!("{path}.kid"), format!("{kid:?} is empty or used by another key")));
             }
         }
         let bytes = decode_base64_any(secret.secret.expose())
-            .ok_or_else(|| error_at(format!("{path}.secret"), "not valid base64"))?;
+            .ok_or_else(|| ConfigError::at(format!("{path}.secret"), "not valid base64"))?;
         let alg = match secret.alg {
             RawHmacAlgorithm::HS256 => Algorithm::HS256,
             RawHmacAlgorithm::HS384 => Algorithm::HS384,
@@ -422,7 +422,7 @@ fn compile_provider(raw: &RawProvider, path: &str, cache_entries: usize) -> Resu
     let revocation =
         raw.revoked_jti_remote.as_ref().map(|r| remote_jwks(r, &format!("{path}.revoked_jti_remote"))).transpose()?;
     if keys.is_empty() && remote.is_none() {
-        return Err(error_at(path, "has no keys: give jwks, secrets or remote_jwks"));
+        return Err(ConfigError::at(path, "has no keys: give jwks, secrets or remote_jwks"));
     }
 
     let c = &raw.claims;
@@ -471,19 +471,19 @@ fn compile_provider(raw: &RawProvider, path: &str, cache_entries: usize) -> Resu
 
 fn token_sources(raw: &RawTokenSources, path: &str) -> Result<TokenSources, ConfigError> {
     if !raw.authorization && raw.cookie.is_none() && raw.query.is_none() {
-        return Err(error_at(path, "must enable at least one of authorization, cookie, query"));
+        return Err(ConfigError::at(path, "must enable at least one of authorization, cookie, query"));
     }
     if let Some(name) = &raw.cookie {
         // RFC 6265: a cookie name is an RFC 9110 token.
         if name.is_empty() || !name.bytes().all(is_token_byte) {
-            return Err(error_at(format!("{path}.cookie"), format!("{name:?} is not a valid cookie name")));
+            return Err(ConfigError::at(format!("{path}.cookie"), format!("{name:?} is not a valid cookie name")));
         }
     }
     if let Some(name) = &raw.query {
         // RFC 3986 unreserved characters: matched against the raw query without decoding.
         let unreserved = |b: u8| b.is_ascii_alphanumeric() || b"-._~".contains(&b);
         if name.is_empty() || !name.bytes().all(unreserved) {
-            return Err(error_at(
+            return Err(ConfigError::at(
                 format!("{path}.query"),
                 format!("{name:?} must be letters, digits and - . _ ~ only"),
             ));
@@ -493,7 +493,7 @@ fn token_sources(raw: &RawTokenSources, path: &str) -> Result<TokenSources, Conf
 }
 
 fn remote_jwks(raw: &RawRemoteJwks, path: &str) -> Result<RemoteJwks, ConfigError> {
-    let at = |field: &str, message: &str| error_at(format!("{path}.{field}"), message);
+    let at = |field: &str, message: &str| ConfigError::at(format!("{path}.{field}"), message);
     let visible = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_graphic());
     if !visible(&raw.cluster) {
         return Err(at("cluster", "must name an Envoy cluster"));

@@ -12,7 +12,7 @@ use std::fmt;
 
 use serde::Deserialize;
 
-use crate::config::ConfigError;
+use crate::common::ConfigError;
 
 pub use api_key::{ApiKeys, RawApiKey, RawApiKeys};
 pub use jwks::{RawJwk, RawJwks};
@@ -59,10 +59,6 @@ fn default_max_credential_bytes() -> usize {
     8192
 }
 
-pub(crate) fn default_true() -> bool {
-    true
-}
-
 /// A secret from the configuration: deserialized like a string, never shown by `Debug`.
 #[derive(Clone, PartialEq, Eq, Deserialize)]
 #[cfg_attr(not(target_arch = "wasm32"), derive(schemars::JsonSchema))]
@@ -95,7 +91,7 @@ impl TryFrom<&RawAuth> for Authenticator {
 
     fn try_from(raw: &RawAuth) -> Result<Authenticator, ConfigError> {
         if raw.max_credential_bytes == 0 {
-            return Err(error_at(format!("{PATH}.max_credential_bytes"), "must be > 0"));
+            return Err(ConfigError::at(format!("{PATH}.max_credential_bytes"), "must be > 0"));
         }
         let providers = match &raw.jwt {
             Some(jwt) => jwt::compile_providers(jwt, &format!("{PATH}.jwt"))?,
@@ -321,10 +317,6 @@ pub(crate) fn header_safe(s: &str) -> bool {
 /// RFC 6749 `scope-token`: visible ASCII except `"` and `\`.
 pub(crate) fn is_scope_token(s: &str) -> bool {
     !s.is_empty() && s.bytes().all(|b| b == 0x21 || (0x23..=0x5b).contains(&b) || (0x5d..=0x7e).contains(&b))
-}
-
-pub(crate) fn error_at(path: impl fmt::Display, message: impl Into<String>) -> ConfigError {
-    ConfigError { path: path.to_string(), message: message.into() }
 }
 
 /// How the caller authenticated.

@@ -13,7 +13,7 @@ use std::rc::Rc;
 use serde::Deserialize;
 
 use crate::auth::Identity;
-use crate::config::ConfigError;
+use crate::common::{default_true, ConfigError};
 use crate::host::Host;
 pub use gcra::Period;
 use gcra::{ceil_seconds, Verdict, Window};
@@ -81,10 +81,6 @@ pub struct RawPolicyLimit {
     /// minute per client address, say).
     #[serde(default)]
     pub route: Option<RawLimits>,
-}
-
-fn default_true() -> bool {
-    true
 }
 
 /// A validated window with the name the `RateLimit` headers give it.
