@@ -72,7 +72,7 @@ impl Config {
     /// Parses and validates the plugin configuration. This is the one entry point: Envoy's plugin
     /// start and `tollgate check` both call it.
     pub fn from_json(bytes: &[u8]) -> Result<Config, ConfigError> {
-        Config::build(parse(bytes)?, hmac_sha256::Hash::hash(bytes))
+        Config::build(parse(bytes)?)
     }
 }
 
@@ -101,16 +101,15 @@ fn strip_position(message: &str) -> String {
 
 impl Config {
     /// The one validation step: each domain module compiles its own section; this only hands
-    /// each what it needs of the others. `seed` is a digest of the configuration's bytes: every
-    /// worker computes the same one, and a client cannot guess it without the config.
-    fn build(raw: RawConfig, seed: [u8; 32]) -> Result<Config, ConfigError> {
+    /// each what it needs of the others.
+    fn build(raw: RawConfig) -> Result<Config, ConfigError> {
         let sec = &raw.security_headers;
         header_value("security_headers.cache_control", &sec.cache_control)?;
         let defaults = &raw.request_checks;
         check_content_types("request_checks.content_types", &defaults.content_types)?;
 
         let limited = raw.policies.iter().map(|(name, p)| (name.clone(), (p.access, p.rate_limit.as_ref()))).collect();
-        let (rate_limits, mut policy_limits) = RateLimits::build(raw.rate_limits.as_ref(), &limited, seed)?;
+        let (rate_limits, mut policy_limits) = RateLimits::build(raw.rate_limits.as_ref(), &limited)?;
         check_tiers(&raw)?;
 
         let context = PolicyContext {

@@ -16,6 +16,7 @@ pub mod refresh;
 pub mod replay;
 pub mod routes;
 pub mod settle;
+pub mod slots;
 pub mod worker;
 
 #[cfg(target_arch = "wasm32")]
@@ -272,7 +273,11 @@ impl Stream {
         identity: Option<&Identity>,
         now: u64,
     ) -> Result<(), Denial> {
-        let (Some(limits), Some(limit)) = (&self.config.rate_limits, &policy.rate_limit) else { return Ok(()) };
+        let (Some(limits), Some(limit), Some(table)) =
+            (&self.config.rate_limits, &policy.rate_limit, &self.worker.rate_table)
+        else {
+            return Ok(());
+        };
         let address = match identity {
             Some(_) => None,
             None => host.property(&CLIENT_ADDRESS_PROPERTY),
@@ -282,7 +287,7 @@ impl Stream {
             Some(identity) => Caller::Identity(identity),
             None => Caller::Address(address.as_deref()),
         };
-        let checked = limits.check(host, limit, &caller, now);
+        let checked = limits.check(table, host, limit, &caller, now);
         host.count(Metric::RateLimitCasRetries, u64::from(checked.retries));
         if checked.result == Err(ratelimit::Limited::Contended) {
             host.count(Metric::RateLimitContended, 1);
@@ -415,7 +420,7 @@ impl Stream {
             let mut replays = self.worker.replays.try_borrow_mut().map_err(|_| AuthError::ReplayCacheFull)?;
             pending.finish(&mut replays, now)?
         };
-        replay::record(host, &accepted, now)?;
+        self.worker.seen_signatures.record(host, &accepted, now)?;
         Ok(())
     }
 
@@ -569,7 +574,7 @@ mod tests {
 
     fn run_with(config: &str, host: &mut FakeHost, end_of_stream: bool) -> (Stream, Flow) {
         let config = Rc::new(Config::from_json(config.as_bytes()).unwrap());
-        let worker = Rc::new(Worker::new(&config));
+        let worker = Rc::new(Worker::new(&config, host));
         let mut stream = Stream::new(config, worker);
         let flow = stream.on_request_headers(host, end_of_stream);
         (stream, flow)

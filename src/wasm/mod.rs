@@ -82,9 +82,6 @@ impl RootContext for Root {
                 return false;
             }
         };
-        if let Some(limits) = &config.rate_limits {
-            limits.create_slots(&mut host);
-        }
         let refresh = Refresher::new(&config);
         // The tick refreshes remote key sets and retries failed commits and releases.
         if refresh.is_needed() || config.credits.is_some() {
@@ -93,7 +90,7 @@ impl RootContext for Root {
                 return false;
             }
         }
-        let worker = Rc::new(Worker::new(&config));
+        let worker = Rc::new(Worker::new(&config, &mut host));
         if config.credits.is_some() && !host::register_root_queue(&format!("tollgate.settle.{}", worker.id())) {
             return false;
         }
