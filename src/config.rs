@@ -3,7 +3,8 @@
 //! `ratelimit`, `credits`, `routes`, `checks`, `headers`) owns its wire types and compiles them,
 //! and what they all share (`ConfigError`, `Method`, header validation) lives in `common`.
 //! Parsing and validation happen once, when the plugin starts; every error names the field path
-//! so an operator can find the mistake.
+//! so an operator can find the mistake. `Config` is immutable: what a worker learns while it runs
+//! (remote keys, token caches, rate-limit counts) lives in `worker::Worker`.
 
 use std::collections::BTreeMap;
 

@@ -223,7 +223,7 @@ impl Stream {
     ) -> Result<Option<Identity>, Denial> {
         let credentials = RequestCredentials::new(request);
         let now = now_nanos / NANOS_PER_SECOND;
-        let identity = match self.config.auth.authenticate(&credentials, now) {
+        let identity = match self.config.auth.authenticate(&self.worker.auth, &credentials, now) {
             Ok(Some(identity)) => identity,
             Ok(None) => return Err(Denial::Unauthenticated),
             Err(AuthError::UnknownKeyId { provider }) if may_refetch => {
@@ -336,8 +336,8 @@ impl Stream {
         }
         let flow = match std::mem::replace(&mut self.waiting, Waiting::Nothing) {
             Waiting::Jwks { token: expected, provider } if expected == token => {
-                match (answer, self.config.auth.providers().get(provider)) {
-                    (Some((200, body)), Some(p)) => refresh::load_refetched(p, &body, host),
+                match (answer, self.config.auth.providers().get(provider), self.worker.auth.provider(provider)) {
+                    (Some((200, body)), Some(p), Some(state)) => refresh::load_refetched(p, state, &body, host),
                     _ => host.count(Metric::RemoteFetchFailures, 1),
                 }
                 let Some(policy) = self.policy.clone() else { return };

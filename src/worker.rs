@@ -4,7 +4,7 @@
 use std::cell::{Cell, RefCell};
 use std::hash::{BuildHasher, RandomState};
 
-use crate::auth::ReplayCache;
+use crate::auth::{AuthState, ReplayCache};
 use crate::config::Config;
 use crate::host::Host;
 use crate::ratelimit::Table;
@@ -18,6 +18,9 @@ const REFETCH_INTERVAL_SECONDS: u64 = 10;
 
 /// Everything mutable a worker keeps, so that `Config` stays what the operator wrote.
 pub struct Worker {
+    /// Per JWT provider: the remote key set and revocation list this worker loaded, and the
+    /// tokens it verified.
+    pub auth: AuthState,
     /// Where this worker counts requests; `None` when no policy is rate-limited.
     pub rate_table: Option<Table>,
     /// Signatures accepted recently, so a replay inside the skew window is refused.
@@ -40,6 +43,7 @@ impl Worker {
         let replays = config.auth.signatures().map_or_else(|| ReplayCache::new(0), |s| s.replay_cache());
         let secret = slots::secret(host);
         Worker {
+            auth: AuthState::new(&config.auth),
             rate_table: config.rate_limits.as_ref().map(|limits| Table::open(limits.layout(), secret, host)),
             replays: RefCell::new(replays),
             seen_signatures: SeenSignatures::new(secret),

@@ -252,8 +252,8 @@ fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::{headers, parse};
-    use super::super::{Authenticator, CredentialLocation, RequestCredentials};
+    use super::super::tests::{headers, parse, Fixture};
+    use super::super::{CredentialLocation, RequestCredentials};
     use super::*;
 
     const NOW: u64 = 1_800_000_000; // 2027-01-15T08:00:00Z
@@ -262,7 +262,7 @@ mod tests {
         hmac_sha256::Hash::hash(key.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
     }
 
-    fn auth() -> Authenticator {
+    fn auth() -> Fixture {
         let config = serde_json::json!({"api_keys": {"keys": [
             {"id": "live-1", "sha256": sha("tg_live_good"), "account": "acme", "tier": "pro", "scopes": ["read", "write"]},
             {"id": "old", "sha256": sha("tg_live_old").to_uppercase(), "account": "acme", "expires_at": "2027-01-01T00:00:00Z"},
@@ -272,7 +272,7 @@ mod tests {
         parse(&config.to_string()).unwrap()
     }
 
-    fn run(auth: &Authenticator, pairs: &[(&str, &str)]) -> Result<Option<Identity>, AuthError> {
+    fn run(auth: &Fixture, pairs: &[(&str, &str)]) -> Result<Option<Identity>, AuthError> {
         let mut all = vec![(":path", "/api")];
         all.extend_from_slice(pairs);
         auth.authenticate(&RequestCredentials::new(&headers(&all)), NOW)

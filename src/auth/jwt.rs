@@ -239,8 +239,8 @@ struct ClaimMapping {
     scopes: Vec<String>,
 }
 
-/// A validated provider. Its remote key set is the one mutable part: the glue installs each
-/// fetched set, and the requests of this worker see it at once.
+/// A validated provider, as immutable as the rest of the config: what a worker fetches and caches
+/// for it lives in a `ProviderState`.
 pub struct Provider {
     issuer: Option<String>,
     audiences: Option<HashSet<String>>,
@@ -249,15 +249,21 @@ pub struct Provider {
     sources: TokenSources,
     keys: KeySet,
     remote: Option<RemoteJwks>,
-    /// A `Cell` rather than a `RefCell`: reading can never fail or panic.
-    remote_keys: Cell<Option<Rc<KeySet>>>,
     revocation: Option<RemoteJwks>,
-    remote_revoked: Cell<Option<Rc<HashSet<String>>>>,
     claims: ClaimMapping,
     revoked_jti: HashSet<String>,
     forward: bool,
-    /// Written through `&self` because the config is shared; only `try_borrow*` is used, so a busy
-    /// cache is skipped rather than a panic.
+    cache_entries: usize,
+}
+
+/// What one worker learns about a provider while it runs: the remote key set and revocation list
+/// it fetched last, and the tokens it verified. The glue installs each fetched document, and the
+/// requests of this worker see it at once.
+pub struct ProviderState {
+    /// `Cell`s rather than `RefCell`s: reading can never fail or panic.
+    remote_keys: Cell<Option<Rc<KeySet>>>,
+    remote_revoked: Cell<Option<Rc<HashSet<String>>>>,
+    /// Only `try_borrow*` is used, so a busy cache is skipped rather than a panic.
     cache: RefCell<TokenCache>,
 }
 
@@ -269,7 +275,6 @@ impl fmt::Debug for Provider {
             .field("sources", &self.sources)
             .field("keys", &self.keys)
             .field("remote", &self.remote)
-            .field("remote_keys", &self.remote_key_set())
             .finish_non_exhaustive()
     }
 }
@@ -291,7 +296,23 @@ impl Provider {
         self.remote.as_ref()
     }
 
+    /// Where this provider's revocation list is fetched from, if it has one.
+    pub fn revocation_source(&self) -> Option<&RemoteJwks> {
+        self.revocation.as_ref()
+    }
+}
+
+impl ProviderState {
+    pub fn new(provider: &Provider) -> ProviderState {
+        ProviderState {
+            remote_keys: Cell::new(None),
+            remote_revoked: Cell::new(None),
+            cache: RefCell::new(TokenCache::new(provider.cache_entries)),
+        }
+    }
+
     /// Whether a remote key set has loaded at least once.
+    #[cfg(test)]
     pub fn has_remote_keys(&self) -> bool {
         self.remote_key_set().is_some()
     }
@@ -306,11 +327,6 @@ impl Provider {
             cache.clear();
         }
         Ok(report)
-    }
-
-    /// Where this provider's revocation list is fetched from, if it has one.
-    pub fn revocation_source(&self) -> Option<&RemoteJwks> {
-        self.revocation.as_ref()
     }
 
     /// Installs a fetched revocation list; on error the previous list stays in use.
@@ -459,13 +475,11 @@ fn compile_provider(raw: &RawProvider, path: &str, cache_entries: usize) -> Resu
         sources,
         keys,
         remote,
-        remote_keys: Cell::new(None),
         revocation,
-        remote_revoked: Cell::new(None),
         claims,
         revoked_jti: raw.revoked_jti.iter().cloned().collect(),
         forward: raw.forward,
-        cache: RefCell::new(TokenCache::new(cache_entries)),
+        cache_entries,
     })
 }
 
@@ -554,6 +568,7 @@ pub(crate) fn find_tokens<'r>(
 /// Verifies the token of the provider it belongs to; `candidates` is not empty.
 pub(crate) fn verify(
     providers: &[Provider],
+    states: &[ProviderState],
     candidates: &[Candidate],
     max_bytes: usize,
     now: u64,
@@ -563,16 +578,18 @@ pub(crate) fn verify(
     }
     let chosen = choose_provider(providers, candidates)?;
     let provider = providers.get(chosen.provider).ok_or(AuthError::WrongIssuer)?;
-    if provider.revocation.is_some() && provider.remote_revoked_set().is_none() {
+    // A worker state for each provider, made from the same config: missing, the keys are.
+    let state = states.get(chosen.provider).ok_or(AuthError::KeysUnavailable { provider: chosen.provider })?;
+    if provider.revocation.is_some() && state.remote_revoked_set().is_none() {
         return Err(AuthError::KeysUnavailable { provider: chosen.provider });
     }
-    let cached = provider.cache.try_borrow().ok().and_then(|cache| cache.get(&chosen.token, now));
+    let cached = state.cache.try_borrow().ok().and_then(|cache| cache.get(&chosen.token, now));
     let mut identity = match cached {
         Some(identity) => identity,
         None => {
-            let claims = verify_signature(provider, chosen.provider, &chosen.token, max_bytes, now)?;
-            let identity = provider.identity(&claims)?;
-            if let Ok(mut cache) = provider.cache.try_borrow_mut() {
+            let claims = verify_signature(provider, state, chosen.provider, &chosen.token, max_bytes, now)?;
+            let identity = provider.identity(state, &claims)?;
+            if let Ok(mut cache) = state.cache.try_borrow_mut() {
                 cache.insert(&chosen.token, provider.verified(&claims, identity.clone()));
             }
             identity
@@ -633,6 +650,7 @@ fn peek_issuer(token: &str) -> Result<Option<String>, AuthError> {
 /// Finds the keys that may have signed the token and checks its signature and time claims.
 fn verify_signature(
     provider: &Provider,
+    state: &ProviderState,
     index: usize,
     token: &str,
     max_bytes: usize,
@@ -645,7 +663,7 @@ fn verify_signature(
     // `none` and anything unknown stop here, before any key is considered.
     let alg = Algorithm::from_name(&header.alg).ok_or(AuthError::UnsupportedAlgorithm)?;
     let kid = header.kid.as_deref();
-    let remote = provider.remote_key_set();
+    let remote = state.remote_key_set();
     let remote_pending = provider.remote.is_some() && remote.is_none();
     let by_kid: Vec<&Key> =
         provider.keys.candidates(kid).chain(remote.iter().flat_map(|set| set.candidates(kid))).collect();
@@ -716,7 +734,7 @@ impl Provider {
     }
 
     /// The checks after the signature, then the claims as an identity.
-    fn identity(&self, claims: &Claims) -> Result<Identity, AuthError> {
+    fn identity(&self, state: &ProviderState, claims: &Claims) -> Result<Identity, AuthError> {
         if self.issuer.is_some() && claims.issuer != self.issuer {
             return Err(AuthError::WrongIssuer);
         }
@@ -728,7 +746,7 @@ impl Provider {
         if let Some(missing) = self.required_claims.iter().find(|name| !has_claim(claims, name)) {
             return Err(AuthError::MissingClaim(missing.clone()));
         }
-        let remote_revoked = self.remote_revoked_set();
+        let remote_revoked = state.remote_revoked_set();
         let revoked = |jti: &String| {
             self.revoked_jti.contains(jti) || remote_revoked.as_ref().is_some_and(|set| set.contains(jti))
         };
@@ -826,8 +844,7 @@ mod tests {
     use serde_json::{json, Map};
 
     use super::super::jwks::Claims;
-    use super::super::tests::{headers, parse};
-    use super::super::Authenticator;
+    use super::super::tests::{headers, parse, Fixture};
     use super::*;
 
     const NOW: u64 = 1_800_000_000;
@@ -932,7 +949,7 @@ mod tests {
     }
 
     /// An authenticator with one provider trusting `jwks`, plus `extra` provider fields.
-    fn authenticator(jwks: Vec<Value>, extra: Value) -> Authenticator {
+    fn authenticator(jwks: Vec<Value>, extra: Value) -> Fixture {
         let mut provider = json!({"issuer": ISSUER, "audiences": ["api"], "jwks": {"keys": jwks}});
         if let (Value::Object(p), Value::Object(extra)) = (&mut provider, extra) {
             p.extend(extra);
@@ -940,7 +957,7 @@ mod tests {
         parse(&json!({"jwt": {"providers": [provider]}}).to_string()).unwrap()
     }
 
-    fn bearer(auth: &Authenticator, token: &str) -> Result<Option<Identity>, AuthError> {
+    fn bearer(auth: &Fixture, token: &str) -> Result<Option<Identity>, AuthError> {
         let h = headers(&[(":path", "/api"), ("authorization", &format!("Bearer {token}"))]);
         auth.authenticate(&RequestCredentials::new(&h), NOW)
     }
@@ -1166,8 +1183,8 @@ mod tests {
         let config = json!({"jwt": {"providers": [{"issuer": ISSUER,
             "remote_jwks": {"cluster": "idp", "path": "/.well-known/jwks.json"}}]}});
         let auth = parse(&config.to_string()).unwrap();
-        let provider = &auth.providers()[0];
-        let remote = provider.remote_jwks().unwrap();
+        let provider = auth.provider_state(0);
+        let remote = auth.auth.providers()[0].remote_jwks().unwrap();
         assert_eq!((remote.authority.as_str(), remote.refresh_seconds, remote.timeout_ms), ("idp", 600, 5000));
         let token = signer.sign(claims(json!({})));
         assert_eq!(bearer(&auth, &token), Err(AuthError::KeysUnavailable { provider: 0 }));
@@ -1206,7 +1223,7 @@ mod tests {
         let cookie = format!("access_token={token}");
         let id = at(NOW, &[(":path", "/"), ("authorization", &bearer_header)]).unwrap().unwrap();
         assert_eq!(id.remove_upstream, [CredentialLocation::Authorization]);
-        assert_eq!(auth.providers()[0].cache.borrow().len(), 1);
+        assert_eq!(auth.provider_state(0).cache.borrow().len(), 1);
         let id = at(NOW + 1, &[(":path", "/"), ("cookie", &cookie)]).unwrap().unwrap();
         assert_eq!(id.remove_upstream, [CredentialLocation::Cookie("access_token".to_owned())]);
         // exp is NOW + 300, leeway 60.
@@ -1222,7 +1239,7 @@ mod tests {
         let config = json!({"jwt": {"cache_entries": 0, "providers": [{"jwks": {"keys": [signer.jwk("k1")]}}]}});
         let auth = parse(&config.to_string()).unwrap();
         assert!(bearer(&auth, &signer.sign(claims(json!({})))).unwrap().is_some());
-        assert_eq!(auth.providers()[0].cache.borrow().len(), 0);
+        assert_eq!(auth.provider_state(0).cache.borrow().len(), 0);
     }
 
     #[test]
@@ -1327,7 +1344,7 @@ mod tests {
     #[test]
     #[ignore = "a benchmark, run by hand in release mode"]
     fn bench_verify_per_algorithm() {
-        let time = |auth: &Authenticator, request: &RequestCredentials| {
+        let time = |auth: &Fixture, request: &RequestCredentials| {
             let run = |n: u32| {
                 let start = Instant::now();
                 for _ in 0..n {

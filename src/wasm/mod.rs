@@ -54,7 +54,7 @@ impl Context for Root {
             }
         }
         let body = answer.filter(|(status, _)| *status == 200).map(|(_, body)| body);
-        state.refresh.on_response(&state.config, token_id, body, &mut host);
+        state.refresh.on_response(&state.config, &state.worker.auth, token_id, body, &mut host);
     }
 }
 
@@ -95,14 +95,14 @@ impl RootContext for Root {
             return false;
         }
         let mut state = Configured { config, worker, refresh };
-        state.refresh.on_tick(&state.config, &mut host);
+        state.refresh.on_tick(&state.config, &state.worker.auth, &mut host);
         self.state = Some(state);
         true
     }
 
     fn on_tick(&mut self) {
         let Some(state) = &mut self.state else { return };
-        state.refresh.on_tick(&state.config, &mut WasmHost);
+        state.refresh.on_tick(&state.config, &state.worker.auth, &mut WasmHost);
         state.send_settlements();
     }
 
