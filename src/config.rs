@@ -171,6 +171,14 @@ mod tests {
         "routes": [{"prefix": "/", "policy": "public"}]}"#;
 
     #[test]
+    fn the_config_holds_no_interior_mutability() {
+        // Cell and RefCell are not RefUnwindSafe, so this stops compiling if one comes back into
+        // Config: what a worker learns while it runs belongs in worker::Worker.
+        fn immutable<T: std::panic::RefUnwindSafe>() {}
+        immutable::<Config>();
+    }
+
+    #[test]
     fn minimal_config_gets_secure_defaults() {
         let config = Config::from_json(MINIMAL.as_bytes()).unwrap();
         let names: Vec<_> = config.security_headers.always.iter().map(|(n, _)| *n).collect();
