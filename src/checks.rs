@@ -3,7 +3,9 @@
 
 use std::collections::BTreeMap;
 
-use crate::config::Method;
+use serde::Deserialize;
+
+use crate::common::{is_token_byte, ConfigError, Method};
 
 /// A request that fails a check, with what the client needs to fix it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -32,6 +34,70 @@ pub enum CheckError {
     BodyTooLarge { limit: u64 },
     #[error("content type {media_type:?} is not accepted for {method}; accepted: {accepted}")]
     UnsupportedMediaType { media_type: String, method: &'static str, accepted: String },
+}
+
+/// Request size and shape limits.
+#[derive(Debug, Deserialize)]
+#[cfg_attr(not(target_arch = "wasm32"), derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct RawRequestChecks {
+    /// The largest request body in bytes, by `Content-Length` or counted as it streams.
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: u64,
+    /// Allowed `Content-Type` media types (parameters such as `charset` ignored) per method.
+    /// Methods not listed accept any content type.
+    #[serde(default = "default_content_types")]
+    pub content_types: BTreeMap<Method, Vec<String>>,
+}
+
+impl Default for RawRequestChecks {
+    fn default() -> Self {
+        RawRequestChecks { max_body_bytes: default_max_body_bytes(), content_types: default_content_types() }
+    }
+}
+
+fn default_max_body_bytes() -> u64 {
+    1024 * 1024
+}
+
+fn default_content_types() -> BTreeMap<Method, Vec<String>> {
+    let list = |types: &[&str]| types.iter().map(|t| (*t).to_owned()).collect::<Vec<_>>();
+    BTreeMap::from([
+        (
+            Method::Post,
+            list(&["application/json", "application/x-www-form-urlencoded", "multipart/form-data", "text/plain"]),
+        ),
+        (Method::Put, list(&["application/json", "application/octet-stream", "multipart/form-data"])),
+        (Method::Patch, list(&["application/json", "application/merge-patch+json"])),
+    ])
+}
+
+/// Every media type must look like `type/subtype`, so a typo is an error rather than a list
+/// nothing matches.
+pub(crate) fn check_content_types(path: &str, types: &BTreeMap<Method, Vec<String>>) -> Result<(), ConfigError> {
+    for (method, list) in types {
+        for (i, media_type) in list.iter().enumerate() {
+            let valid = media_type
+                .split_once('/')
+                .is_some_and(|(t, s)| !t.is_empty() && !s.is_empty() && media_type.bytes().all(is_token_or_slash));
+            if !valid {
+                return Err(ConfigError::at(
+                    format!("{path}.{}[{i}]", method.as_str()),
+                    format!("{media_type:?} is not a media type like \"application/json\""),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn is_token_or_slash(b: u8) -> bool {
+    b == b'/' || is_token_byte(b)
+}
+
+/// Media types per method, lower-case, as requests are compared against them.
+pub(crate) fn lower_case(types: &BTreeMap<Method, Vec<String>>) -> BTreeMap<Method, Vec<String>> {
+    types.iter().map(|(m, list)| (*m, list.iter().map(|t| t.to_ascii_lowercase()).collect())).collect()
 }
 
 /// Checks the raw `:path` and returns it as the route table matches it: the part before the
@@ -141,7 +207,7 @@ pub fn content_type(
     Err(CheckError::UnsupportedMediaType {
         // The client's value is echoed back, so keep it short.
         media_type: media_type.chars().take(64).collect(),
-        method: crate::config::method_name(method),
+        method: method.as_str(),
         accepted: accepted.join(", "),
     })
 }

@@ -8,7 +8,7 @@ use std::fmt;
 
 use serde::Deserialize;
 
-use crate::config::{header_name, ConfigError};
+use crate::common::{header_name, ConfigError};
 use crate::host::Callout;
 
 /// `credits`: where the credit service is and how to call it.

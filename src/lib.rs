@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod checks;
+pub mod common;
 pub mod config;
 pub mod credits;
 pub mod headers;
@@ -17,6 +18,7 @@ pub mod refresh;
 pub mod replay;
 pub mod routes;
 pub mod settle;
+pub mod slots;
 pub mod worker;
 
 mod body;
@@ -357,7 +359,7 @@ mod tests {
 
     fn run_with(config: &str, host: &mut FakeHost, end_of_stream: bool) -> (Stream, Flow) {
         let config = Rc::new(Config::from_json(config.as_bytes()).unwrap());
-        let worker = Rc::new(Worker::new(&config));
+        let worker = Rc::new(Worker::new(&config, host));
         let mut stream = Stream::new(config, worker);
         let flow = stream.on_request_headers(host, end_of_stream);
         (stream, flow)

@@ -170,9 +170,9 @@ proptest! {
         end_of_stream in any::<bool>(),
     ) {
         let config = Rc::new(Config::from_json(PIPELINE.as_bytes()).map_err(|e| TestCaseError::fail(e.to_string()))?);
-        let worker = Rc::new(Worker::new(&config));
         let pairs: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
         let mut host = FakeHost::request(method, &path, &pairs);
+        let worker = Rc::new(Worker::new(&config, &mut host));
         let mut stream = Stream::new(config, worker);
         let flow = stream.on_request_headers(&mut host, end_of_stream);
         if let Some((status, _, body)) = &host.sent {

@@ -7,7 +7,7 @@ use std::rc::Rc;
 use crate::auth::{self, AuthError, BodyCheck, Identity, RequestCredentials, SignatureScheme};
 use crate::body;
 use crate::checks::{self, BodyCounter};
-use crate::config::Method;
+use crate::common::Method;
 use crate::credits::{self, CreditError, FailurePolicy};
 use crate::headers;
 use crate::host::{Callout, StreamHost, NANOS_PER_MS, NANOS_PER_SECOND};
@@ -119,7 +119,7 @@ fn authenticate(
 ) -> Result<Result<Identity, Step>, Denial> {
     let credentials = RequestCredentials::new(&stream.request);
     let now = now_nanos / NANOS_PER_SECOND;
-    let identity = match stream.config.auth.authenticate(&credentials, now) {
+    let identity = match stream.config.auth.authenticate(&stream.worker.auth, &credentials, now) {
         Ok(Some(identity)) => identity,
         Ok(None) => return Err(Denial::Unauthenticated),
         Err(AuthError::UnknownKeyId { provider }) if may_refetch => {
@@ -174,8 +174,9 @@ pub(crate) fn keys_fetched(
     provider: usize,
     answer: Option<(u16, Vec<u8>)>,
 ) -> Result<Step, Denial> {
-    match (answer, stream.config.auth.providers().get(provider)) {
-        (Some((200, body)), Some(p)) => refresh::load_refetched(p, &body, host),
+    let state = stream.worker.auth.provider(provider);
+    match (answer, stream.config.auth.providers().get(provider), state) {
+        (Some((200, body)), Some(p), Some(state)) => refresh::load_refetched(p, state, &body, host),
         _ => host.count(Metric::RemoteFetchFailures, 1),
     }
     let Some(policy) = stream.policy.clone() else { return Err(Denial::Unauthenticated) };
@@ -190,7 +191,11 @@ fn rate_limit(
     identity: Option<&Identity>,
     now: u64,
 ) -> Result<(), Denial> {
-    let (Some(limits), Some(limit)) = (&stream.config.rate_limits, &policy.rate_limit) else { return Ok(()) };
+    let (Some(limits), Some(limit), Some(table)) =
+        (&stream.config.rate_limits, &policy.rate_limit, &stream.worker.rate_table)
+    else {
+        return Ok(());
+    };
     let address = match identity {
         Some(_) => None,
         None => host.property(&CLIENT_ADDRESS_PROPERTY),
@@ -200,7 +205,7 @@ fn rate_limit(
         Some(identity) => Caller::Identity(identity),
         None => Caller::Address(address.as_deref()),
     };
-    let checked = limits.check(host, limit, &caller, now);
+    let checked = limits.check(table, host, limit, &caller, now);
     host.count(Metric::RateLimitCasRetries, u64::from(checked.retries));
     if checked.result == Err(ratelimit::Limited::Contended) {
         host.count(Metric::RateLimitContended, 1);
