@@ -106,6 +106,26 @@ fn tollgate_check_accepts_the_shipped_configs() {
 }
 
 #[test]
+fn tollgate_check_warns_about_a_config_that_relied_on_a_changed_default() {
+    let dir = std::env::temp_dir().join(format!("tollgate-warn-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = |scheme: &str| {
+        format!(
+            r#"{{"policies": {{}}, "auth": {{"signatures": {{{scheme}"secrets": [{{"account": "a",
+                "secret": "c2lnbmluZy1zZWNyZXQtb2YtYXQtbGVhc3QtMzItYnl0ZXM="}}]}}}}}}"#
+        )
+    };
+    for (scheme, warned) in [("", true), (r#""scheme": "content-digest", "#, false), (r#""scheme": "body", "#, false)] {
+        let file = dir.join("signed.json");
+        std::fs::write(&file, config(scheme)).unwrap();
+        let (ok, output) = tollgate_check(&file);
+        assert!(ok, "a warning is not an error: {output}");
+        assert_eq!(output.contains("warning: $.auth.signatures.scheme is not set"), warned, "{scheme}: {output}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn tollgate_check_names_the_field_at_fault() {
     let dir = std::env::temp_dir().join(format!("tollgate-check-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
