@@ -15,7 +15,9 @@ use crate::checks::{check_content_types, RawRequestChecks};
 use crate::common::header_value;
 pub use crate::common::{ConfigError, Method};
 use crate::credits::{Credits, RawCredits};
-use crate::headers::{identity_headers, security_headers, RawIdentityHeaders, RawSecurityHeaders, SecurityHeaders};
+use crate::headers::{
+    identity_headers, security_headers, IdentityHeaders, RawIdentityHeaders, RawSecurityHeaders, SecurityHeaders,
+};
 use crate::ratelimit::{RateLimits, RawRateLimits};
 use crate::routes::{Policy, PolicyContext, RawPolicy, RawRoute, RouteTable};
 
@@ -65,8 +67,7 @@ pub struct Config {
     pub rate_limits: Option<RateLimits>,
     pub credits: Option<Credits>,
     pub security_headers: SecurityHeaders,
-    /// Lower-case names of the identity headers, in the order of `RawIdentityHeaders`.
-    pub identity_headers: Vec<String>,
+    pub identity_headers: IdentityHeaders,
 }
 
 impl Config {
@@ -184,7 +185,7 @@ mod tests {
         let names: Vec<_> = config.security_headers.always.iter().map(|(n, _)| *n).collect();
         assert_eq!(names, ["x-content-type-options", "x-frame-options", "referrer-policy", "permissions-policy"]);
         assert!(config.security_headers.remove_server_header);
-        assert_eq!(config.identity_headers[0], "x-tollgate-subject");
+        assert_eq!(config.identity_headers.set[0], "x-tollgate-subject");
     }
 
     #[test]

@@ -95,6 +95,9 @@ pub struct RawIdentityHeaders {
     pub key_id: String,
     /// The caller's scopes, space-separated.
     pub scopes: String,
+    /// More request headers to remove from every request, for an upstream that trusts names of
+    /// its own (`x-user-id`, say, behind the seeds' middleware).
+    pub also_strip: Vec<String>,
 }
 
 impl Default for RawIdentityHeaders {
@@ -106,8 +109,18 @@ impl Default for RawIdentityHeaders {
             auth_method: "x-tollgate-auth-method".to_owned(),
             key_id: "x-tollgate-key-id".to_owned(),
             scopes: "x-tollgate-scopes".to_owned(),
+            also_strip: Vec::new(),
         }
     }
+}
+
+/// The identity headers' names, lower-case.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityHeaders {
+    /// What the filter sets upstream, in the order of `RawIdentityHeaders`' fields.
+    pub set: Vec<String>,
+    /// What no request may carry: `set` and `also_strip`.
+    pub strip: Vec<String>,
 }
 
 /// Security headers ready to send: names and values fixed at start so no request formats them.
@@ -145,7 +158,7 @@ pub(crate) fn security_headers(raw: &RawSecurityHeaders) -> Result<SecurityHeade
     })
 }
 
-pub(crate) fn identity_headers(raw: &RawIdentityHeaders) -> Result<Vec<String>, ConfigError> {
+pub(crate) fn identity_headers(raw: &RawIdentityHeaders) -> Result<IdentityHeaders, ConfigError> {
     let fields = [
         ("subject", &raw.subject),
         ("account", &raw.account),
@@ -164,22 +177,35 @@ pub(crate) fn identity_headers(raw: &RawIdentityHeaders) -> Result<Vec<String>, 
         }
         names.push(lower);
     }
-    Ok(names)
+    let mut strip = names.clone();
+    for (i, name) in raw.also_strip.iter().enumerate() {
+        strip.push(header_name(name, &format!("identity_headers.also_strip[{i}]"))?);
+    }
+    Ok(IdentityHeaders { set: names, strip })
 }
 
-/// Removes every identity header the client sent, so only the filter can set them upstream.
-/// Only headers actually present cost a hostcall.
+/// Removes every identity header the client sent, so only the filter can set them upstream,
+/// in any spelling an upstream merges with it: CGI, Rack and PHP read `x_tollgate_account` as
+/// `x-tollgate-account`, and Envoy lets underscores through by default. `remove` is the header
+/// map the names are in (request headers or trailers); only headers present cost a hostcall.
 pub fn strip_identity(
-    host: &mut dyn StreamHost,
     request: &[(String, String)],
-    identity: &[String],
+    stripped: &[String],
+    mut remove: impl FnMut(&str) -> Result<(), HostError>,
 ) -> Result<(), HostError> {
-    for name in identity {
-        if request.iter().any(|(n, _)| n == name) {
-            host.remove_request_header(name)?;
+    for (i, (name, _)) in request.iter().enumerate() {
+        let forged = stripped.iter().any(|s| same_name(name, s));
+        if forged && !request[..i].iter().any(|(n, _)| n == name) {
+            remove(name)?;
         }
     }
     Ok(())
+}
+
+/// Header names equal with `_` read as `-` (names are lower-case already).
+fn same_name(a: &str, b: &str) -> bool {
+    let dash = |c: u8| if c == b'_' { b'-' } else { c };
+    a.len() == b.len() && a.bytes().zip(b.bytes()).all(|(x, y)| dash(x) == dash(y))
 }
 
 /// Sets the verified caller's identity headers upstream, and removes the credentials it used

@@ -172,8 +172,16 @@ impl Stream {
     }
 
     /// With trailers the body callback never says `end_of_stream`: the body is complete here.
+    /// Trailers can forge identity headers as well as headers can.
     pub fn on_request_trailers(&mut self, host: &mut dyn StreamHost) -> Flow {
-        let step = body::arrived(self, host, self.body.held(), true);
+        let trailers = host.request_trailers();
+        let stripped = headers::strip_identity(&trailers, &self.config.identity_headers.strip, |name| {
+            host.remove_request_trailer(name)
+        });
+        let step = match stripped {
+            Ok(()) => body::arrived(self, host, self.body.held(), true),
+            Err(err) => Err(err.into()),
+        };
         self.advance(host, step)
     }
 
@@ -926,5 +934,32 @@ mod tests {
         let mut host = FakeHost::request("POST", "/health", &[("transfer-encoding", "chunked")]);
         let (_, flow) = run_with(&config, &mut host, false);
         assert_eq!((flow, host.sent.as_ref().map(|s| s.0)), (Flow::Pause, Some(413)));
+    }
+
+    #[test]
+    fn forged_identity_headers_are_stripped_in_every_spelling_and_from_trailers() {
+        let config = CONFIG.replacen(
+            r#""policies": {"#,
+            r#""identity_headers": {"also_strip": ["X-User-Id"]}, "policies": {"#,
+            1,
+        );
+        let forged = [
+            ("x_tollgate_account", "admin"),
+            ("x-tollgate-account", "admin"),
+            ("x_user_id", "1"),
+            ("x-user-id", "1"),
+            ("x-tollgate_tier", "pro"),
+            ("x-other", "kept"),
+        ];
+        let mut host = FakeHost::request("POST", "/health", &forged);
+        let (mut stream, flow) = run_with(&config, &mut host, false);
+        assert_eq!(flow, Flow::Continue);
+        assert_eq!(
+            host.removed,
+            ["x_tollgate_account", "x-tollgate-account", "x_user_id", "x-user-id", "x-tollgate_tier"]
+        );
+        host.trailers = vec![("x_tollgate_account".into(), "admin".into()), ("x-checksum".into(), "1".into())];
+        assert_eq!(stream.on_request_trailers(&mut host), Flow::Continue);
+        assert_eq!(host.trailers, [("x-checksum".to_owned(), "1".to_owned())]);
     }
 }

@@ -53,7 +53,9 @@ pub(crate) fn headers(stream: &mut Stream, host: &mut dyn StreamHost, end_of_str
 
     // 3. Identity headers: nothing downstream may trust what the client sent under them, nor the
     // upstream's usage report (an upstream that reflects request headers would report it).
-    headers::strip_identity(host, &stream.request, &stream.config.identity_headers)?;
+    headers::strip_identity(&stream.request, &stream.config.identity_headers.strip, |name| {
+        host.remove_request_header(name)
+    })?;
     if let Some(usage) = stream.config.credits.as_ref().and_then(|c| c.actual_cost_header.as_deref()) {
         if header(&stream.request, usage).is_some() {
             host.remove_request_header(usage)?;
@@ -131,7 +133,7 @@ fn authenticate(
         Err(err) => return Err(err.into()),
     };
     auth::require_scopes(&identity, &policy.scopes)?;
-    headers::forward_identity(host, &stream.request, &stream.config.identity_headers, &identity)?;
+    headers::forward_identity(host, &stream.request, &stream.config.identity_headers.set, &identity)?;
 
     if let Some(signatures) = stream.config.auth.signatures().filter(|_| policy.signature) {
         let check = match signatures.scheme() {
