@@ -171,12 +171,12 @@ mod tests {
     use super::*;
     use crate::host::fake::FakeHost as Fake;
 
-    const JWKS: &str =
-        r#"{"keys": [{"kty": "oct", "kid": "k", "alg": "HS256", "k": "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE"}]}"#;
+    /// An Ed25519 key (x = 32 bytes of 1): remote key sets hold public keys only.
+    const JWKS: &str = r#"{"keys": [{"kty": "OKP", "crv": "Ed25519", "kid": "k", "x": "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE"}]}"#;
 
     fn config() -> Config {
         Config::from_json(
-            br#"{"policies": {}, "auth": {"jwt": {"providers": [{
+            br#"{"policies": {}, "auth": {"jwt": {"providers": [{"audiences": "any",
                 "remote_jwks": {"cluster": "idp", "path": "/jwks", "refresh_seconds": 600},
                 "revoked_jti_remote": {"cluster": "idp", "path": "/revoked", "refresh_seconds": 60}}]}}}"#,
         )

@@ -326,7 +326,7 @@ mod tests {
     fn a_jwt_wins_over_an_api_key() {
         let secret = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY";
         let config = serde_json::json!({
-            "jwt": {"providers": [{"secrets": [{"secret": secret}]}]},
+            "jwt": {"providers": [{"audiences": "any", "secrets": [{"secret": secret}]}]},
             "api_keys": {"keys": [{"id": "live-1", "sha256": sha("tg_live_good"), "account": "acme"}]},
         });
         let auth = parse(&config.to_string()).unwrap();

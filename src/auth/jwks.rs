@@ -264,6 +264,12 @@ pub(crate) fn parse_remote_jwks(body: &[u8]) -> Result<JwksLoad, ConfigError> {
     let mut seen = HashSet::new();
     for (i, jwk) in raw.keys.iter().enumerate() {
         let path = format!("keys[{i}]");
+        if jwk.kty == "oct" {
+            // A symmetric key published at a URL is a secret anyone who can answer that URL (or
+            // read it) can sign with: HMAC keys belong in the config's `secrets` only.
+            load.skipped.push(ConfigError::at(format!("{path}.kty"), "an oct key from a remote JWKS is never used"));
+            continue;
+        }
         match compile_jwk(jwk, &path, &mut seen) {
             Ok(keys) => load.keys.keys.extend(keys),
             Err(e) => load.skipped.push(e),
@@ -523,15 +529,18 @@ mod tests {
                 {{"kty": "OKP", "crv": "Ed25519", "kid": "ed", "x": "{}", "x5c": ["..."]}},
                 {{"kty": "RSA", "kid": "enc", "use": "enc", "n": "AQAB", "e": "AQAB"}},
                 {{"kty": "AKP", "kid": "pq"}},
-                {{"kty": "OKP", "crv": "Ed25519", "kid": "ed", "x": "{}"}}
+                {{"kty": "OKP", "crv": "Ed25519", "kid": "ed", "x": "{}"}},
+                {{"kty": "oct", "kid": "hs", "alg": "HS256", "k": "{}"}}
             ], "extra": true}}"#,
             b64(&ed),
-            b64(&ed)
+            b64(&ed),
+            b64(&[7; 32])
         );
         let load = parse_remote_jwks(body.as_bytes()).unwrap();
         assert_eq!(algs(&load.keys), ["EdDSA"]);
         let skipped: Vec<String> = load.skipped.iter().map(|e| e.path.clone()).collect();
-        assert_eq!(skipped, ["keys[1].use", "keys[2].kty", "keys[3].kid"]);
+        // An HMAC key from a URL would let whoever answers it sign tokens.
+        assert_eq!(skipped, ["keys[1].use", "keys[2].kty", "keys[3].kid", "keys[4].kty"]);
 
         let err = parse_remote_jwks(br#"{"keys": [{"kty": "AKP"}]}"#).unwrap_err();
         assert_eq!(err.to_string(), "keys: no usable signing key");

@@ -47,14 +47,15 @@ pub struct RawProvider {
     /// provider only).
     #[serde(default)]
     pub issuer: Option<String>,
-    /// Accepted `aud` values; a token must name at least one. Omitted: `aud` is not checked.
+    /// Accepted `aud` values; a token must name at least one. Required: a token the same issuer
+    /// minted for another of its clients must not pass. `"any"` accepts every audience.
     #[serde(default)]
-    pub audiences: Option<Vec<String>>,
+    pub audiences: Option<RawAudiences>,
     /// Clock skew tolerated on `exp`, `nbf` and `iat`, in seconds (at most 3600).
     #[serde(default = "default_leeway_seconds")]
     pub leeway_seconds: u64,
-    /// Claims every token must carry, e.g. `["exp", "jti"]`.
-    #[serde(default)]
+    /// Claims every token must carry. By default `exp`: a token that never expires is refused.
+    #[serde(default = "default_required_claims")]
     pub required_claims: Vec<String>,
     /// Where the token is read from.
     #[serde(default)]
@@ -363,6 +364,27 @@ impl ProviderState {
     }
 }
 
+/// `audiences`: a list, or `"any"` to say on purpose that the audience is not checked.
+#[derive(Debug, Deserialize)]
+#[cfg_attr(not(target_arch = "wasm32"), derive(schemars::JsonSchema))]
+#[serde(untagged)]
+pub enum RawAudiences {
+    List(Vec<String>),
+    Any(AnyAudience),
+}
+
+/// The one word `"any"`.
+#[derive(Debug, Deserialize)]
+#[cfg_attr(not(target_arch = "wasm32"), derive(schemars::JsonSchema))]
+pub enum AnyAudience {
+    #[serde(rename = "any")]
+    Any,
+}
+
+fn default_required_claims() -> Vec<String> {
+    vec!["exp".to_owned()]
+}
+
 pub(crate) fn compile_providers(raw: &RawJwt, path: &str) -> Result<Vec<Provider>, ConfigError> {
     if raw.providers.is_empty() {
         return Err(ConfigError::at(format!("{path}.providers"), "must list at least one provider, or omit jwt"));
@@ -393,18 +415,6 @@ fn compile_provider(raw: &RawProvider, path: &str, cache_entries: usize) -> Resu
     if raw.issuer.as_deref() == Some("") {
         return Err(at("issuer", "must not be empty; omit it to accept any issuer"));
     }
-    let audiences = match &raw.audiences {
-        Some(list) if list.is_empty() => {
-            return Err(at("audiences", "must list at least one audience, or be omitted to accept any"))
-        }
-        Some(list) => {
-            if let Some(i) = list.iter().position(String::is_empty) {
-                return Err(at(&format!("audiences[{i}]"), "must not be empty"));
-            }
-            Some(list.iter().cloned().collect())
-        }
-        None => None,
-    };
     if raw.leeway_seconds > MAX_LEEWAY_SECONDS {
         return Err(at("leeway_seconds", &format!("must be at most {MAX_LEEWAY_SECONDS}")));
     }
@@ -467,6 +477,25 @@ fn compile_provider(raw: &RawProvider, path: &str, cache_entries: usize) -> Resu
     if let Some(i) = raw.revoked_jti.iter().position(String::is_empty) {
         return Err(at(&format!("revoked_jti[{i}]"), "must not be empty"));
     }
+    let audiences = match &raw.audiences {
+        None => {
+            return Err(at(
+                "audiences",
+                "is required: list the audiences this gateway accepts (a token the issuer minted for \
+                 another client must not pass), or \"any\"",
+            ))
+        }
+        Some(RawAudiences::Any(AnyAudience::Any)) => None,
+        Some(RawAudiences::List(list)) if list.is_empty() => {
+            return Err(at("audiences", "must list at least one audience, or be \"any\""))
+        }
+        Some(RawAudiences::List(list)) => {
+            if let Some(i) = list.iter().position(String::is_empty) {
+                return Err(at(&format!("audiences[{i}]"), "must not be empty"));
+            }
+            Some(list.iter().cloned().collect())
+        }
+    };
     Ok(Provider {
         issuer: raw.issuer.clone(),
         audiences,
@@ -1076,7 +1105,7 @@ mod tests {
         // Without a kid too, in case a verifier picks keys by `alg` alone.
         let auth_kid = authenticator(vec![rsa.jwk("rsa")], json!({}));
         let auth_any = parse(
-            &json!({"jwt": {"providers": [{"jwks": {"keys": [{"kty": "RSA", "n": rsa.jwk("rsa")["n"], "e": "AQAB"}]}}]}})
+            &json!({"jwt": {"providers": [{"audiences": "any", "jwks": {"keys": [{"kty": "RSA", "n": rsa.jwk("rsa")["n"], "e": "AQAB"}]}}]}})
                 .to_string(),
         )
         .unwrap();
@@ -1089,6 +1118,30 @@ mod tests {
         // The same RSA key without `alg` still accepts its whole family.
         let ps = Signer::PS256(PS256KeyPair::from_der(&RSA.to_der().unwrap()).unwrap());
         assert!(bearer(&auth_any, &ps.sign(claims(json!({})))).unwrap().is_some());
+    }
+
+    #[test]
+    fn the_audience_must_be_chosen_and_a_token_must_expire_by_default() {
+        let signer = Signer::new("HS256", "k1");
+        let k = b64(&[1; 32]);
+        let err = parse(&json!({"jwt": {"providers": [{"secrets": [{"secret": k}]}]}}).to_string()).err().unwrap();
+        assert!(err.starts_with("auth.jwt.providers[0].audiences: is required"), "{err}");
+        let any = |extra: Value| {
+            let mut provider = json!({"issuer": ISSUER, "audiences": "any", "jwks": {"keys": [signer.jwk("k1")]}});
+            if let (Value::Object(p), Value::Object(extra)) = (&mut provider, extra) {
+                p.extend(extra);
+            }
+            parse(&json!({"jwt": {"providers": [provider]}}).to_string()).unwrap()
+        };
+        let mut other_client = claims(json!({}));
+        other_client.audiences = Some(Audiences::AsString("someone-else".to_owned()));
+        assert!(bearer(&any(json!({})), &signer.sign(other_client)).unwrap().is_some(), "\"any\" is on purpose");
+
+        let mut forever = claims(json!({}));
+        forever.expires_at = None;
+        let token = signer.sign(forever);
+        assert_eq!(bearer(&any(json!({})), &token), Err(AuthError::MissingClaim("exp".to_owned())));
+        assert!(bearer(&any(json!({"required_claims": []})), &token).unwrap().is_some(), "opted out");
     }
 
     #[test]
@@ -1155,8 +1208,8 @@ mod tests {
         let b = Signer::new("EdDSA", "b");
         let fallback = Signer::new("HS384", "c");
         let config = json!({"jwt": {"providers": [
-            {"issuer": "https://a.example", "jwks": {"keys": [a.jwk("a")]}},
-            {"issuer": "https://b.example", "jwks": {"keys": [b.jwk("b")]}, "claims": {"account": "org"}},
+            {"issuer": "https://a.example", "audiences": "any", "jwks": {"keys": [a.jwk("a")]}},
+            {"issuer": "https://b.example", "audiences": "any", "jwks": {"keys": [b.jwk("b")]}, "claims": {"account": "org"}},
         ]}});
         let auth = parse(&config.to_string()).unwrap();
         let token = |signer: &Signer, iss: &str| {
@@ -1172,7 +1225,10 @@ mod tests {
         assert_eq!(bearer(&auth, "not-a-jwt"), Err(AuthError::MalformedToken));
 
         let mut config = config;
-        config["jwt"]["providers"].as_array_mut().unwrap().push(json!({"jwks": {"keys": [fallback.jwk("c")]}}));
+        config["jwt"]["providers"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"audiences": "any", "jwks": {"keys": [fallback.jwk("c")]}}));
         let auth = parse(&config.to_string()).unwrap();
         assert!(bearer(&auth, &token(&fallback, "https://c.example")).unwrap().is_some());
     }
@@ -1180,7 +1236,7 @@ mod tests {
     #[test]
     fn a_remote_jwks_is_503_until_loaded_then_kept() {
         let signer = Signer::new("ES256", "r1");
-        let config = json!({"jwt": {"providers": [{"issuer": ISSUER,
+        let config = json!({"jwt": {"providers": [{"issuer": ISSUER, "audiences": "any",
             "remote_jwks": {"cluster": "idp", "path": "/.well-known/jwks.json"}}]}});
         let auth = parse(&config.to_string()).unwrap();
         let provider = auth.provider_state(0);
@@ -1236,7 +1292,7 @@ mod tests {
     #[test]
     fn the_cache_can_be_turned_off() {
         let signer = Signer::new("HS256", "k1");
-        let config = json!({"jwt": {"cache_entries": 0, "providers": [{"jwks": {"keys": [signer.jwk("k1")]}}]}});
+        let config = json!({"jwt": {"cache_entries": 0, "providers": [{"audiences": "any", "jwks": {"keys": [signer.jwk("k1")]}}]}});
         let auth = parse(&config.to_string()).unwrap();
         assert!(bearer(&auth, &signer.sign(claims(json!({})))).unwrap().is_some());
         assert_eq!(auth.provider_state(0).cache.borrow().len(), 0);
@@ -1257,11 +1313,11 @@ mod tests {
                 "auth.jwt.providers[0].issuer: must not be empty",
             ),
             (
-                json!({"jwt": {"providers": [{"secrets": [{"secret": k}]}, {"secrets": [{"secret": k}]}]}}),
+                json!({"jwt": {"providers": [{"audiences": "any", "secrets": [{"secret": k}]}, {"audiences": "any", "secrets": [{"secret": k}]}]}}),
                 "auth.jwt.providers[1].issuer: providers[0] already omits issuer",
             ),
             (
-                json!({"jwt": {"providers": [{"issuer": "a", "secrets": [{"secret": k}]}, {"issuer": "a", "secrets": [{"secret": k}]}]}}),
+                json!({"jwt": {"providers": [{"issuer": "a", "audiences": "any", "secrets": [{"secret": k}]}, {"issuer": "a", "audiences": "any", "secrets": [{"secret": k}]}]}}),
                 "auth.jwt.providers[1].issuer: the same issuer as providers[0]",
             ),
             (
@@ -1334,7 +1390,7 @@ mod tests {
 
     #[test]
     fn debug_output_shows_no_secret() {
-        let auth = parse(&json!({"jwt": {"providers": [{"secrets": [{"kid": "s", "secret": b64(b"0123456789abcdef0123456789abcdef")}]}]}}).to_string()).unwrap();
+        let auth = parse(&json!({"jwt": {"providers": [{"audiences": "any", "secrets": [{"kid": "s", "secret": b64(b"0123456789abcdef0123456789abcdef")}]}]}}).to_string()).unwrap();
         let text = format!("{auth:?}");
         assert!(text.contains("HS256") && !text.contains("MDEy") && !text.contains("0123"), "{text}");
     }
