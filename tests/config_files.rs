@@ -122,6 +122,15 @@ fn tollgate_check_warns_about_a_config_that_relied_on_a_changed_default() {
         assert!(ok, "a warning is not an error: {output}");
         assert_eq!(output.contains("warning: $.auth.signatures.scheme is not set"), warned, "{scheme}: {output}");
     }
+    let file = dir.join("jwt.json");
+    std::fs::write(
+        &file,
+        r#"{"policies": {}, "auth": {"jwt": {"providers": [{"audiences": "any",
+            "secrets": [{"secret": "c2lnbmluZy1zZWNyZXQtb2YtYXQtbGVhc3QtMzItYnl0ZXM="}]}]}}}"#,
+    )
+    .unwrap();
+    let (ok, output) = tollgate_check(&file);
+    assert!(ok && output.contains("warning: $.auth.jwt.providers[0].required_claims is not set"), "{output}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -177,6 +177,15 @@ fn changed_defaults(path: &str, config: &Value) -> Vec<String> {
             ));
         }
     }
+    let providers = config.pointer("/auth/jwt/providers").and_then(Value::as_array);
+    for (i, provider) in providers.into_iter().flatten().enumerate() {
+        if provider.get("required_claims").is_none() {
+            warnings.push(format!(
+                "{path}.auth.jwt.providers[{i}].required_claims is not set: it now defaults to [\"exp\"], so \
+                 tokens without an expiry are refused; set [] to accept them"
+            ));
+        }
+    }
     warnings
 }
 
