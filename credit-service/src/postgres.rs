@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 
 use crate::error::LedgerError;
 use crate::ledger::{
-    apply, now_ms, Account, Changes, Entry, Keys, Op, Outcome, Reservation, Snapshot, State, MIGRATIONS,
+    apply, now_ms, Account, Changes, Dialect, Entry, Keys, Op, Outcome, Reservation, Snapshot, State, MIGRATIONS,
 };
 use crate::store::{reservation_id, Batch, Job};
 
@@ -26,6 +26,13 @@ type Result<T> = std::result::Result<T, LedgerError>;
 /// An arbitrary constant: the advisory lock that keeps two instances starting at once from migrating
 /// the same database together.
 const MIGRATION_LOCK: i64 = 0x746f_6c6c_6761_7465;
+
+const DIALECT: Dialect = Dialect {
+    id: "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
+    drop_foreign_keys: "ALTER TABLE ledger DROP CONSTRAINT ledger_account_id_fkey, \
+                        DROP CONSTRAINT ledger_reservation_id_fkey; \
+                        ALTER TABLE reservations DROP CONSTRAINT reservations_account_id_fkey;",
+};
 
 /// Connects, migrates and starts the writer task on `jobs`.
 pub async fn open(url: &str, jobs: mpsc::Receiver<Job>) -> Result<Reader> {
@@ -57,8 +64,7 @@ async fn migrate(pool: &PgPool) -> Result<()> {
             name: m.name,
             source: Box::new(source.into()),
         };
-        let sql = m.sql.replace("{ID}", "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY");
-        sqlx::raw_sql(&sql).execute(&mut *tx).await.map_err(failed)?;
+        sqlx::raw_sql(&m.sql(&DIALECT)).execute(&mut *tx).await.map_err(failed)?;
         sqlx::query("INSERT INTO schema_migrations (version, name, applied_at) VALUES ($1, $2, $3)")
             .bind(m.version)
             .bind(m.name)

@@ -14,13 +14,15 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use tokio::sync::mpsc;
 
 use crate::error::LedgerError;
-use crate::ledger::{apply, now_ms, Account, Changes, Entry, Keys, Reservation, Snapshot, State, MIGRATIONS};
+use crate::ledger::{apply, now_ms, Account, Changes, Dialect, Entry, Keys, Reservation, Snapshot, State, MIGRATIONS};
 use crate::store::{reservation_id, Batch, Job};
 
 type Result<T> = std::result::Result<T, LedgerError>;
 
 /// Read connections kept open; more may open under load, and close after.
 const IDLE_READERS: usize = 4;
+
+const DIALECT: Dialect = Dialect { id: "INTEGER PRIMARY KEY AUTOINCREMENT", drop_foreign_keys: "" };
 
 /// Opens the file (creating it), migrates it and starts the writer thread on `jobs`.
 pub async fn open(path: &str, jobs: mpsc::Receiver<Job>) -> Result<Reader> {
@@ -69,7 +71,7 @@ fn migrate(conn: &mut Connection) -> Result<()> {
             name: m.name,
             source: Box::new(source.into()),
         };
-        tx.execute_batch(&m.sql.replace("{ID}", "INTEGER PRIMARY KEY AUTOINCREMENT")).map_err(failed)?;
+        tx.execute_batch(&m.sql(&DIALECT)).map_err(failed)?;
         tx.execute(
             "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?1, ?2, ?3)",
             params![m.version, m.name, now_ms()],
