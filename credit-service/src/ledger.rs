@@ -254,7 +254,7 @@ pub struct Snapshot {
     pub references: HashMap<(String, String), (i64, i64)>,
 }
 
-/// A reservation made by this batch.
+/// A reservation made by this batch, in the state the batch left it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewReservation {
     pub id: String,
@@ -262,9 +262,11 @@ pub struct NewReservation {
     pub request_id: String,
     pub route: String,
     pub amount: i64,
+    pub state: State,
+    pub charged: Option<i64>,
 }
 
-/// The new state of a reservation this batch settled.
+/// The new state of a reservation made before this batch, which the batch settled.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settlement {
     pub id: String,
@@ -283,8 +285,8 @@ pub struct Row {
     pub reference: Option<String>,
 }
 
-/// What the batch writes, in this order: accounts, new reservations (as held), settlements (also of
-/// reservations made in this batch), then the journal, whose rows reference both.
+/// What the batch writes. Each row appears once, in its final state, so a backend may write all of
+/// it in one statement: PostgreSQL's data-modifying `WITH` parts cannot see each other's rows.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Changes {
     /// The final `(balance, held)` of every account the batch changed.
@@ -325,6 +327,7 @@ pub fn apply(ops: Vec<Op>, mut snapshot: Snapshot, new_id: &mut dyn FnMut() -> S
         changes: Changes::default(),
         touched: BTreeSet::new(),
         top_ups: HashMap::new(),
+        made: HashMap::new(),
         names_a_row: false,
     };
     let mut fresh_top_ups = Vec::new();
@@ -348,6 +351,8 @@ struct Batch<'s> {
     touched: BTreeSet<String>,
     /// `(account, reference)` of the top-ups this batch made → their journal row.
     top_ups: HashMap<(String, String), (usize, i64)>,
+    /// Reservations this batch made → their place in `changes.reservations`.
+    made: HashMap<String, usize>,
     /// Whether the current answer's `transaction_id` is a row of this batch's journal.
     names_a_row: bool,
 }
@@ -459,12 +464,15 @@ impl Batch<'_> {
         self.snapshot
             .reservations
             .insert(id.clone(), Reservation { account: account.clone(), amount, state: State::Held, charged: None });
+        self.made.insert(id.clone(), self.changes.reservations.len());
         self.changes.reservations.push(NewReservation {
             id: id.clone(),
             account: account.clone(),
             request_id,
             route,
             amount,
+            state: State::Held,
+            charged: None,
         });
         self.append(&account, "reserve", -amount, balance, Some(id.clone()), None);
         Ok(Outcome::Hold(Hold { reservation_id: id, balance, replayed: false }))
@@ -524,7 +532,13 @@ impl Batch<'_> {
             r.state = state;
             r.charged = charged;
         }
-        self.changes.settlements.push(Settlement { id: id.to_owned(), state, charged });
+        match self.made.get(id).and_then(|&i| self.changes.reservations.get_mut(i)) {
+            Some(made) => {
+                made.state = state;
+                made.charged = charged;
+            }
+            None => self.changes.settlements.push(Settlement { id: id.to_owned(), state, charged }),
+        }
     }
 
     fn append(
@@ -610,7 +624,8 @@ mod tests {
         let changes = &decided.changes;
         assert_eq!(changes.accounts, [("acme".to_owned(), Account { balance: 6, held: 0 })]);
         assert_eq!(changes.reservations.len(), 1);
-        assert_eq!(changes.settlements, [Settlement { id: "res_1".into(), state: State::Committed, charged: Some(4) }]);
+        assert_eq!((changes.reservations[0].state, changes.reservations[0].charged), (State::Committed, Some(4)));
+        assert_eq!(changes.settlements, [], "made and settled in one batch: written once, settled");
         let journal: Vec<_> = changes.journal.iter().map(|r| (r.kind, r.amount, r.balance_after)).collect();
         assert_eq!(journal, [("reserve", -7, 3), ("commit", 3, 6)]);
     }

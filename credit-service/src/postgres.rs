@@ -96,7 +96,8 @@ async fn run(pool: &PgPool, ops: Vec<Op>) -> Result<Vec<Result<Outcome>>> {
     decided.resolve(&ids)
 }
 
-/// Creates the accounts to create, locks every account the batch touches, then reads the rest.
+/// Creates the accounts to create, locks every account the batch touches, then reads the rest: two
+/// or three round trips, whatever the batch holds.
 async fn load(tx: &mut Transaction<'static, Postgres>, keys: Keys, now: i64) -> Result<Snapshot> {
     let mut snapshot = Snapshot::default();
     if !keys.create.is_empty() {
@@ -111,57 +112,54 @@ async fn load(tx: &mut Transaction<'static, Postgres>, keys: Keys, now: i64) -> 
         .await?;
         snapshot.created.extend(created);
     }
-    let mut accounts = keys.accounts;
+    let accounts: Vec<&str> = keys.accounts.iter().map(String::as_str).collect();
     let reservations: Vec<&str> = keys.reservations.iter().map(String::as_str).collect();
-    if !reservations.is_empty() {
-        // A reservation's account never changes, so it may be read before the lock.
-        let owners: Vec<String> = sqlx::query_scalar("SELECT DISTINCT account_id FROM reservations WHERE id = ANY($1)")
-            .bind(&reservations)
-            .fetch_all(&mut **tx)
-            .await?;
-        accounts.extend(owners);
+    // A reservation's account never changes, so it may be looked up in the same statement that
+    // takes the locks.
+    let rows = sqlx::query(
+        "SELECT id, balance, held FROM accounts \
+         WHERE id = ANY($1) OR id IN (SELECT account_id FROM reservations WHERE id = ANY($2)) ORDER BY id FOR UPDATE",
+    )
+    .bind(&accounts)
+    .bind(&reservations)
+    .fetch_all(&mut **tx)
+    .await?;
+    let mut found = HashMap::with_capacity(rows.len());
+    for row in rows {
+        found.insert(row.try_get(0)?, Account { balance: row.try_get(1)?, held: row.try_get(2)? });
     }
-    if !accounts.is_empty() {
-        let ids: Vec<&str> = accounts.iter().map(String::as_str).collect();
-        let rows = sqlx::query("SELECT id, balance, held FROM accounts WHERE id = ANY($1) ORDER BY id FOR UPDATE")
-            .bind(&ids)
-            .fetch_all(&mut **tx)
-            .await?;
-        let mut found = HashMap::with_capacity(rows.len());
-        for row in rows {
-            found.insert(row.try_get(0)?, Account { balance: row.try_get(1)?, held: row.try_get(2)? });
-        }
-        snapshot.accounts = found;
-    }
-    if !reservations.is_empty() {
-        let rows = sqlx::query("SELECT id, account_id, amount, state, charged FROM reservations WHERE id = ANY($1)")
-            .bind(&reservations)
-            .fetch_all(&mut **tx)
-            .await?;
-        for row in rows {
-            let found = reservation(&row, 1)?;
-            // Made by another instance after the owners were looked up, so its account is not
-            // locked: as good as not there yet.
-            if snapshot.accounts.contains_key(&found.account) {
-                snapshot.reservations.insert(row.try_get(0)?, found);
-            }
-        }
-    }
-    if !keys.requests.is_empty() {
-        let (accounts, requests): (Vec<&str>, Vec<&str>) =
+    snapshot.accounts = found;
+    if !reservations.is_empty() || !keys.requests.is_empty() {
+        let (owners, requests): (Vec<&str>, Vec<&str>) =
             keys.requests.iter().map(|(a, q)| (a.as_str(), q.as_str())).unzip();
         let rows = sqlx::query(
-            "SELECT r.id, r.account_id, r.amount, r.state, r.charged, r.request_id FROM reservations r \
-             JOIN UNNEST($1::text[], $2::text[]) AS k(account_id, request_id) USING (account_id, request_id)",
+            "SELECT id, account_id, amount, state, charged, NULL::text FROM reservations WHERE id = ANY($1) \
+             UNION ALL \
+             SELECT r.id, r.account_id, r.amount, r.state, r.charged, r.request_id FROM reservations r \
+             JOIN UNNEST($2::text[], $3::text[]) AS k(account_id, request_id) USING (account_id, request_id)",
         )
-        .bind(&accounts)
+        .bind(&reservations)
+        .bind(&owners)
         .bind(&requests)
         .fetch_all(&mut **tx)
         .await?;
         for row in rows {
             let id: String = row.try_get(0)?;
-            let found = reservation(&row, 1)?;
-            snapshot.requests.insert((found.account.clone(), row.try_get(5)?), id.clone());
+            let state: String = row.try_get(3)?;
+            let found = Reservation {
+                account: row.try_get(1)?,
+                amount: row.try_get(2)?,
+                state: State::parse(&state)?,
+                charged: row.try_get(4)?,
+            };
+            // Made by another instance after the lock statement began, so its account is not
+            // locked: as good as not there yet.
+            if !snapshot.accounts.contains_key(&found.account) {
+                continue;
+            }
+            if let Some(request_id) = row.try_get::<Option<String>, _>(5)? {
+                snapshot.requests.insert((found.account.clone(), request_id), id.clone());
+            }
             snapshot.reservations.insert(id, found);
         }
     }
@@ -184,83 +182,54 @@ async fn load(tx: &mut Transaction<'static, Postgres>, keys: Keys, now: i64) -> 
     Ok(snapshot)
 }
 
-/// `account_id, amount, state, charged` from column `at` on.
-fn reservation(row: &sqlx::postgres::PgRow, at: usize) -> Result<Reservation> {
-    let state: String = row.try_get(at + 2)?;
-    Ok(Reservation {
-        account: row.try_get(at)?,
-        amount: row.try_get(at + 1)?,
-        state: State::parse(&state)?,
-        charged: row.try_get(at + 3)?,
-    })
-}
-
-/// Writes a batch's changes, one statement per table and kind of change; returns the journal ids,
-/// one per row, in order.
+/// Writes a batch's changes in one statement, one data-modifying part per table and kind of change
+/// (`Changes` holds each row once, as none of the parts sees another's rows); returns the journal
+/// ids, one per row, in order.
 async fn store(tx: &mut Transaction<'static, Postgres>, changes: &Changes, now: i64) -> Result<Vec<i64>> {
-    if !changes.accounts.is_empty() {
-        let ids: Vec<&str> = changes.accounts.iter().map(|(id, _)| id.as_str()).collect();
-        let balances: Vec<i64> = changes.accounts.iter().map(|(_, a)| a.balance).collect();
-        let held: Vec<i64> = changes.accounts.iter().map(|(_, a)| a.held).collect();
-        sqlx::query(
-            "UPDATE accounts AS a SET balance = u.balance, held = u.held \
-             FROM UNNEST($1::text[], $2::int8[], $3::int8[]) AS u(id, balance, held) WHERE a.id = u.id",
-        )
-        .bind(&ids)
-        .bind(&balances)
-        .bind(&held)
-        .execute(&mut **tx)
-        .await?;
-    }
-    if !changes.reservations.is_empty() {
-        let r = &changes.reservations;
-        sqlx::query(
-            "INSERT INTO reservations (id, account_id, request_id, route, amount, state, created_at) \
-             SELECT id, account_id, request_id, route, amount, 'held', $6 \
-             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[]) \
-             AS u(id, account_id, request_id, route, amount)",
-        )
-        .bind(r.iter().map(|r| r.id.as_str()).collect::<Vec<_>>())
-        .bind(r.iter().map(|r| r.account.as_str()).collect::<Vec<_>>())
-        .bind(r.iter().map(|r| r.request_id.as_str()).collect::<Vec<_>>())
-        .bind(r.iter().map(|r| r.route.as_str()).collect::<Vec<_>>())
-        .bind(r.iter().map(|r| r.amount).collect::<Vec<_>>())
-        .bind(now)
-        .execute(&mut **tx)
-        .await?;
-    }
-    if !changes.settlements.is_empty() {
-        let s = &changes.settlements;
-        sqlx::query(
-            "UPDATE reservations AS r SET state = u.state, charged = u.charged, settled_at = $4 \
-             FROM UNNEST($1::text[], $2::text[], $3::int8[]) AS u(id, state, charged) WHERE r.id = u.id",
-        )
-        .bind(s.iter().map(|s| s.id.as_str()).collect::<Vec<_>>())
-        .bind(s.iter().map(|s| s.state.as_str()).collect::<Vec<_>>())
-        .bind(s.iter().map(|s| s.charged).collect::<Vec<_>>())
-        .bind(now)
-        .execute(&mut **tx)
-        .await?;
-    }
-    if changes.journal.is_empty() {
+    if changes.accounts.is_empty() && changes.journal.is_empty() {
         return Ok(Vec::new());
     }
-    let j = &changes.journal;
-    // Rows go in in batch order, so the identity hands out ascending ids in that order: sorted, the
-    // returned ids line up with the rows.
+    let (a, r, s, j) = (&changes.accounts, &changes.reservations, &changes.settlements, &changes.journal);
+    // Rows go into the journal in batch order, so the identity hands out ascending ids in that
+    // order: sorted, the returned ids line up with the rows.
     let mut ids: Vec<i64> = sqlx::query_scalar(
-        "INSERT INTO ledger (account_id, kind, amount, balance_after, reservation_id, reference, created_at) \
-         SELECT account_id, kind, amount, balance_after, reservation_id, reference, $7 \
-         FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::int8[], $5::text[], $6::text[]) WITH ORDINALITY \
+        "WITH accounts_changed AS ( \
+             UPDATE accounts AS a SET balance = u.balance, held = u.held \
+             FROM UNNEST($1::text[], $2::int8[], $3::int8[]) AS u(id, balance, held) WHERE a.id = u.id), \
+         reservations_made AS ( \
+             INSERT INTO reservations (id, account_id, request_id, route, amount, state, charged, created_at, settled_at) \
+             SELECT id, account_id, request_id, route, amount, state, charged, $18, \
+                    CASE WHEN state = 'held' THEN NULL ELSE $18 END \
+             FROM UNNEST($4::text[], $5::text[], $6::text[], $7::text[], $8::int8[], $9::text[], $10::int8[]) \
+             AS u(id, account_id, request_id, route, amount, state, charged)), \
+         reservations_settled AS ( \
+             UPDATE reservations AS r SET state = u.state, charged = u.charged, settled_at = $18 \
+             FROM UNNEST($11::text[], $12::text[], $13::int8[]) AS u(id, state, charged) WHERE r.id = u.id) \
+         INSERT INTO ledger (account_id, kind, amount, balance_after, reservation_id, reference, created_at) \
+         SELECT account_id, kind, amount, balance_after, reservation_id, reference, $18 \
+         FROM UNNEST($14::text[], $15::text[], $16::int8[], $17::int8[], $19::text[], $20::text[]) WITH ORDINALITY \
          AS u(account_id, kind, amount, balance_after, reservation_id, reference, n) ORDER BY n RETURNING id",
     )
+    .bind(a.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>())
+    .bind(a.iter().map(|(_, a)| a.balance).collect::<Vec<_>>())
+    .bind(a.iter().map(|(_, a)| a.held).collect::<Vec<_>>())
+    .bind(r.iter().map(|r| r.id.as_str()).collect::<Vec<_>>())
+    .bind(r.iter().map(|r| r.account.as_str()).collect::<Vec<_>>())
+    .bind(r.iter().map(|r| r.request_id.as_str()).collect::<Vec<_>>())
+    .bind(r.iter().map(|r| r.route.as_str()).collect::<Vec<_>>())
+    .bind(r.iter().map(|r| r.amount).collect::<Vec<_>>())
+    .bind(r.iter().map(|r| r.state.as_str()).collect::<Vec<_>>())
+    .bind(r.iter().map(|r| r.charged).collect::<Vec<_>>())
+    .bind(s.iter().map(|s| s.id.as_str()).collect::<Vec<_>>())
+    .bind(s.iter().map(|s| s.state.as_str()).collect::<Vec<_>>())
+    .bind(s.iter().map(|s| s.charged).collect::<Vec<_>>())
     .bind(j.iter().map(|r| r.account.as_str()).collect::<Vec<_>>())
     .bind(j.iter().map(|r| r.kind).collect::<Vec<_>>())
     .bind(j.iter().map(|r| r.amount).collect::<Vec<_>>())
     .bind(j.iter().map(|r| r.balance_after).collect::<Vec<_>>())
+    .bind(now)
     .bind(j.iter().map(|r| r.reservation.as_deref()).collect::<Vec<_>>())
     .bind(j.iter().map(|r| r.reference.as_deref()).collect::<Vec<_>>())
-    .bind(now)
     .fetch_all(&mut **tx)
     .await?;
     ids.sort_unstable();

@@ -161,11 +161,22 @@ fn store(conn: &Connection, changes: &Changes, now: i64) -> Result<Vec<i64>> {
         account.execute(params![id, a.balance, a.held])?;
     }
     let mut reserve = conn.prepare_cached(
-        "INSERT INTO reservations (id, account_id, request_id, route, amount, state, created_at) \
-         VALUES (?1, ?2, ?3, ?4, ?5, 'held', ?6)",
+        "INSERT INTO reservations (id, account_id, request_id, route, amount, state, charged, created_at, settled_at) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
     )?;
     for r in &changes.reservations {
-        reserve.execute(params![r.id, r.account, r.request_id, r.route, r.amount, now])?;
+        let settled_at = (r.state != State::Held).then_some(now);
+        reserve.execute(params![
+            r.id,
+            r.account,
+            r.request_id,
+            r.route,
+            r.amount,
+            r.state.as_str(),
+            r.charged,
+            now,
+            settled_at
+        ])?;
     }
     let mut settle =
         conn.prepare_cached("UPDATE reservations SET state = ?2, charged = ?3, settled_at = ?4 WHERE id = ?1")?;
