@@ -59,6 +59,24 @@ impl Run {
     fn cpu_per(&self, cpu: Duration) -> f64 {
         cpu.as_secs_f64() * 1e6 / self.done.max(1) as f64
     }
+
+    /// What the run did per second, its latency, the CPU per `unit` and its errors, as text.
+    fn cells(&self, unit: &str) -> [String; 6] {
+        [
+            format!("{:.0} {unit}s/s", self.per_second()),
+            format!("{:.2} ms", ms(self.percentile(0.50))),
+            format!("{:.2} ms", ms(self.percentile(0.99))),
+            format!("{:.1} µs/{unit}", self.cpu_per(self.service_cpu)),
+            format!("{:.1} µs/{unit}", self.cpu_per(self.database_cpu)),
+            self.errors.to_string(),
+        ]
+    }
+
+    /// The cells again, named, on one line for the terminal.
+    fn line(&self, unit: &str) -> String {
+        let names = ["", "p50 ", "p99 ", "service CPU ", "database CPU ", "errors "];
+        names.iter().zip(self.cells(unit)).map(|(name, cell)| format!("{name}{cell}")).collect::<Vec<_>>().join("  ")
+    }
 }
 
 #[tokio::main]
@@ -70,27 +88,9 @@ async fn main() {
         svc.funded_account("bench", INITIAL).await;
         let warmup = measure(&svc, || pairs(&svc, WARMUP)).await;
         let pairs = measure(&svc, || pairs(&svc, RUN)).await;
-        println!(
-            "{backend:<10} pairs    {:>8.0} pairs/s  p50 {:>6.2} ms  p99 {:>6.2} ms  service CPU {:>5.0} µs/pair  \
-             database CPU {:>5.0} µs/pair  errors {}",
-            pairs.per_second(),
-            ms(pairs.percentile(0.50)),
-            ms(pairs.percentile(0.99)),
-            pairs.cpu_per(pairs.service_cpu),
-            pairs.cpu_per(pairs.database_cpu),
-            pairs.errors
-        );
+        println!("{backend:<10} pairs    {}", pairs.line("pair"));
         let batched = measure(&svc, || batches(&svc, BATCH_RUN)).await;
-        println!(
-            "{backend:<10} batched  {:>8.0} ops/s    p50 {:>6.2} ms  p99 {:>6.2} ms  service CPU {:>5.1} µs/op    \
-             database CPU {:>5.1} µs/op    errors {}",
-            batched.per_second(),
-            ms(batched.percentile(0.50)),
-            ms(batched.percentile(0.99)),
-            batched.cpu_per(batched.service_cpu),
-            batched.cpu_per(batched.database_cpu),
-            batched.errors
-        );
+        println!("{backend:<10} batched  {}", batched.line("op"));
         // Each pair charged 2 of the 3 it held; nothing may be left held or lost under load.
         if warmup.errors + pairs.errors + batched.errors == 0 {
             let spent = 2 * i64::try_from(warmup.done + pairs.done + batched.done / 2).unwrap();
@@ -125,119 +125,107 @@ async fn measure<F: std::future::Future<Output = (usize, usize, Vec<Duration>)>>
     }
 }
 
-/// Request ids must not repeat across runs, or the service would answer replays.
-static RUNS: AtomicUsize = AtomicUsize::new(0);
-
 /// `CLIENTS` loops of reserve + commit for `length`; returns pairs done, errors and each pair's latency.
 async fn pairs(svc: &Service, length: Duration) -> (usize, usize, Vec<Duration>) {
-    let run = RUNS.fetch_add(1, Ordering::Relaxed);
-    let deadline = Instant::now() + length;
-    let clients: Vec<_> = (0..CLIENTS)
-        .map(|client| {
-            let address = svc.base.strip_prefix("http://").unwrap().to_owned();
-            tokio::spawn(async move {
-                let mut conn = Conn::open(&address).await;
-                let (mut latencies, mut errors) = (Vec::new(), 0);
-                let mut n = 0u64;
-                while Instant::now() < deadline {
-                    n += 1;
-                    let started = Instant::now();
-                    let body = format!(
-                        r#"{{"account":"bench","amount":3,"request_id":"run{run}-{client}-{n}","route":"/api"}}"#
-                    );
-                    let (status, reserved) = conn.post("/v1/reservations", &body).await;
-                    if status != 201 {
-                        eprintln!("reserve: {status} {reserved}");
-                        errors += 1;
-                        continue;
-                    }
-                    let id = field(&reserved, "reservation_id");
-                    let (status, committed) =
-                        conn.post(&format!("/v1/reservations/{id}/commit"), r#"{"amount":2}"#).await;
-                    if status == 200 {
-                        latencies.push(started.elapsed());
-                    } else {
-                        eprintln!("commit: {status} {committed}");
-                        errors += 1;
-                    }
-                }
-                (latencies, errors)
-            })
-        })
-        .collect();
-    collect(clients).await
+    clients(svc, CLIENTS, length, |mut conn, client, run, deadline| async move {
+        let (mut latencies, mut errors) = (Vec::new(), 0);
+        let mut n = 0u64;
+        while Instant::now() < deadline {
+            n += 1;
+            let started = Instant::now();
+            let body =
+                format!(r#"{{"account":"bench","amount":3,"request_id":"run{run}-{client}-{n}","route":"/api"}}"#);
+            let (status, reserved) = conn.post("/v1/reservations", &body).await;
+            if status != 201 {
+                eprintln!("reserve: {status} {reserved}");
+                errors += 1;
+                continue;
+            }
+            let id = field(&reserved, "reservation_id");
+            let (status, committed) = conn.post(&format!("/v1/reservations/{id}/commit"), r#"{"amount":2}"#).await;
+            if status == 200 {
+                latencies.push(started.elapsed());
+            } else {
+                eprintln!("commit: {status} {committed}");
+                errors += 1;
+            }
+        }
+        (latencies.len(), errors, latencies)
+    })
+    .await
 }
 
 /// `BATCH_CLIENTS` loops of one batch of `BATCH` reservations, then one batch committing them, for
 /// `length`; returns operations done, failed operations and each batch call's latency.
 async fn batches(svc: &Service, length: Duration) -> (usize, usize, Vec<Duration>) {
+    clients(svc, BATCH_CLIENTS, length, |mut conn, client, run, deadline| async move {
+        let (mut latencies, mut errors, mut done) = (Vec::new(), 0, 0);
+        let mut n = 0u64;
+        while Instant::now() < deadline {
+            let reserves: Vec<String> = (0..BATCH)
+                .map(|_| {
+                    n += 1;
+                    format!(
+                        r#"{{"op":"reserve","account":"bench","amount":3,"request_id":"batch{run}-{client}-{n}","route":"/api"}}"#
+                    )
+                })
+                .collect();
+            let started = Instant::now();
+            let (status, answer) = conn.post("/v1/batch", &operations(&reserves)).await;
+            latencies.push(started.elapsed());
+            assert_eq!(status, 200, "{answer}");
+            let answer: serde_json::Value = serde_json::from_str(&answer).unwrap();
+            let mut commits = Vec::with_capacity(BATCH);
+            for result in answer["results"].as_array().unwrap() {
+                if result["status"] == 201 {
+                    let id = result["body"]["reservation_id"].as_str().unwrap();
+                    commits.push(format!(r#"{{"op":"commit","reservation_id":"{id}","amount":2}}"#));
+                } else {
+                    errors += 1;
+                }
+            }
+            let started = Instant::now();
+            let (status, answer) = conn.post("/v1/batch", &operations(&commits)).await;
+            latencies.push(started.elapsed());
+            assert_eq!(status, 200, "{answer}");
+            let answer: serde_json::Value = serde_json::from_str(&answer).unwrap();
+            let committed = answer["results"].as_array().unwrap().iter().filter(|r| r["status"] == 200).count();
+            errors += commits.len() - committed;
+            done += commits.len() + committed;
+        }
+        (done, errors, latencies)
+    })
+    .await
+}
+
+/// Runs `n` clients, each `client(connection, its number, the run's number, deadline)` on a
+/// connection of its own; adds up what they did, failed and waited.
+async fn clients<F, C>(svc: &Service, n: usize, length: Duration, client: C) -> (usize, usize, Vec<Duration>)
+where
+    C: Fn(Conn, usize, usize, Instant) -> F,
+    F: std::future::Future<Output = (usize, usize, Vec<Duration>)> + Send + 'static,
+{
+    // Request ids must not repeat across runs, or the service would answer replays.
+    static RUNS: AtomicUsize = AtomicUsize::new(0);
     let run = RUNS.fetch_add(1, Ordering::Relaxed);
     let deadline = Instant::now() + length;
-    let clients: Vec<_> = (0..BATCH_CLIENTS)
-        .map(|client| {
-            let address = svc.base.strip_prefix("http://").unwrap().to_owned();
-            tokio::spawn(async move {
-                let mut conn = Conn::open(&address).await;
-                let (mut latencies, mut errors, mut done) = (Vec::new(), 0, 0);
-                let mut n = 0u64;
-                while Instant::now() < deadline {
-                    let reserves: Vec<String> = (0..BATCH)
-                        .map(|_| {
-                            n += 1;
-                            format!(
-                                r#"{{"op":"reserve","account":"bench","amount":3,"request_id":"batch{run}-{client}-{n}","route":"/api"}}"#
-                            )
-                        })
-                        .collect();
-                    let started = Instant::now();
-                    let (status, answer) = conn.post("/v1/batch", &operations(&reserves)).await;
-                    latencies.push(started.elapsed());
-                    assert_eq!(status, 200, "{answer}");
-                    let answer: serde_json::Value = serde_json::from_str(&answer).unwrap();
-                    let mut commits = Vec::with_capacity(BATCH);
-                    for result in answer["results"].as_array().unwrap() {
-                        if result["status"] == 201 {
-                            let id = result["body"]["reservation_id"].as_str().unwrap();
-                            commits.push(format!(r#"{{"op":"commit","reservation_id":"{id}","amount":2}}"#));
-                        } else {
-                            errors += 1;
-                        }
-                    }
-                    let started = Instant::now();
-                    let (status, answer) = conn.post("/v1/batch", &operations(&commits)).await;
-                    latencies.push(started.elapsed());
-                    assert_eq!(status, 200, "{answer}");
-                    let answer: serde_json::Value = serde_json::from_str(&answer).unwrap();
-                    let committed = answer["results"].as_array().unwrap().iter().filter(|r| r["status"] == 200).count();
-                    errors += commits.len() - committed;
-                    done += commits.len() + committed;
-                }
-                (latencies, errors, done)
-            })
-        })
-        .collect();
-    let (mut all, mut errors, mut done) = (Vec::new(), 0, 0);
-    for client in clients {
-        let (latencies, failed, ops) = client.await.unwrap();
-        all.extend(latencies);
+    let address = svc.base.strip_prefix("http://").unwrap();
+    let mut running = Vec::with_capacity(n);
+    for i in 0..n {
+        running.push(tokio::spawn(client(Conn::open(address).await, i, run, deadline)));
+    }
+    let (mut done, mut errors, mut all) = (0, 0, Vec::new());
+    for one in running {
+        let (did, failed, latencies) = one.await.unwrap();
+        done += did;
         errors += failed;
-        done += ops;
+        all.extend(latencies);
     }
     (done, errors, all)
 }
 
 fn operations(ops: &[String]) -> String {
     format!(r#"{{"operations":[{}]}}"#, ops.join(","))
-}
-
-async fn collect(clients: Vec<tokio::task::JoinHandle<(Vec<Duration>, usize)>>) -> (usize, usize, Vec<Duration>) {
-    let (mut all, mut errors) = (Vec::new(), 0);
-    for client in clients {
-        let (latencies, failed) = client.await.unwrap();
-        all.extend(latencies);
-        errors += failed;
-    }
-    (all.len(), errors, all)
 }
 
 /// A keep-alive HTTP/1.1 connection that does just what the benchmark needs. A general client
@@ -334,17 +322,7 @@ fn report(results: &[Figures]) -> String {
     md.push_str("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n");
     for f in results {
         for (load, run, unit) in [("pairs", &f.pairs, "pair"), ("batched", &f.batched, "op")] {
-            let _ = writeln!(
-                md,
-                "| {} | {load} | {:.0} {unit}s/s | {:.2} ms | {:.2} ms | {:.1} µs/{unit} | {:.1} µs/{unit} | {} |",
-                f.backend,
-                run.per_second(),
-                ms(run.percentile(0.50)),
-                ms(run.percentile(0.99)),
-                run.cpu_per(run.service_cpu),
-                run.cpu_per(run.database_cpu),
-                run.errors
-            );
+            let _ = writeln!(md, "| {} | {load} | {} |", f.backend, run.cells(unit).join(" | "));
         }
     }
     md.push_str(
