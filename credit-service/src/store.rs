@@ -179,9 +179,12 @@ impl Ledger {
     }
 }
 
-/// A new reservation's id: unguessable, so one gateway cannot settle another's.
+/// A new reservation's id: unguessable (74 random bits), so one gateway cannot settle another's,
+/// and ordered by time. Random ids put each new reservation on a random page of the primary-key
+/// index, so a batch of N dirtied about N pages, each written to the WAL at commit; the profile
+/// showed the writer spending a fifth of its time in those writes.
 pub fn reservation_id() -> String {
-    format!("res_{}", uuid::Uuid::new_v4().simple())
+    format!("res_{}", uuid::Uuid::now_v7().simple())
 }
 
 #[derive(Debug, PartialEq, Eq)]
