@@ -125,6 +125,10 @@ impl Ledger {
     /// Runs `ops` in the next group commit; their results in order.
     pub async fn submit(&self, ops: Vec<Op>) -> Vec<Result<Outcome>> {
         let n = ops.len();
+        if n == 0 {
+            // A batch whose every operation failed validation: no transaction to run.
+            return Vec::new();
+        }
         let (reply, answer) = oneshot::channel();
         if self.queue.send(Job { ops, reply }).await.is_err() {
             return (0..n).map(|_| Err(LedgerError::WriterGone)).collect();

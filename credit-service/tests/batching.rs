@@ -164,6 +164,10 @@ async fn batch_envelope_errors(db: Db) {
             &body[..body.len().min(80)]
         );
     }
+    // Every operation refused before the ledger: each still gets its answer.
+    let results = batch(&svc, vec![reserve("acme", 0, "z"), json!({ "op": "release", "reservation_id": "x-y" })]).await;
+    assert_eq!((results[0].0, &results[0].1["error"]), (400, &json!("invalid_field")));
+    assert_eq!((results[1].0, &results[1].1["error"]), (404, &json!("reservation_not_found")));
     // A full batch of 1000 fits, far past the single calls' 16 KiB.
     let full: Vec<Value> = (0..1000).map(|i| reserve("acme", 1, &format!("{i:0>200}"))).collect();
     let results = batch(&svc, full).await;
