@@ -180,6 +180,12 @@ async fn batch_envelope_errors(db: Db) {
 /// reservation has its `reserve` row and exactly the settlement row its state says.
 async fn check_ledger(db: &Db) -> BTreeMap<String, (String, i64, Option<i64>)> {
     let mut conn = db.connect().await;
+    // One snapshot for all three tables: a killed service's PostgreSQL backend may still commit
+    // the transaction whose COMMIT it had received, between two reads.
+    sqlx::raw_sql("BEGIN").execute(&mut conn).await.unwrap();
+    if !db.is_sqlite() {
+        sqlx::raw_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ").execute(&mut conn).await.unwrap();
+    }
     let accounts: Vec<(String, i64, i64)> = sqlx::query("SELECT id, balance, held FROM accounts ORDER BY id")
         .fetch_all(&mut conn)
         .await
@@ -237,6 +243,7 @@ async fn check_ledger(db: &Db) -> BTreeMap<String, (String, i64, Option<i64>)> {
         );
         assert_eq!(charged.is_some(), state == "committed", "reservation {id}");
     }
+    sqlx::raw_sql("COMMIT").execute(&mut conn).await.unwrap();
     reservations.into_iter().map(|(id, (_, amount, state, charged))| (id, (state, amount, charged))).collect()
 }
 
