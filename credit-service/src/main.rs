@@ -4,6 +4,9 @@
 mod app;
 mod error;
 mod ledger;
+mod postgres;
+mod sqlite;
+mod store;
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -16,7 +19,7 @@ use tokio::sync::watch;
 
 use crate::app::{app, AppState};
 use crate::error::LedgerError;
-use crate::ledger::{Backend, Ledger};
+use crate::store::Ledger;
 
 /// tollgate's credit service: accounts, top-ups and per-request reservations over HTTP/JSON,
 /// kept in a SQLite file or a PostgreSQL database.
@@ -95,10 +98,7 @@ async fn run(cli: Cli) -> Result<(), StartError> {
 
     let ledger = Ledger::open(&cli.database).await?;
     // The URL may hold a password: name the backend, not the URL.
-    let backend = match ledger.backend() {
-        Backend::Sqlite => "SQLite",
-        Backend::Postgres => "PostgreSQL",
-    };
+    let backend = ledger.backend();
     let state = Arc::new(AppState::new(ledger, &cli.service_token, &cli.admin_token));
 
     let listener =

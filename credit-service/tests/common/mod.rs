@@ -177,6 +177,10 @@ impl Service {
         Service { child, base: format!("http://{addr}"), http, log }
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn log(&self) -> String {
         self.log.lock().unwrap().clone()
     }
