@@ -58,10 +58,13 @@ struct Cli {
     sweep_interval_seconds: u64,
 }
 
+/// The shortest token the service accepts: 32 bytes, as `openssl rand -hex 16` gives.
+const MIN_TOKEN_BYTES: usize = 32;
+
 #[derive(Debug, thiserror::Error)]
 enum StartError {
-    #[error("--{0} must not be empty")]
-    EmptyToken(&'static str),
+    #[error("--{0} must be at least {MIN_TOKEN_BYTES} bytes: a short token can be guessed")]
+    ShortToken(&'static str),
     #[error("--service-token and --admin-token must differ, or the gateway could top up accounts")]
     SameTokens,
     #[error("opening the ledger: {0}")]
@@ -86,11 +89,11 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<(), StartError> {
-    if cli.service_token.trim().is_empty() {
-        return Err(StartError::EmptyToken("service-token"));
+    if cli.service_token.trim().len() < MIN_TOKEN_BYTES {
+        return Err(StartError::ShortToken("service-token"));
     }
-    if cli.admin_token.trim().is_empty() {
-        return Err(StartError::EmptyToken("admin-token"));
+    if cli.admin_token.trim().len() < MIN_TOKEN_BYTES {
+        return Err(StartError::ShortToken("admin-token"));
     }
     if cli.service_token == cli.admin_token {
         return Err(StartError::SameTokens);
