@@ -384,6 +384,7 @@ fn start(scenario: &Scenario, keys: &Keys, credit_port: u16, wrapper: Vec<String
         wasm: scenario.wasm.clone(),
         credit_port: Some(credit_port),
         wrapper,
+        env: vec![],
         mutate: Some(Box::new(move |config| {
             match chain {
                 Chain::Plain => remove_tollgate_filter(config),

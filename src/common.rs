@@ -97,6 +97,71 @@ pub(crate) fn header_value(path: &str, value: &Option<String>) -> Result<(), Con
 
 /// Retry delays grow to this: a remote document that never loaded, or a settlement the credit
 /// service has not taken, is tried again at least this often.
+/// A secret in the config, given inline or, so that it appears neither in the Envoy config nor in
+/// Envoy's `/config_dump`, as `{"env": "NAME"}`: an environment variable of the VM, which Envoy
+/// passes to a Wasm VM when `vm_config.environment_variables.host_env_keys` lists it. Read once,
+/// when the config is parsed; never shown by `Debug`.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "SecretSource")]
+pub struct Secret(String);
+
+/// Where a `Secret` comes from, as the config says it.
+#[derive(Deserialize)]
+#[cfg_attr(not(target_arch = "wasm32"), derive(schemars::JsonSchema))]
+#[serde(untagged)]
+pub enum SecretSource {
+    /// The secret itself (visible in the Envoy config and its `/config_dump`).
+    Inline(String),
+    /// The name of an environment variable that holds it.
+    Env(EnvSecret),
+}
+
+#[derive(Deserialize)]
+#[cfg_attr(not(target_arch = "wasm32"), derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct EnvSecret {
+    pub env: String,
+}
+
+impl TryFrom<SecretSource> for Secret {
+    type Error = String;
+
+    fn try_from(source: SecretSource) -> Result<Secret, String> {
+        match source {
+            SecretSource::Inline(secret) => Ok(Secret(secret)),
+            SecretSource::Env(EnvSecret { env }) => std::env::var(&env).map(Secret).map_err(|_| {
+                format!(
+                    "the environment variable {env:?} is not set: Envoy gives a Wasm VM only those that \
+                     vm_config.environment_variables.host_env_keys lists"
+                )
+            }),
+        }
+    }
+}
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+impl schemars::JsonSchema for Secret {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        SecretSource::schema_name()
+    }
+
+    fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        SecretSource::json_schema(generator)
+    }
+}
+
 pub const MAX_BACKOFF_SECONDS: u64 = 30;
 
 /// The wait after the `failures`-th failure in a row: 1, 2, 4, … seconds, up to
@@ -124,5 +189,16 @@ mod tests {
         let waits: Vec<u64> = (0..8).map(backoff_seconds).collect();
         assert_eq!(waits, [1, 1, 2, 4, 8, 16, 30, 30]);
         assert_eq!(backoff_seconds(u32::MAX), MAX_BACKOFF_SECONDS);
+    }
+
+    #[test]
+    fn a_secret_is_inline_or_read_from_the_environment() {
+        std::env::set_var("TOLLGATE_TEST_SECRET_FROM_ENV", "from-env");
+        let secret: Secret = serde_json::from_str(r#"{"env": "TOLLGATE_TEST_SECRET_FROM_ENV"}"#).unwrap();
+        assert_eq!(secret.expose(), "from-env");
+        assert_eq!(serde_json::from_str::<Secret>(r#""inline""#).unwrap().expose(), "inline");
+        let err = serde_json::from_str::<Secret>(r#"{"env": "TOLLGATE_TEST_SECRET_UNSET"}"#).unwrap_err();
+        assert!(err.to_string().contains("\"TOLLGATE_TEST_SECRET_UNSET\" is not set"), "{err}");
+        assert_eq!(format!("{secret:?}"), "<redacted>");
     }
 }

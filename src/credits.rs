@@ -8,7 +8,7 @@ use std::fmt;
 
 use serde::Deserialize;
 
-use crate::common::{header_name, ConfigError};
+use crate::common::{header_name, ConfigError, Secret};
 use crate::host::Callout;
 
 /// `credits`: where the credit service is and how to call it.
@@ -22,7 +22,7 @@ pub struct RawCredits {
     #[serde(default)]
     pub authority: Option<String>,
     /// The credit service's service token, sent as `Authorization: Bearer`.
-    pub service_token: String,
+    pub service_token: Secret,
     /// How long a reservation callout may take before the failure policy applies.
     #[serde(default = "default_timeout_ms")]
     pub timeout_ms: u64,
@@ -158,7 +158,8 @@ impl Credits {
         if raw.cluster.is_empty() {
             return Err(at("cluster", "must name the credit service's Envoy cluster"));
         }
-        if raw.service_token.is_empty() || !raw.service_token.bytes().all(|b| b.is_ascii_graphic()) {
+        let token = raw.service_token.expose();
+        if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
             return Err(at("service_token", "must be the credit service's service token (printable, no spaces)"));
         }
         if !(1..=60_000).contains(&raw.timeout_ms) {
@@ -172,7 +173,7 @@ impl Credits {
         Ok(Credits {
             cluster: raw.cluster.clone(),
             authority: raw.authority.clone().unwrap_or_else(|| raw.cluster.clone()),
-            authorization: format!("Bearer {}", raw.service_token),
+            authorization: format!("Bearer {token}"),
             timeout_ms: raw.timeout_ms,
             actual_cost_header,
             retry_seconds: raw.retry_seconds,

@@ -278,3 +278,24 @@ fn a_credit_service_crash_mid_load_neither_loses_nor_doubles_a_charge() {
     }
     assert_eq!(committed, ok * COST, "charged exactly the 2xx responses the clients saw");
 }
+
+#[test]
+fn a_service_token_given_by_environment_variable_never_shows_in_the_config_dump() {
+    let credits = CreditService::start();
+    credits.create_account("acme", 100);
+    let mut config: serde_json::Value = serde_json::from_str(&plugin_config(&["acme"])).unwrap();
+    config["credits"]["service_token"] = json!({"env": "TOLLGATE_E2E_SERVICE_TOKEN"});
+    let gw = Gateway::start(GatewayOptions {
+        plugin_config: Some(config.to_string()),
+        credit_port: Some(credits.port()),
+        env: vec![("TOLLGATE_E2E_SERVICE_TOKEN".to_owned(), SERVICE_TOKEN.to_owned())],
+        mutate: Some(Box::new(|config| {
+            tollgate_filter(config)["typed_config"]["config"]["vm_config"]["environment_variables"] =
+                json!({"host_env_keys": ["TOLLGATE_E2E_SERVICE_TOKEN"]});
+        })),
+        ..GatewayOptions::default()
+    });
+    let resp = gw.send(call("/api/items", "acme"));
+    assert_eq!((resp.status, resp.header("x-credits-charged")), (200, Some("5")), "{}", resp.text());
+    assert!(!gw.admin("/config_dump").text().contains(SERVICE_TOKEN), "the token shows in /config_dump");
+}

@@ -727,10 +727,9 @@ async fn reserve_concurrently(svc: &Service, bodies: Vec<serde_json::Value>) -> 
 /// A short bearer token can be guessed: the service refuses to start with one.
 #[test]
 fn a_token_under_32_bytes_refuses_to_start() {
-    for (service, admin, flag) in [
-        ("short-service-token", ADMIN_TOKEN, "--service-token"),
-        (SERVICE_TOKEN, "short-admin-token", "--admin-token"),
-    ] {
+    for (service, admin, flag) in
+        [("short-service-token", ADMIN_TOKEN, "--service-token"), (SERVICE_TOKEN, "short-admin-token", "--admin-token")]
+    {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate-credit"))
             .args(["--listen", "127.0.0.1:0", "--database", "sqlite::memory:"])
             .env("TOLLGATE_CREDIT_SERVICE_TOKEN", service)

@@ -16,9 +16,9 @@ use super::cache::{TokenCache, Verified};
 use super::jwks::{self, Algorithm, Claims, Key, KeySet, RawJwks};
 use super::{
     decode_base64_any, decode_base64url, header_safe, is_scope_token, AuthError, AuthMethod, CredentialLocation,
-    Identity, RequestCredentials, SecretString,
+    Identity, RequestCredentials,
 };
-use crate::common::{default_true, is_token_byte, ConfigError};
+use crate::common::{default_true, is_token_byte, ConfigError, Secret};
 
 /// JWT settings.
 #[derive(Debug, Deserialize)]
@@ -138,7 +138,7 @@ pub struct RawHmacSecret {
     pub alg: RawHmacAlgorithm,
     /// The secret, base64 (standard or URL-safe alphabet, padding optional); at least as many
     /// bytes as the hash output (32 for HS256).
-    pub secret: SecretString,
+    pub secret: Secret,
 }
 
 /// A JWKS served over HTTP through an Envoy cluster.

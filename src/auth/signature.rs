@@ -17,8 +17,8 @@ use std::fmt;
 use hmac_sha256::{Hash, HMAC};
 use serde::Deserialize;
 
-use super::{decode_base64_any, decode_hex32, AuthError, Identity, RequestCredentials, SecretString};
-use crate::common::{default_true, header_name, ConfigError};
+use super::{decode_base64_any, decode_hex32, AuthError, Identity, RequestCredentials};
+use crate::common::{default_true, header_name, ConfigError, Secret};
 
 /// Signature settings. Which routes require a signature is up to the route policy.
 #[derive(Debug, Deserialize)]
@@ -92,7 +92,7 @@ pub struct RawSigningSecret {
     /// The account, as the caller's identity names it (API key `account`, or the JWT account claim).
     pub account: String,
     /// The HMAC key, base64; at least 32 bytes.
-    pub secret: SecretString,
+    pub secret: Secret,
 }
 
 const MIN_SECRET_BYTES: usize = 32;
