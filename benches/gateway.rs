@@ -1110,6 +1110,7 @@ fn hostcalls_part() -> String {
                 wasm: Some(module.clone()),
                 credit_port: None,
                 wrapper,
+                env: vec![],
                 mutate: Some(Box::new(move |config| {
                     if !filter {
                         remove_tollgate_filter(config);
