@@ -810,6 +810,19 @@ mod tests {
         assert!(!host.resumed);
     }
 
+    /// A POST to the signed route with the `content-digest` scheme's headers.
+    fn digest_request(signature: &str, digest: &str, extra: &[(&str, &str)]) -> FakeHost {
+        let ts = NOW.to_string();
+        let mut headers = vec![
+            ("x-api-key", "key-one"),
+            ("x-signature", signature),
+            ("x-timestamp", &ts),
+            ("content-digest", digest),
+        ];
+        headers.extend_from_slice(extra);
+        FakeHost::request("POST", "/signed/pay", &headers)
+    }
+
     fn digest_header(body: &[u8]) -> String {
         use ct_codecs::{Base64, Encoder};
         format!("sha-256=:{}:", Base64::encode_to_string(hmac_sha256::Hash::hash(body)).unwrap())
@@ -842,16 +855,7 @@ mod tests {
             ),
         ];
         for (signature, digest, flow, status) in cases {
-            let mut host = FakeHost::request(
-                "POST",
-                "/signed/pay",
-                &[
-                    ("x-api-key", "key-one"),
-                    ("x-signature", &signature),
-                    ("x-timestamp", &ts),
-                    ("content-digest", &digest),
-                ],
-            );
+            let mut host = digest_request(&signature, &digest, &[]);
             let (_, got) = run_with(&auth_config_with("content-digest"), &mut host, false);
             assert_eq!((got, host.sent.as_ref().map(|s| s.0)), (flow, status), "{signature} {digest}");
         }
@@ -871,18 +875,8 @@ mod tests {
         let body = br#"{"amount": 5}"#;
         let digest = digest_header(body);
         for tampered in [false, true] {
-            let ts = NOW.to_string();
             let signature = digest_signed("POST", "/signed/pay", &digest, NOW);
-            let mut host = FakeHost::request(
-                "POST",
-                "/signed/pay",
-                &[
-                    ("x-api-key", "key-one"),
-                    ("x-signature", &signature),
-                    ("x-timestamp", &ts),
-                    ("content-digest", &digest),
-                ],
-            );
+            let mut host = digest_request(&signature, &digest, &[]);
             let (mut stream, flow) = run_with(&auth_config_with("content-digest"), &mut host, false);
             assert_eq!(flow, Flow::Continue, "the head goes on: its signature verified");
             host.body = body[..6].to_vec();
@@ -902,20 +896,9 @@ mod tests {
     fn the_bytes_that_complete_a_declared_length_wait_for_the_digest() {
         let body = br#"{"amount": 5}"#;
         let digest = digest_header(body);
-        let ts = NOW.to_string();
         let signature = digest_signed("POST", "/signed/pay", &digest, NOW);
         let length = body.len().to_string();
-        let mut host = FakeHost::request(
-            "POST",
-            "/signed/pay",
-            &[
-                ("x-api-key", "key-one"),
-                ("x-signature", &signature),
-                ("x-timestamp", &ts),
-                ("content-digest", &digest),
-                ("content-length", &length),
-            ],
-        );
+        let mut host = digest_request(&signature, &digest, &[("content-length", &length)]);
         let (mut stream, _) = run_with(&auth_config_with("content-digest"), &mut host, false);
         host.body = br#"{"amount": 9}"#.to_vec();
         // Envoy may hand over all the bytes first and the end of the stream in a callback of its own.

@@ -131,6 +131,16 @@ fn across_the_callout(
     conversation.response().unwrap()
 }
 
+/// A billed gateway whose credit service (account `acme`, 100 credits) sits behind a closed gate.
+fn billed_gateway() -> (CreditService, Gate, Gateway) {
+    let credits = CreditService::start();
+    credits.create_account("acme", 100);
+    let gate = Gate::start(credits.port());
+    let jwks = Upstream::start();
+    let gw = gateway(true, Some(gate.port()), jwks.port());
+    (credits, gate, gw)
+}
+
 fn settled(credits: &CreditService, account: &str) -> (u64, u64) {
     let deadline = Instant::now() + WAIT;
     loop {
@@ -144,11 +154,7 @@ fn settled(credits: &CreditService, account: &str) -> (u64, u64) {
 
 #[test]
 fn a_signed_body_sent_during_the_reservation_is_verified_before_the_upstream_sees_it() {
-    let credits = CreditService::start();
-    credits.create_account("acme", 100);
-    let gate = Gate::start(credits.port());
-    let jwks = Upstream::start();
-    let gw = gateway(true, Some(gate.port()), jwks.port());
+    let (credits, gate, gw) = billed_gateway();
 
     let body = br#"{"amount": 5}"#;
     let ts = now();
@@ -181,11 +187,7 @@ fn a_signed_body_sent_during_the_reservation_is_verified_before_the_upstream_see
 
 #[test]
 fn the_body_limit_counts_chunks_sent_after_the_reservation_resumed_the_request() {
-    let credits = CreditService::start();
-    credits.create_account("acme", 100);
-    let gate = Gate::start(credits.port());
-    let jwks = Upstream::start();
-    let gw = gateway(true, Some(gate.port()), jwks.port());
+    let (credits, gate, gw) = billed_gateway();
 
     let headers = [("x-api-key", API_KEY.to_owned()), ("transfer-encoding", "chunked".to_owned())];
     let resp =
@@ -258,11 +260,7 @@ fn a_signature_checks_the_body_that_arrived_during_a_jwks_refetch() {
 
 #[test]
 fn a_client_that_leaves_while_its_reservation_is_in_flight_holds_nothing() {
-    let credits = CreditService::start();
-    credits.create_account("acme", 100);
-    let gate = Gate::start(credits.port());
-    let jwks = Upstream::start();
-    let gw = gateway(true, Some(gate.port()), jwks.port());
+    let (credits, gate, gw) = billed_gateway();
 
     let mut conversation = Conversation::open(gw.port());
     conversation.send(&head("/billed/items", &[("x-api-key", API_KEY.to_owned()), ("content-length", "0".to_owned())]));
