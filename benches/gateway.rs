@@ -407,6 +407,7 @@ fn start(scenario: &Scenario, keys: &Keys, credit_port: u16, wrapper: Vec<String
         native: scenario.native,
         credit_port: Some(credit_port),
         wrapper,
+        env: vec![],
         mutate: Some(Box::new(move |config| {
             match chain {
                 Chain::Plain => remove_tollgate_filter(config),
@@ -1135,6 +1136,7 @@ fn hostcalls_part() -> String {
                 native: false,
                 credit_port: None,
                 wrapper,
+                env: vec![],
                 mutate: Some(Box::new(move |config| {
                     if !filter {
                         remove_tollgate_filter(config);

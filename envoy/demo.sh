@@ -41,7 +41,7 @@ wait_for() {
   echo "$url did not answer; see $log" >&2; exit 1
 }
 
-export TOLLGATE_CREDIT_SERVICE_TOKEN=demo-service-token TOLLGATE_CREDIT_ADMIN_TOKEN=demo-admin-token
+export TOLLGATE_CREDIT_SERVICE_TOKEN=demo-service-token-not-for-production TOLLGATE_CREDIT_ADMIN_TOKEN=demo-admin-token-not-for-production
 rm -f build/demo-ledger.db build/demo-ledger.db-wal build/demo-ledger.db-shm
 "$credit" --listen 127.0.0.1:8081 --database sqlite://build/demo-ledger.db >/dev/null 2>build/demo-credit.log &
 pids+=($!)
@@ -100,7 +100,7 @@ tollgate demo: Envoy with the filter on $g, the sample upstream on :8000, the cr
   curl -i -H 'content-type: text/xml' -d '<x/>' $g/auth/signup
 
   # what was spent, in the credit service's ledger (→ 200, "kind":"reserve", "kind":"commit")
-  curl -i -H 'authorization: Bearer demo-admin-token' http://127.0.0.1:8081/v1/accounts/demo/transactions
+  curl -i -H 'authorization: Bearer demo-admin-token-not-for-production' http://127.0.0.1:8081/v1/accounts/demo/transactions
 
   # the filter's counters in Envoy's stats (→ 200, tollgate_requests_allowed, tollgate_requests_denied_402)
   curl -i http://127.0.0.1:9901/stats/prometheus

@@ -5,7 +5,6 @@ use crate::auth::{Accepted, AuthError, BodyCheck};
 use crate::checks::{BodyCounter, CheckError};
 use crate::host::StreamHost;
 use crate::problem::Denial;
-use crate::replay;
 use crate::{Phase, Step, Stream};
 
 /// Where the body stands, in Envoy's terms: while the filter holds the request, Envoy buffers the
@@ -106,7 +105,7 @@ pub(crate) fn finish_check(stream: &mut Stream, host: &mut dyn StreamHost) -> Re
         check.finish(&mut replays, now)?
     };
     if let Some(accepted) = accepted {
-        replay::record(host, &accepted, now)?;
+        stream.worker.seen_signatures.record(host, &accepted, now)?;
     }
     Ok(())
 }
@@ -116,6 +115,6 @@ pub(crate) fn accept(stream: &Stream, host: &mut dyn StreamHost, accepted: &Acce
     let mut replays = stream.worker.replays.try_borrow_mut().map_err(|_| AuthError::ReplayCacheFull)?;
     replays.insert(accepted.signature, accepted.expires_at, now)?;
     drop(replays);
-    replay::record(host, accepted, now)?;
+    stream.worker.seen_signatures.record(host, accepted, now)?;
     Ok(())
 }

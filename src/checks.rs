@@ -3,7 +3,9 @@
 
 use std::collections::BTreeMap;
 
-use crate::config::Method;
+use serde::Deserialize;
+
+use crate::common::{is_token_byte, ConfigError, Method};
 
 /// A request that fails a check, with what the client needs to fix it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -20,6 +22,12 @@ pub enum CheckError {
     Backslash,
     #[error("the path contains a '.' or '..' segment")]
     DotSegment,
+    #[error("the path contains ';' parameters")]
+    PathParameter,
+    #[error("the path contains an encoded '%'")]
+    EncodedPercent,
+    #[error("the path's percent-encoded bytes are not UTF-8")]
+    InvalidEncoding,
     #[error("the Content-Length header is not a number")]
     InvalidContentLength,
     #[error("the request body exceeds the limit of {limit} bytes for this route")]
@@ -28,14 +36,89 @@ pub enum CheckError {
     UnsupportedMediaType { media_type: String, method: &'static str, accepted: String },
 }
 
-/// Checks the raw `:path`: controls anywhere, and in the part before the query, escapes that
-/// would decode to a control, a slash or a backslash, and `.`/`..` segments, raw or encoded.
-/// Envoy's `normalize_path` catches most of these first; this holds when a listener lacks it.
-pub fn path(raw: &str) -> Result<(), CheckError> {
+/// Request size and shape limits.
+#[derive(Debug, Deserialize)]
+#[cfg_attr(not(target_arch = "wasm32"), derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct RawRequestChecks {
+    /// The largest request body in bytes, by `Content-Length` or counted as it streams.
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: u64,
+    /// Allowed `Content-Type` media types (parameters such as `charset` ignored) per method.
+    /// Methods not listed accept any content type.
+    #[serde(default = "default_content_types")]
+    pub content_types: BTreeMap<Method, Vec<String>>,
+}
+
+impl Default for RawRequestChecks {
+    fn default() -> Self {
+        RawRequestChecks { max_body_bytes: default_max_body_bytes(), content_types: default_content_types() }
+    }
+}
+
+fn default_max_body_bytes() -> u64 {
+    1024 * 1024
+}
+
+fn default_content_types() -> BTreeMap<Method, Vec<String>> {
+    let list = |types: &[&str]| types.iter().map(|t| (*t).to_owned()).collect::<Vec<_>>();
+    BTreeMap::from([
+        (
+            Method::Post,
+            list(&["application/json", "application/x-www-form-urlencoded", "multipart/form-data", "text/plain"]),
+        ),
+        (Method::Put, list(&["application/json", "application/octet-stream", "multipart/form-data"])),
+        (Method::Patch, list(&["application/json", "application/merge-patch+json"])),
+    ])
+}
+
+/// Every media type must look like `type/subtype`, so a typo is an error rather than a list
+/// nothing matches.
+pub(crate) fn check_content_types(path: &str, types: &BTreeMap<Method, Vec<String>>) -> Result<(), ConfigError> {
+    for (method, list) in types {
+        for (i, media_type) in list.iter().enumerate() {
+            let valid = media_type
+                .split_once('/')
+                .is_some_and(|(t, s)| !t.is_empty() && !s.is_empty() && media_type.bytes().all(is_token_or_slash));
+            if !valid {
+                return Err(ConfigError::at(
+                    format!("{path}.{}[{i}]", method.as_str()),
+                    format!("{media_type:?} is not a media type like \"application/json\""),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn is_token_or_slash(b: u8) -> bool {
+    b == b'/' || is_token_byte(b)
+}
+
+/// Media types per method, lower-case, as requests are compared against them.
+pub(crate) fn lower_case(types: &BTreeMap<Method, Vec<String>>) -> BTreeMap<Method, Vec<String>> {
+    types.iter().map(|(m, list)| (*m, list.iter().map(|t| t.to_ascii_lowercase()).collect())).collect()
+}
+
+/// Checks the raw `:path` and returns it as the route table matches it: the part before the
+/// query, with percent-encoded unreserved characters decoded (`/%61pi` is `/api`, as every backend
+/// reads it) and every other escape kept as sent.
+///
+/// Refused, so that no backend can read the path differently from the route that was checked:
+/// controls anywhere; and before the query a backslash, `;` path parameters (Spring and Tomcat drop
+/// `;…`, so `/api/admin;x` would reach `/api/admin` under another route's policy), escapes that
+/// decode to a control, a slash, a backslash or `%` (a backend that decodes twice would read
+/// `%252e` as `.`), escapes whose bytes are not UTF-8 (overlong forms such as `%c0%ae` decode to
+/// `.` in old servers), malformed escapes, and `.`/`..` segments, raw or encoded. Envoy's
+/// `normalize_path` catches some of these first; this holds when a listener lacks it.
+pub fn path(raw: &str) -> Result<String, CheckError> {
     if raw.bytes().any(is_control) {
         return Err(CheckError::ControlCharacter);
     }
     let path = raw.split(['?', '#']).next().unwrap_or_default().as_bytes();
+    let mut matched = Vec::with_capacity(path.len());
+    // Every byte as a decoding backend reads it, to check the escapes form UTF-8.
+    let mut decoded = Vec::with_capacity(path.len());
     // Decoded bytes of the current segment, only as long as it could still be "." or "..".
     let mut segment = [0u8; 3];
     let mut segment_len = 0usize;
@@ -47,40 +130,55 @@ pub fn path(raw: &str) -> Result<(), CheckError> {
                     return Err(CheckError::DotSegment);
                 }
                 segment_len = 0;
+                matched.push(b'/');
+                decoded.push(b'/');
                 i += 1;
                 continue;
             }
             Some(b'\\') => return Err(CheckError::Backslash),
+            Some(b';') => return Err(CheckError::PathParameter),
             Some(b'%') => {
-                let decoded = path
-                    .get(i + 1..i + 3)
-                    .and_then(|hex| std::str::from_utf8(hex).ok())
+                let escape = path.get(i..i + 3).ok_or(CheckError::MalformedEscape)?;
+                let byte = std::str::from_utf8(&escape[1..])
+                    .ok()
                     .and_then(|hex| u8::from_str_radix(hex, 16).ok())
                     .ok_or(CheckError::MalformedEscape)?;
-                if is_control(decoded) {
-                    return Err(CheckError::ControlCharacter);
-                }
-                if decoded == b'/' || decoded == b'\\' {
-                    return Err(CheckError::EncodedSlash);
+                match byte {
+                    b if is_control(b) => return Err(CheckError::ControlCharacter),
+                    b'/' | b'\\' => return Err(CheckError::EncodedSlash),
+                    b'%' => return Err(CheckError::EncodedPercent),
+                    b if is_unreserved(b) => matched.push(b),
+                    _ => matched.extend_from_slice(escape),
                 }
                 i += 3;
-                decoded
+                byte
             }
             Some(&b) => {
+                matched.push(b);
                 i += 1;
                 b
             }
         };
+        decoded.push(byte);
         if segment_len < segment.len() {
             segment[segment_len] = byte;
         }
         segment_len = segment_len.saturating_add(1).min(segment.len());
     }
-    Ok(())
+    if std::str::from_utf8(&decoded).is_err() {
+        return Err(CheckError::InvalidEncoding);
+    }
+    matched.pop(); // the '/' pushed for the end of the path
+    String::from_utf8(matched).map_err(|_| CheckError::InvalidEncoding)
 }
 
 fn is_control(b: u8) -> bool {
     b < 0x20 || b == 0x7f
+}
+
+/// RFC 3986 unreserved characters: an escape of one means the same as the character.
+fn is_unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
 }
 
 /// Refuses a declared body over the limit before a byte of it is read; the declared length.
@@ -109,7 +207,7 @@ pub fn content_type(
     Err(CheckError::UnsupportedMediaType {
         // The client's value is echoed back, so keep it short.
         media_type: media_type.chars().take(64).collect(),
-        method: crate::config::method_name(method),
+        method: method.as_str(),
         accepted: accepted.join(", "),
     })
 }
@@ -148,12 +246,14 @@ mod tests {
     #[test]
     fn path_table() {
         use CheckError::*;
-        let cases: &[(&str, Result<(), CheckError>)] = &[
-            ("/", Ok(())),
-            ("/api/items/42", Ok(())),
-            ("/api/items?q=../x&r=%2F", Ok(())),
-            ("/api/a%20b/%7Euser", Ok(())),
-            ("/api/.hidden/..x/x..", Ok(())),
+        let cases: &[(&str, Result<&str, CheckError>)] = &[
+            ("/", Ok("/")),
+            ("/api/items/42", Ok("/api/items/42")),
+            ("/api/items?q=../x&r=%2F;x=%25", Ok("/api/items")),
+            ("/api/a%20b/%7Euser", Ok("/api/a%20b/~user")),
+            ("/%61pi/%2Dx", Ok("/api/-x")),
+            ("/api/caf%C3%A9", Ok("/api/caf%C3%A9")),
+            ("/api/.hidden/..x/x..", Ok("/api/.hidden/..x/x..")),
             ("/api/a\0b", Err(ControlCharacter)),
             ("/api/a\tb", Err(ControlCharacter)),
             ("/api/x?q=\x7f", Err(ControlCharacter)),
@@ -164,6 +264,10 @@ mod tests {
             ("/api/a%2fb", Err(EncodedSlash)),
             ("/api/a%5Cb", Err(EncodedSlash)),
             ("/api/a\\b", Err(Backslash)),
+            ("/api/admin;x/users", Err(PathParameter)),
+            ("/api/a%252e", Err(EncodedPercent)),
+            ("/api/%c0%ae%c0%ae/x", Err(InvalidEncoding)),
+            ("/api/%ff", Err(InvalidEncoding)),
             ("/api/../billing", Err(DotSegment)),
             ("/api/./x", Err(DotSegment)),
             ("/api/..", Err(DotSegment)),
@@ -174,7 +278,7 @@ mod tests {
             ("/api/%2", Err(MalformedEscape)),
         ];
         for (input, want) in cases {
-            assert_eq!(&path(input), want, "{input:?}");
+            assert_eq!(path(input).as_deref(), want.as_deref(), "{input:?}");
         }
     }
 

@@ -8,7 +8,7 @@ use std::fmt;
 
 use serde::Deserialize;
 
-use crate::config::{header_name, ConfigError};
+use crate::common::{header_name, ConfigError, Secret};
 use crate::host::Callout;
 
 /// `credits`: where the credit service is and how to call it.
@@ -22,7 +22,7 @@ pub struct RawCredits {
     #[serde(default)]
     pub authority: Option<String>,
     /// The credit service's service token, sent as `Authorization: Bearer`.
-    pub service_token: String,
+    pub service_token: Secret,
     /// How long a reservation callout may take before the failure policy applies.
     #[serde(default = "default_timeout_ms")]
     pub timeout_ms: u64,
@@ -62,6 +62,25 @@ pub struct RawPolicyCredits {
     /// This policy's reservation timeout; defaults to `credits.timeout_ms`.
     #[serde(default)]
     pub timeout_ms: Option<u64>,
+    /// The upstream statuses that are charged: codes (`304`, `101`) or classes (`"2xx"`). Any
+    /// other status, a reset, or a client that leaves gives the reservation back.
+    #[serde(default = "default_bill_statuses")]
+    pub bill_statuses: Vec<BilledStatus>,
+}
+
+/// A status, or a class of them, that a billed policy charges for.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[cfg_attr(not(target_arch = "wasm32"), derive(schemars::JsonSchema))]
+#[serde(untagged)]
+pub enum BilledStatus {
+    /// One status code, e.g. `304`.
+    Code(u16),
+    /// A class: `"1xx"` to `"5xx"`.
+    Class(String),
+}
+
+fn default_bill_statuses() -> Vec<BilledStatus> {
+    vec![BilledStatus::Class("2xx".to_owned())]
 }
 
 fn default_max_multiplier() -> u64 {
@@ -79,6 +98,16 @@ pub enum FailurePolicy {
     /// Let the request through without a charge.
     Allow,
 }
+
+/// Whether the credit service accepts `account` as an account id (its `account_id` rule): checked
+/// before the callout, so an identity it would refuse is a refusal, not an outage.
+pub fn billable_account(account: &str) -> bool {
+    !account.is_empty()
+        && account.len() <= MAX_ACCOUNT_ID
+        && account.bytes().all(|b| b.is_ascii_alphanumeric() || b".-_:@".contains(&b))
+}
+
+const MAX_ACCOUNT_ID: usize = 128;
 
 /// Amounts the credit service accepts: 1 to 10^12.
 const MAX_AMOUNT: u64 = 1_000_000_000_000;
@@ -102,6 +131,8 @@ pub struct PolicyCredits {
     max_multiplier: u64,
     pub on_failure: FailurePolicy,
     timeout_ms: Option<u64>,
+    /// Billed statuses as ranges, e.g. 200..=299.
+    bill_statuses: Vec<std::ops::RangeInclusive<u16>>,
 }
 
 /// Why a billed request was refused.
@@ -111,8 +142,14 @@ pub enum CreditError {
     Insufficient { required: u64, balance: u64 },
     #[error("the {header} header must be a whole number from 1 to {max}")]
     InvalidMultiplier { header: String, max: u64 },
+    #[error("the {header} header must be sent once")]
+    DuplicateMultiplier { header: String },
     #[error("the credit service is unavailable; the request was not charged")]
     Unavailable,
+    /// The service looked at the reservation and refused it (an account id it does not accept,
+    /// say): a refusal, never "unavailable", so `on_failure: allow` cannot serve it free.
+    #[error("the credit service refused to bill this account")]
+    Refused,
 }
 
 impl Credits {
@@ -121,7 +158,8 @@ impl Credits {
         if raw.cluster.is_empty() {
             return Err(at("cluster", "must name the credit service's Envoy cluster"));
         }
-        if raw.service_token.is_empty() || !raw.service_token.bytes().all(|b| b.is_ascii_graphic()) {
+        let token = raw.service_token.expose();
+        if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
             return Err(at("service_token", "must be the credit service's service token (printable, no spaces)"));
         }
         if !(1..=60_000).contains(&raw.timeout_ms) {
@@ -135,7 +173,7 @@ impl Credits {
         Ok(Credits {
             cluster: raw.cluster.clone(),
             authority: raw.authority.clone().unwrap_or_else(|| raw.cluster.clone()),
-            authorization: format!("Bearer {}", raw.service_token),
+            authorization: format!("Bearer {token}"),
             timeout_ms: raw.timeout_ms,
             actual_cost_header,
             retry_seconds: raw.retry_seconds,
@@ -207,19 +245,52 @@ impl PolicyCredits {
             .as_deref()
             .map(|h| header_name(h, &format!("{path}.multiplier_header")))
             .transpose()?;
+        if raw.bill_statuses.is_empty() {
+            return Err(at("bill_statuses", "must name at least one status, e.g. \"2xx\""));
+        }
+        let mut bill_statuses = Vec::with_capacity(raw.bill_statuses.len());
+        for (i, status) in raw.bill_statuses.iter().enumerate() {
+            let range = match status {
+                BilledStatus::Code(code @ 100..=599) => *code..=*code,
+                BilledStatus::Class(class) => match class.as_bytes() {
+                    [digit @ b'1'..=b'5', b'x', b'x'] => {
+                        let first = u16::from(digit - b'0') * 100;
+                        first..=first + 99
+                    }
+                    _ => {
+                        return Err(at(&format!("bill_statuses[{i}]"), "must be a status code or a class like \"2xx\""))
+                    }
+                },
+                BilledStatus::Code(_) => {
+                    return Err(at(&format!("bill_statuses[{i}]"), "must be a status code from 100 to 599"))
+                }
+            };
+            bill_statuses.push(range);
+        }
         Ok(PolicyCredits {
             cost: raw.cost,
             multiplier_header,
             max_multiplier: raw.max_multiplier,
             on_failure: raw.on_failure,
             timeout_ms: raw.timeout_ms,
+            bill_statuses,
         })
     }
 
-    /// The amount to reserve for a request whose headers `get` reads.
-    pub fn amount<'a>(&self, get: impl Fn(&str) -> Option<&'a str>) -> Result<u64, CreditError> {
+    /// Whether a response with this status is charged.
+    pub fn bills(&self, status: u16) -> bool {
+        self.bill_statuses.iter().any(|range| range.contains(&status))
+    }
+
+    /// The amount to reserve for a request with these headers. The multiplier header must be
+    /// sent once: with two, which one a backend reads is anyone's guess.
+    pub fn amount(&self, request: &[(String, String)]) -> Result<u64, CreditError> {
         let Some(header) = &self.multiplier_header else { return Ok(self.cost) };
-        let Some(value) = get(header) else { return Ok(self.cost) };
+        let mut values = request.iter().filter(|(n, _)| n == header).map(|(_, v)| v.as_str());
+        let Some(value) = values.next() else { return Ok(self.cost) };
+        if values.next().is_some() {
+            return Err(CreditError::DuplicateMultiplier { header: header.clone() });
+        }
         match value.trim().parse::<u64>() {
             Ok(n) if (1..=self.max_multiplier).contains(&n) => Ok(self.cost * n),
             _ => Err(CreditError::InvalidMultiplier { header: header.clone(), max: self.max_multiplier }),
@@ -283,8 +354,8 @@ struct Refused {
     required: u64,
 }
 
-/// Reads the credit service's answer to a reservation: granted, refused (402, or no such
-/// account), or `Unavailable` for anything else, including no answer at all.
+/// Reads the credit service's answer to a reservation: granted, short (402, or no such account),
+/// refused (any other 4xx), or `Unavailable` for anything else, including no answer at all.
 pub fn reservation(answer: Option<(u16, Vec<u8>)>, amount: u64) -> Result<Reservation, CreditError> {
     match answer {
         Some((200 | 201, body)) => {
@@ -295,6 +366,7 @@ pub fn reservation(answer: Option<(u16, Vec<u8>)>, amount: u64) -> Result<Reserv
             Err(CreditError::Insufficient { required: refused.required.max(amount), balance: refused.balance })
         }
         Some((404, _)) => Err(CreditError::Insufficient { required: amount, balance: 0 }),
+        Some((400..=499, _)) => Err(CreditError::Refused),
         _ => Err(CreditError::Unavailable),
     }
 }
@@ -323,10 +395,30 @@ mod tests {
     #[test]
     fn the_multiplier_header_scales_the_cost_within_its_bound() {
         let p = policy(r#"{"cost": 3, "multiplier_header": "X-Units", "max_multiplier": 10}"#).unwrap();
-        assert_eq!(p.amount(|_| None), Ok(3));
-        assert_eq!(p.amount(|h| (h == "x-units").then_some("4")), Ok(12));
+        let units = |values: &[&str]| -> Vec<(String, String)> {
+            values.iter().map(|v| ("x-units".to_owned(), (*v).to_owned())).collect()
+        };
+        assert_eq!(p.amount(&[]), Ok(3));
+        assert_eq!(p.amount(&units(&["4"])), Ok(12));
         for bad in ["0", "11", "-1", "2.5", "many", ""] {
-            assert!(matches!(p.amount(|_| Some(bad)), Err(CreditError::InvalidMultiplier { .. })), "{bad:?}");
+            assert!(matches!(p.amount(&units(&[bad])), Err(CreditError::InvalidMultiplier { .. })), "{bad:?}");
+        }
+        assert!(matches!(p.amount(&units(&["1", "4"])), Err(CreditError::DuplicateMultiplier { .. })));
+    }
+
+    #[test]
+    fn bill_statuses_are_codes_or_classes() {
+        let p = policy(r#"{"cost": 1, "bill_statuses": ["2xx", 304, 101]}"#).unwrap();
+        let billed: Vec<u16> = [101, 199, 200, 299, 304, 404, 500].into_iter().filter(|s| p.bills(*s)).collect();
+        assert_eq!(billed, [101, 200, 299, 304]);
+        assert!(policy(r#"{"cost": 1}"#).unwrap().bills(204) && !policy(r#"{"cost": 1}"#).unwrap().bills(304));
+        for (json, want) in [
+            (r#"{"cost": 1, "bill_statuses": []}"#, "bill_statuses: must name"),
+            (r#"{"cost": 1, "bill_statuses": ["6xx"]}"#, "bill_statuses[0]: must be a status code or a class"),
+            (r#"{"cost": 1, "bill_statuses": [200, 99]}"#, "bill_statuses[1]: must be a status code from 100"),
+        ] {
+            let got = policy(json).err().unwrap_or_default();
+            assert!(got.contains(want), "{json}: {got}");
         }
     }
 
@@ -346,6 +438,18 @@ mod tests {
     }
 
     #[test]
+    fn a_4xx_is_a_refusal_and_only_service_faults_are_unavailable() {
+        for status in [400, 401, 403, 409, 422] {
+            assert_eq!(reservation(Some((status, b"{}".to_vec())), 3), Err(CreditError::Refused), "{status}");
+        }
+        for answer in [None, Some((500, Vec::new())), Some((503, Vec::new()))] {
+            assert_eq!(reservation(answer, 3), Err(CreditError::Unavailable));
+        }
+        assert!(billable_account("auth0.user-42@example.com") && !billable_account("auth0|42"));
+        assert!(!billable_account("") && !billable_account(&"a".repeat(129)));
+    }
+
+    #[test]
     fn answers_map_to_reservations_and_refusals() {
         let granted = reservation(Some((201, br#"{"reservation_id": "res_1", "balance": 7}"#.to_vec())), 3);
         assert_eq!(granted, Ok(Reservation { id: "res_1".into(), amount: 3, balance: 7 }));
@@ -353,7 +457,7 @@ mod tests {
             reservation(Some((402, br#"{"error": "insufficient_credits", "balance": 2, "required": 3}"#.to_vec())), 3);
         assert_eq!(short, Err(CreditError::Insufficient { required: 3, balance: 2 }));
         assert_eq!(reservation(Some((404, Vec::new())), 3), Err(CreditError::Insufficient { required: 3, balance: 0 }));
-        for answer in [None, Some((503, Vec::new())), Some((201, b"garbage".to_vec())), Some((401, Vec::new()))] {
+        for answer in [None, Some((503, Vec::new())), Some((201, b"garbage".to_vec()))] {
             assert_eq!(reservation(answer, 3), Err(CreditError::Unavailable));
         }
     }

@@ -41,6 +41,9 @@ pub trait StreamHost: Host {
     fn request_headers(&self) -> Vec<(String, String)>;
     fn set_request_header(&mut self, name: &str, value: &str) -> Result<(), HostError>;
     fn remove_request_header(&mut self, name: &str) -> Result<(), HostError>;
+    /// The request trailers (names lower-case), when the request has them.
+    fn request_trailers(&self) -> Vec<(String, String)>;
+    fn remove_request_trailer(&mut self, name: &str) -> Result<(), HostError>;
     /// `len` bytes of the request body Envoy holds for the filter, from `start`.
     fn request_body(&self, start: usize, len: usize) -> Result<Vec<u8>, HostError>;
     /// Lets a paused request go on.
@@ -122,6 +125,7 @@ pub(crate) mod fake {
         pub metrics: HashMap<&'static str, u64>,
         /// Request headers the proxy refuses to edit, as a hostcall failure would.
         pub locked: Vec<String>,
+        pub trailers: Vec<(String, String)>,
     }
 
     impl Default for FakeHost {
@@ -143,6 +147,7 @@ pub(crate) mod fake {
                 root_woken: 0,
                 metrics: HashMap::new(),
                 locked: Vec::new(),
+                trailers: Vec::new(),
             }
         }
     }
@@ -228,6 +233,14 @@ pub(crate) mod fake {
             self.refuse_edit(name)?;
             self.request.retain(|(n, _)| n != name);
             self.removed.push(name.to_owned());
+            Ok(())
+        }
+        fn request_trailers(&self) -> Vec<(String, String)> {
+            self.trailers.clone()
+        }
+        fn remove_request_trailer(&mut self, name: &str) -> Result<(), HostError> {
+            self.refuse_edit(name)?;
+            self.trailers.retain(|(n, _)| n != name);
             Ok(())
         }
         fn request_body(&self, start: usize, len: usize) -> Result<Vec<u8>, HostError> {

@@ -7,6 +7,7 @@
 
 pub mod auth;
 pub mod checks;
+pub mod common;
 pub mod config;
 pub mod credits;
 pub mod headers;
@@ -18,11 +19,14 @@ pub mod refresh;
 pub mod replay;
 pub mod routes;
 pub mod settle;
+pub mod slots;
 pub mod worker;
 
 mod body;
 #[cfg(any(feature = "native", test))]
 mod native;
+#[cfg(test)]
+mod properties;
 mod request;
 mod response;
 #[cfg(target_arch = "wasm32")]
@@ -171,8 +175,16 @@ impl Stream {
     }
 
     /// With trailers the body callback never says `end_of_stream`: the body is complete here.
+    /// Trailers can forge identity headers as well as headers can.
     pub fn on_request_trailers(&mut self, host: &mut dyn StreamHost) -> Flow {
-        let step = body::arrived(self, host, self.body.held(), true);
+        let trailers = host.request_trailers();
+        let stripped = headers::strip_identity(&trailers, &self.config.identity_headers.strip, |name| {
+            host.remove_request_trailer(name)
+        });
+        let step = match stripped {
+            Ok(()) => body::arrived(self, host, self.body.held(), true),
+            Err(err) => Err(err.into()),
+        };
         self.advance(host, step)
     }
 
@@ -358,7 +370,7 @@ mod tests {
 
     fn run_with(config: &str, host: &mut FakeHost, end_of_stream: bool) -> (Stream, Flow) {
         let config = Rc::new(Config::from_json(config.as_bytes()).unwrap());
-        let worker = Rc::new(Worker::new(&config));
+        let worker = Rc::new(Worker::new(&config, host));
         let mut stream = Stream::new(config, worker);
         let flow = stream.on_request_headers(host, end_of_stream);
         (stream, flow)
@@ -801,6 +813,19 @@ mod tests {
         assert!(!host.resumed);
     }
 
+    /// A POST to the signed route with the `content-digest` scheme's headers.
+    fn digest_request(signature: &str, digest: &str, extra: &[(&str, &str)]) -> FakeHost {
+        let ts = NOW.to_string();
+        let mut headers = vec![
+            ("x-api-key", "key-one"),
+            ("x-signature", signature),
+            ("x-timestamp", &ts),
+            ("content-digest", digest),
+        ];
+        headers.extend_from_slice(extra);
+        FakeHost::request("POST", "/signed/pay", &headers)
+    }
+
     fn digest_header(body: &[u8]) -> String {
         use ct_codecs::{Base64, Encoder};
         format!("sha-256=:{}:", Base64::encode_to_string(hmac_sha256::Hash::hash(body)).unwrap())
@@ -833,16 +858,7 @@ mod tests {
             ),
         ];
         for (signature, digest, flow, status) in cases {
-            let mut host = FakeHost::request(
-                "POST",
-                "/signed/pay",
-                &[
-                    ("x-api-key", "key-one"),
-                    ("x-signature", &signature),
-                    ("x-timestamp", &ts),
-                    ("content-digest", &digest),
-                ],
-            );
+            let mut host = digest_request(&signature, &digest, &[]);
             let (_, got) = run_with(&auth_config_with("content-digest"), &mut host, false);
             assert_eq!((got, host.sent.as_ref().map(|s| s.0)), (flow, status), "{signature} {digest}");
         }
@@ -862,18 +878,8 @@ mod tests {
         let body = br#"{"amount": 5}"#;
         let digest = digest_header(body);
         for tampered in [false, true] {
-            let ts = NOW.to_string();
             let signature = digest_signed("POST", "/signed/pay", &digest, NOW);
-            let mut host = FakeHost::request(
-                "POST",
-                "/signed/pay",
-                &[
-                    ("x-api-key", "key-one"),
-                    ("x-signature", &signature),
-                    ("x-timestamp", &ts),
-                    ("content-digest", &digest),
-                ],
-            );
+            let mut host = digest_request(&signature, &digest, &[]);
             let (mut stream, flow) = run_with(&auth_config_with("content-digest"), &mut host, false);
             assert_eq!(flow, Flow::Continue, "the head goes on: its signature verified");
             host.body = body[..6].to_vec();
@@ -893,20 +899,9 @@ mod tests {
     fn the_bytes_that_complete_a_declared_length_wait_for_the_digest() {
         let body = br#"{"amount": 5}"#;
         let digest = digest_header(body);
-        let ts = NOW.to_string();
         let signature = digest_signed("POST", "/signed/pay", &digest, NOW);
         let length = body.len().to_string();
-        let mut host = FakeHost::request(
-            "POST",
-            "/signed/pay",
-            &[
-                ("x-api-key", "key-one"),
-                ("x-signature", &signature),
-                ("x-timestamp", &ts),
-                ("content-digest", &digest),
-                ("content-length", &length),
-            ],
-        );
+        let mut host = digest_request(&signature, &digest, &[("content-length", &length)]);
         let (mut stream, _) = run_with(&auth_config_with("content-digest"), &mut host, false);
         host.body = br#"{"amount": 9}"#.to_vec();
         // Envoy may hand over all the bytes first and the end of the stream in a callback of its own.
@@ -925,5 +920,32 @@ mod tests {
         let mut host = FakeHost::request("POST", "/health", &[("transfer-encoding", "chunked")]);
         let (_, flow) = run_with(&config, &mut host, false);
         assert_eq!((flow, host.sent.as_ref().map(|s| s.0)), (Flow::Pause, Some(413)));
+    }
+
+    #[test]
+    fn forged_identity_headers_are_stripped_in_every_spelling_and_from_trailers() {
+        let config = CONFIG.replacen(
+            r#""policies": {"#,
+            r#""identity_headers": {"also_strip": ["X-User-Id"]}, "policies": {"#,
+            1,
+        );
+        let forged = [
+            ("x_tollgate_account", "admin"),
+            ("x-tollgate-account", "admin"),
+            ("x_user_id", "1"),
+            ("x-user-id", "1"),
+            ("x-tollgate_tier", "pro"),
+            ("x-other", "kept"),
+        ];
+        let mut host = FakeHost::request("POST", "/health", &forged);
+        let (mut stream, flow) = run_with(&config, &mut host, false);
+        assert_eq!(flow, Flow::Continue);
+        assert_eq!(
+            host.removed,
+            ["x_tollgate_account", "x-tollgate-account", "x_user_id", "x-user-id", "x-tollgate_tier"]
+        );
+        host.trailers = vec![("x_tollgate_account".into(), "admin".into()), ("x-checksum".into(), "1".into())];
+        assert_eq!(stream.on_request_trailers(&mut host), Flow::Continue);
+        assert_eq!(host.trailers, [("x-checksum".to_owned(), "1".to_owned())]);
     }
 }

@@ -46,9 +46,10 @@ impl Denial {
     pub fn problem_type(&self) -> ProblemType {
         use CheckError::*;
         let (status, slug, title) = match self {
-            Denial::Check(MissingPath | ControlCharacter | MalformedEscape | EncodedSlash | Backslash | DotSegment) => {
-                (400, "invalid-path", "Invalid request path")
-            }
+            Denial::Check(
+                MissingPath | ControlCharacter | MalformedEscape | EncodedSlash | Backslash | DotSegment
+                | PathParameter | EncodedPercent | InvalidEncoding,
+            ) => (400, "invalid-path", "Invalid request path"),
             Denial::Check(InvalidContentLength) => (400, "invalid-content-length", "Invalid Content-Length"),
             Denial::Check(BodyTooLarge { .. }) => (413, "payload-too-large", "Payload too large"),
             Denial::Check(UnsupportedMediaType { .. }) => (415, "unsupported-media-type", "Unsupported media type"),
@@ -64,7 +65,11 @@ impl Denial {
             Denial::Credits(CreditError::InvalidMultiplier { .. }) => {
                 (400, "invalid-credit-multiplier", "Invalid credit multiplier")
             }
+            Denial::Credits(CreditError::DuplicateMultiplier { .. }) => {
+                (400, "invalid-credit-multiplier", "Invalid credit multiplier")
+            }
             Denial::Credits(CreditError::Unavailable) => (503, "credits-unavailable", "Credit service unavailable"),
+            Denial::Credits(CreditError::Refused) => (403, "billing-refused", "Billing refused"),
             Denial::UnknownRoutePolicy { .. } => (500, "gateway-misconfigured", "Gateway misconfigured"),
             Denial::Unconfigured => (503, "gateway-unavailable", "Gateway unavailable"),
             Denial::Host(_) => (500, "gateway-error", "Gateway error"),

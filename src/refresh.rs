@@ -7,14 +7,11 @@
 //! put in Envoy's shared data, and every worker loads a newer one on its next tick, so a rotation
 //! that one worker learned (say, by a refetch for an unknown `kid`) reaches them all.
 
-use crate::auth::{Provider, RemoteJwks};
+use crate::auth::{AuthState, Provider, ProviderState, RemoteJwks};
+use crate::common::{backoff_seconds, ConfigError};
 use crate::config::Config;
 use crate::host::{Callout, Host};
 use crate::metrics::Metric;
-
-/// Retry delays after a failure grow to this; a document that never loaded is retried at least
-/// this often, since until then the provider's requests get 503.
-const MAX_RETRY_SECONDS: u64 = 30;
 
 /// What a remote source holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,8 +60,9 @@ impl Refresher {
         !self.sources.is_empty()
     }
 
-    pub fn on_tick(&mut self, config: &Config, host: &mut dyn Host) {
-        self.load_shared(config, host);
+    /// `auth` is this worker's state, where what is fetched is installed.
+    pub fn on_tick(&mut self, config: &Config, auth: &AuthState, host: &mut dyn Host) {
+        self.load_shared(config, auth, host);
         let now = host.now();
         for source in &mut self.sources {
             let Some(provider) = config.auth.providers().get(source.provider) else { continue };
@@ -78,7 +76,7 @@ impl Refresher {
                 None => {
                     host.count(Metric::RemoteFetchFailures, 1);
                     source.failures = source.failures.saturating_add(1);
-                    source.next_fetch_at = now.saturating_add(backoff(source.failures));
+                    source.next_fetch_at = now.saturating_add(backoff_seconds(source.failures));
                 }
             }
         }
@@ -87,12 +85,13 @@ impl Refresher {
     /// Loads every document another worker (or, natively, the main thread) stored in shared data
     /// since this worker last looked; fetches nothing. The native build's worker threads have no
     /// tick of their own and call this alone.
-    pub fn load_shared(&mut self, config: &Config, host: &dyn Host) {
+    pub fn load_shared(&mut self, config: &Config, auth: &AuthState, host: &dyn Host) {
         for source in &mut self.sources {
             let Some(provider) = config.auth.providers().get(source.provider) else { continue };
+            let Some(state) = auth.provider(source.provider) else { continue };
             let Some(remote) = source.kind.remote(provider) else { continue };
             if let Some((body, version)) = host.shared_get(&shared_key(remote)) {
-                if source.shared_version != Some(version) && source.kind.load(provider, &body).is_ok() {
+                if source.shared_version != Some(version) && source.kind.load(state, &body).is_ok() {
                     source.shared_version = Some(version);
                 }
             }
@@ -100,15 +99,23 @@ impl Refresher {
     }
 
     /// A fetch came back: `body` is `Some` only for a 200 answer.
-    pub fn on_response(&mut self, config: &Config, token: u32, body: Option<Vec<u8>>, host: &mut dyn Host) {
+    pub fn on_response(
+        &mut self,
+        config: &Config,
+        auth: &AuthState,
+        token: u32,
+        body: Option<Vec<u8>>,
+        host: &mut dyn Host,
+    ) {
         let now = host.now();
         let Some(source) = self.sources.iter_mut().find(|s| s.in_flight == Some(token)) else { return };
         source.in_flight = None;
         let Some(provider) = config.auth.providers().get(source.provider) else { return };
+        let Some(state) = auth.provider(source.provider) else { return };
         let Some(remote) = source.kind.remote(provider) else { return };
         let what = format!("provider {} {:?} from {}{}", source.provider, source.kind, remote.cluster, remote.path);
         let loaded = match &body {
-            Some(body) => match source.kind.load(provider, body) {
+            Some(body) => match source.kind.load(state, body) {
                 Ok(()) => {
                     host.shared_set(&shared_key(remote), body);
                     true
@@ -129,7 +136,7 @@ impl Refresher {
         } else {
             host.count(Metric::RemoteFetchFailures, 1);
             source.failures = source.failures.saturating_add(1);
-            source.next_fetch_at = now.saturating_add(backoff(source.failures).min(remote.refresh_seconds));
+            source.next_fetch_at = now.saturating_add(backoff_seconds(source.failures).min(remote.refresh_seconds));
         }
     }
 }
@@ -142,22 +149,23 @@ impl Kind {
         }
     }
 
-    fn load(self, provider: &Provider, body: &[u8]) -> Result<(), crate::config::ConfigError> {
+    fn load(self, state: &ProviderState, body: &[u8]) -> Result<(), ConfigError> {
         match self {
-            Kind::Jwks => provider.load_remote_jwks(body).map(|report| {
+            Kind::Jwks => state.load_remote_jwks(body).map(|report| {
                 for skipped in &report.skipped {
                     log::warn!("tollgate: JWKS key left out: {skipped}");
                 }
             }),
-            Kind::RevokedJti => provider.load_revoked_jti(body).map(|_| ()),
+            Kind::RevokedJti => state.load_revoked_jti(body).map(|_| ()),
         }
     }
 }
 
-/// Loads a JWKS a stream fetched for an unknown `kid`, and shares it with the other workers.
-pub fn load_refetched(provider: &Provider, body: &[u8], host: &mut dyn Host) {
+/// Loads a JWKS a stream fetched for an unknown `kid` into this worker's `state` of `provider`,
+/// and shares it with the other workers.
+pub fn load_refetched(provider: &Provider, state: &ProviderState, body: &[u8], host: &mut dyn Host) {
     let Some(source) = provider.remote_jwks() else { return };
-    match provider.load_remote_jwks(body) {
+    match state.load_remote_jwks(body) {
         Ok(_) => host.shared_set(&shared_key(source), body),
         Err(err) => log::warn!("tollgate: JWKS refetch ignored: {err}"),
     }
@@ -169,22 +177,17 @@ fn shared_key(source: &RemoteJwks) -> String {
     format!("tollgate.remote.{}.{}{}", source.cluster, source.authority, source.path)
 }
 
-/// 1, 2, 4, … seconds, up to `MAX_RETRY_SECONDS`.
-fn backoff(failures: u32) -> u64 {
-    1u64.checked_shl(failures.saturating_sub(1)).unwrap_or(u64::MAX).min(MAX_RETRY_SECONDS)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::host::fake::FakeHost as Fake;
 
-    const JWKS: &str =
-        r#"{"keys": [{"kty": "oct", "kid": "k", "alg": "HS256", "k": "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE"}]}"#;
+    /// An Ed25519 key (x = 32 bytes of 1): remote key sets hold public keys only.
+    const JWKS: &str = r#"{"keys": [{"kty": "OKP", "crv": "Ed25519", "kid": "k", "x": "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE"}]}"#;
 
     fn config() -> Config {
         Config::from_json(
-            br#"{"policies": {}, "auth": {"jwt": {"providers": [{
+            br#"{"policies": {}, "auth": {"jwt": {"providers": [{"audiences": "any",
                 "remote_jwks": {"cluster": "idp", "path": "/jwks", "refresh_seconds": 600},
                 "revoked_jti_remote": {"cluster": "idp", "path": "/revoked", "refresh_seconds": 60}}]}}}"#,
         )
@@ -194,50 +197,53 @@ mod tests {
     #[test]
     fn fetches_at_start_then_on_schedule_and_backs_off_after_failures() {
         let config = config();
+        let auth = AuthState::new(&config.auth);
         let mut refresher = Refresher::new(&config);
         let mut host = Fake { now: 1000, ..Fake::default() };
-        refresher.on_tick(&config, &mut host);
+        refresher.on_tick(&config, &auth, &mut host);
         assert_eq!(host.calls, ["idp/jwks", "idp/revoked"]);
-        refresher.on_tick(&config, &mut host);
+        refresher.on_tick(&config, &auth, &mut host);
         assert_eq!(host.calls.len(), 2, "no second fetch while one is in flight");
 
-        refresher.on_response(&config, 1, Some(JWKS.as_bytes().to_vec()), &mut host);
-        refresher.on_response(&config, 2, None, &mut host);
-        assert!(config.auth.providers()[0].has_remote_keys());
+        refresher.on_response(&config, &auth, 1, Some(JWKS.as_bytes().to_vec()), &mut host);
+        refresher.on_response(&config, &auth, 2, None, &mut host);
+        assert!(auth.provider(0).unwrap().has_remote_keys());
         assert!(host.shared.contains_key("tollgate.remote.idp.idp/jwks"), "the JWKS was not shared");
 
         host.now = 1001;
-        refresher.on_tick(&config, &mut host);
+        refresher.on_tick(&config, &auth, &mut host);
         assert_eq!(host.calls.last().map(String::as_str), Some("idp/revoked"), "a failure retries after 1 s");
-        refresher.on_response(&config, 3, None, &mut host);
+        refresher.on_response(&config, &auth, 3, None, &mut host);
         host.now = 1002;
-        refresher.on_tick(&config, &mut host);
+        refresher.on_tick(&config, &auth, &mut host);
         assert_eq!(host.calls.len(), 3, "the second failure waits 2 s");
         host.now = 1600;
-        refresher.on_tick(&config, &mut host);
+        refresher.on_tick(&config, &auth, &mut host);
         assert!(host.calls.contains(&"idp/jwks".to_owned()) && host.calls.len() == 5, "{:?}", host.calls);
     }
 
     #[test]
     fn a_bad_document_keeps_the_last_good_copy() {
         let config = config();
+        let auth = AuthState::new(&config.auth);
         let mut refresher = Refresher::new(&config);
         let mut host = Fake { now: 0, ..Fake::default() };
-        refresher.on_tick(&config, &mut host);
-        refresher.on_response(&config, 1, Some(JWKS.as_bytes().to_vec()), &mut host);
+        refresher.on_tick(&config, &auth, &mut host);
+        refresher.on_response(&config, &auth, 1, Some(JWKS.as_bytes().to_vec()), &mut host);
         host.now = 700;
-        refresher.on_tick(&config, &mut host);
-        refresher.on_response(&config, 3, Some(b"{not json".to_vec()), &mut host);
-        assert!(config.auth.providers()[0].has_remote_keys());
+        refresher.on_tick(&config, &auth, &mut host);
+        refresher.on_response(&config, &auth, 3, Some(b"{not json".to_vec()), &mut host);
+        assert!(auth.provider(0).unwrap().has_remote_keys());
     }
 
     #[test]
     fn another_workers_copy_is_loaded_from_shared_data() {
         let config = config();
+        let auth = AuthState::new(&config.auth);
         let mut refresher = Refresher::new(&config);
         let mut host = Fake::default();
         host.shared_set("tollgate.remote.idp.idp/jwks", JWKS.as_bytes());
-        refresher.on_tick(&config, &mut host);
-        assert!(config.auth.providers()[0].has_remote_keys());
+        refresher.on_tick(&config, &auth, &mut host);
+        assert!(auth.provider(0).unwrap().has_remote_keys());
     }
 }

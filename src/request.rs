@@ -7,7 +7,7 @@ use std::rc::Rc;
 use crate::auth::{self, AuthError, BodyCheck, Identity, RequestCredentials, SignatureScheme};
 use crate::body;
 use crate::checks::{self, BodyCounter};
-use crate::config::Method;
+use crate::common::Method;
 use crate::credits::{self, CreditError, FailurePolicy};
 use crate::headers;
 use crate::host::{Callout, StreamHost, NANOS_PER_MS, NANOS_PER_SECOND};
@@ -36,12 +36,13 @@ pub(crate) fn headers(stream: &mut Stream, host: &mut dyn StreamHost, end_of_str
     let method = header(&stream.request, ":method").and_then(Method::from_header);
     let raw_path = header(&stream.request, ":path").ok_or(checks::CheckError::MissingPath)?;
 
-    // 1. Route policy.
-    let policy = route_policy(stream, host, method, raw_path)?;
+    // 1. Route policy, for the path as every backend reads it (so the path checks of step 2 come
+    // first).
+    let path = checks::path(raw_path)?;
+    let policy = route_policy(stream, host, method, &path)?;
     stream.policy = Some(Rc::clone(&policy));
 
     // 2. Request checks.
-    checks::path(raw_path)?;
     let length = checks::content_length(header(&stream.request, "content-length"), policy.max_body_bytes)?;
     // A route that takes no body refuses one before the head can go upstream, whatever its framing.
     if policy.max_body_bytes == 0 && !end_of_stream {
@@ -50,8 +51,16 @@ pub(crate) fn headers(stream: &mut Stream, host: &mut dyn StreamHost, end_of_str
     stream.body.limit(BodyCounter::new(policy.max_body_bytes), length)?;
     checks::content_type(method, header(&stream.request, "content-type"), &policy.content_types)?;
 
-    // 3. Identity headers: nothing downstream may trust what the client sent under them.
-    headers::strip_identity(host, &stream.request, &stream.config.identity_headers)?;
+    // 3. Identity headers: nothing downstream may trust what the client sent under them, nor the
+    // upstream's usage report (an upstream that reflects request headers would report it).
+    headers::strip_identity(&stream.request, &stream.config.identity_headers.strip, |name| {
+        host.remove_request_header(name)
+    })?;
+    if let Some(usage) = stream.config.credits.as_ref().and_then(|c| c.actual_cost_header.as_deref()) {
+        if header(&stream.request, usage).is_some() {
+            host.remove_request_header(usage)?;
+        }
+    }
 
     admit(stream, host, &policy, true)
 }
@@ -87,7 +96,7 @@ fn route_policy(
     stream: &Stream,
     host: &dyn StreamHost,
     method: Option<Method>,
-    raw_path: &str,
+    path: &str,
 ) -> Result<Rc<Policy>, Denial> {
     if let Some(name) = host.property(&ROUTE_POLICY_PROPERTY) {
         let name = String::from_utf8_lossy(&name);
@@ -98,7 +107,6 @@ fn route_policy(
             .cloned()
             .ok_or(Denial::UnknownRoutePolicy { name: name.into_owned() });
     }
-    let path = raw_path.split(['?', '#']).next().unwrap_or_default();
     Ok(stream.config.routes.select(method, path).clone())
 }
 
@@ -113,7 +121,7 @@ fn authenticate(
 ) -> Result<Result<Identity, Step>, Denial> {
     let credentials = RequestCredentials::new(&stream.request);
     let now = now_nanos / NANOS_PER_SECOND;
-    let identity = match stream.config.auth.authenticate(&credentials, now) {
+    let identity = match stream.config.auth.authenticate(&stream.worker.auth, &credentials, now) {
         Ok(Some(identity)) => identity,
         Ok(None) => return Err(Denial::Unauthenticated),
         Err(AuthError::UnknownKeyId { provider }) if may_refetch => {
@@ -125,7 +133,7 @@ fn authenticate(
         Err(err) => return Err(err.into()),
     };
     auth::require_scopes(&identity, &policy.scopes)?;
-    headers::forward_identity(host, &stream.request, &stream.config.identity_headers, &identity)?;
+    headers::forward_identity(host, &stream.request, &stream.config.identity_headers.set, &identity)?;
 
     if let Some(signatures) = stream.config.auth.signatures().filter(|_| policy.signature) {
         let check = match signatures.scheme() {
@@ -168,8 +176,9 @@ pub(crate) fn keys_fetched(
     provider: usize,
     answer: Option<(u16, Vec<u8>)>,
 ) -> Result<Step, Denial> {
-    match (answer, stream.config.auth.providers().get(provider)) {
-        (Some((200, body)), Some(p)) => refresh::load_refetched(p, &body, host),
+    let state = stream.worker.auth.provider(provider);
+    match (answer, stream.config.auth.providers().get(provider), state) {
+        (Some((200, body)), Some(p), Some(state)) => refresh::load_refetched(p, state, &body, host),
         _ => host.count(Metric::RemoteFetchFailures, 1),
     }
     let Some(policy) = stream.policy.clone() else { return Err(Denial::Unauthenticated) };
@@ -184,7 +193,11 @@ fn rate_limit(
     identity: Option<&Identity>,
     now: u64,
 ) -> Result<(), Denial> {
-    let (Some(limits), Some(limit)) = (&stream.config.rate_limits, &policy.rate_limit) else { return Ok(()) };
+    let (Some(limits), Some(limit), Some(table)) =
+        (&stream.config.rate_limits, &policy.rate_limit, &stream.worker.rate_table)
+    else {
+        return Ok(());
+    };
     let address = match identity {
         Some(_) => None,
         None => host.property(&CLIENT_ADDRESS_PROPERTY),
@@ -194,7 +207,7 @@ fn rate_limit(
         Some(identity) => Caller::Identity(identity),
         None => Caller::Address(address.as_deref()),
     };
-    let checked = limits.check(host, limit, &caller, now);
+    let checked = limits.check(table, host, limit, &caller, now);
     host.count(Metric::RateLimitCasRetries, u64::from(checked.retries));
     if checked.result == Err(ratelimit::Limited::Contended) {
         host.count(Metric::RateLimitContended, 1);
@@ -212,7 +225,10 @@ fn reserve_credits(
     identity: &Identity,
 ) -> Result<Step, Denial> {
     let (Some(credits), Some(billing)) = (&stream.config.credits, &policy.credits) else { return Ok(Step::Admitted) };
-    let amount = billing.amount(|name| header(&stream.request, name))?;
+    let amount = billing.amount(&stream.request)?;
+    if !credits::billable_account(&identity.account) {
+        return Err(CreditError::Refused.into());
+    }
     let key = stream.worker.reservation_key(&stream.request_id);
     let call = credits.reserve(billing, &policy.name, &identity.account, amount, &key);
     host.count(Metric::CreditCallouts, 1);

@@ -35,7 +35,7 @@ pub(crate) fn headers(stream: &mut Stream, host: &mut dyn StreamHost) {
     match &stream.billing {
         Billing::Reserved(reservation) => {
             let status = host.response_header(":status").and_then(|s| s.parse::<u16>().ok()).unwrap_or(0);
-            let served = (200..300).contains(&status);
+            let served = stream.policy.as_ref().and_then(|p| p.credits.as_ref()).is_some_and(|c| c.bills(status));
             let charge = if served { credits::charge(reservation, reported.as_deref()) } else { 0 };
             for (name, value) in credits::response_headers(reservation, charge) {
                 host.set_response_header(name, &value);

@@ -6,9 +6,10 @@ use std::rc::Rc;
 
 use serde::Deserialize;
 
-use crate::config::{ConfigError, Method, RawRoute};
-use crate::credits::PolicyCredits;
-use crate::ratelimit::PolicyLimit;
+use crate::checks::{check_content_types, lower_case, RawRequestChecks};
+use crate::common::{header_value, ConfigError, Method};
+use crate::credits::{PolicyCredits, RawPolicyCredits};
+use crate::ratelimit::{PolicyLimit, RawPolicyLimit};
 
 /// Who may call the routes of a policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -21,6 +22,53 @@ pub enum Access {
     Authenticated,
     /// Nobody: the gateway answers 404 as if the path did not exist.
     Deny,
+}
+
+/// What protections apply to the requests a route selects.
+#[derive(Debug, Deserialize)]
+#[cfg_attr(not(target_arch = "wasm32"), derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct RawPolicy {
+    /// Who may call: `public` (anyone), `authenticated` (a verified caller), or `deny` (nobody: 404).
+    pub access: Access,
+    /// The largest request body in bytes; overrides `request_checks.max_body_bytes`.
+    #[serde(default)]
+    pub max_body_bytes: Option<u64>,
+    /// Allowed `Content-Type` media types per method; overrides `request_checks.content_types`.
+    #[serde(default)]
+    pub content_types: Option<BTreeMap<Method, Vec<String>>>,
+    /// The `Cache-Control` value for responses on this policy's routes; overrides
+    /// `security_headers.cache_control`.
+    #[serde(default)]
+    pub cache_control: Option<String>,
+    /// Scopes the caller must all have (`authenticated` policies only); a caller without them
+    /// gets 403.
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// Require an HMAC request signature (`auth.signatures`) on top of the caller's credential.
+    #[serde(default)]
+    pub signature: bool,
+    /// Rate-limit this policy's requests. Omitted: never limited.
+    #[serde(default)]
+    pub rate_limit: Option<RawPolicyLimit>,
+    /// Bill this policy's requests to the caller's account (`authenticated` policies only).
+    #[serde(default)]
+    pub credits: Option<RawPolicyCredits>,
+}
+
+/// One entry of the prefix table.
+#[derive(Debug, Deserialize)]
+#[cfg_attr(not(target_arch = "wasm32"), derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    /// A path prefix that starts with `/`. It matches whole segments: `/api` matches `/api` and
+    /// `/api/x`, never `/apix`. A trailing `/` is ignored.
+    pub prefix: String,
+    /// Methods this entry applies to; omitted means all methods.
+    #[serde(default)]
+    pub methods: Option<Vec<Method>>,
+    /// The name of a policy in `policies`.
+    pub policy: String,
 }
 
 /// A validated policy, shared by every route that names it.
@@ -40,6 +88,82 @@ pub struct Policy {
     pub rate_limit: Option<PolicyLimit>,
     /// `None`: not billed.
     pub credits: Option<PolicyCredits>,
+}
+
+/// What a policy falls back to and may refer to, from the rest of the configuration.
+pub struct PolicyContext<'a> {
+    pub defaults: &'a RawRequestChecks,
+    /// `security_headers.cache_control`.
+    pub cache_control: Option<&'a String>,
+    pub credits_configured: bool,
+    pub signatures_configured: bool,
+}
+
+impl Policy {
+    /// Validates policy `name`; `rate_limit` is what `ratelimit` compiled of its `rate_limit`.
+    pub fn build(
+        name: &str,
+        p: &RawPolicy,
+        context: &PolicyContext,
+        rate_limit: Option<PolicyLimit>,
+    ) -> Result<Policy, ConfigError> {
+        let path = format!("policies.{name}");
+        if name.is_empty() {
+            return Err(ConfigError::at("policies", "a policy name must not be empty"));
+        }
+        if let Some(types) = &p.content_types {
+            check_content_types(&format!("{path}.content_types"), types)?;
+        }
+        header_value(&format!("{path}.cache_control"), &p.cache_control)?;
+        if p.access != Access::Authenticated && (!p.scopes.is_empty() || p.signature) {
+            let field = if p.signature { "signature" } else { "scopes" };
+            return Err(ConfigError::at(format!("{path}.{field}"), "needs \"access\": \"authenticated\""));
+        }
+        if let Some(i) = p.scopes.iter().position(|s| !crate::auth::is_scope_token(s)) {
+            return Err(ConfigError::at(format!("{path}.scopes[{i}]"), "is not a scope token"));
+        }
+        let credits = match &p.credits {
+            Some(_) if p.access != Access::Authenticated => {
+                return Err(ConfigError::at(
+                    format!("{path}.credits"),
+                    "needs \"access\": \"authenticated\": credits are charged to the caller's account",
+                ))
+            }
+            Some(c) => Some(PolicyCredits::build(&format!("{path}.credits"), c, context.credits_configured)?),
+            None => None,
+        };
+        if p.signature && !context.signatures_configured {
+            return Err(ConfigError::at(format!("{path}.signature"), "needs auth.signatures to be configured"));
+        }
+        let defaults = context.defaults;
+        Ok(Policy {
+            name: name.to_owned(),
+            access: p.access,
+            max_body_bytes: p.max_body_bytes.unwrap_or(defaults.max_body_bytes),
+            content_types: lower_case(p.content_types.as_ref().unwrap_or(&defaults.content_types)),
+            cache_control: p.cache_control.clone().or_else(|| context.cache_control.cloned()),
+            scopes: p.scopes.clone(),
+            signature: p.signature,
+            rate_limit,
+            credits,
+        })
+    }
+
+    /// For unmatched paths with no default policy: refused, under the default limits.
+    pub fn unmatched(context: &PolicyContext) -> Policy {
+        let defaults = context.defaults;
+        Policy {
+            name: "(unmatched)".to_owned(),
+            access: Access::Deny,
+            max_body_bytes: defaults.max_body_bytes,
+            content_types: lower_case(&defaults.content_types),
+            cache_control: context.cache_control.cloned(),
+            scopes: Vec::new(),
+            signature: false,
+            rate_limit: None,
+            credits: None,
+        }
+    }
 }
 
 #[derive(Debug)]

@@ -10,11 +10,11 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 
+use crate::common::backoff_seconds;
 use crate::credits::{self, Credits, Settlement};
 use crate::host::{Host, NANOS_PER_MS, NANOS_PER_SECOND};
 use crate::metrics::Metric;
 
-const MAX_BACKOFF_SECONDS: u64 = 30;
 /// Settlements one worker keeps, waiting and in flight. Past this a new one is dropped and
 /// logged: its hold then ends at the credit service's expiry, and a commit dropped is an
 /// under-charge, never an over-charge. At ~200 bytes a job, 4 MB at most.
@@ -168,8 +168,7 @@ impl Settler {
 
     fn retry_later(&mut self, host: &mut dyn Host, credits: &Credits, job: Job) -> Answer {
         let now = host.now_nanos();
-        let backoff = (1u64 << job.attempts.min(5)).min(MAX_BACKOFF_SECONDS);
-        let due = now.saturating_add(backoff * NANOS_PER_SECOND);
+        let due = now.saturating_add(backoff_seconds(job.attempts.saturating_add(1)) * NANOS_PER_SECOND);
         if due.saturating_sub(job.first_sent) > credits.retry_seconds * NANOS_PER_SECOND {
             log::error!(
                 "tollgate: gave up on the {} after {} attempts; the credit service's expiry releases it",

@@ -4,17 +4,29 @@
 use std::cell::{Cell, RefCell};
 use std::hash::{BuildHasher, RandomState};
 
-use crate::auth::ReplayCache;
+use crate::auth::{AuthState, ReplayCache};
 use crate::config::Config;
+use crate::host::Host;
+use crate::ratelimit::Table;
+use crate::replay::SeenSignatures;
 use crate::settle::Settler;
+use crate::slots;
 
 /// A JWKS whose `kid` is unknown is fetched again at most this often per provider and worker, so
 /// tokens with made-up key ids cannot make the gateway hammer the identity provider.
 const REFETCH_INTERVAL_SECONDS: u64 = 10;
 
+/// Everything mutable a worker keeps, so that `Config` stays what the operator wrote.
 pub struct Worker {
+    /// Per JWT provider: the remote key set and revocation list this worker loaded, and the
+    /// tokens it verified.
+    pub auth: AuthState,
+    /// Where this worker counts requests; `None` when no policy is rate-limited.
+    pub rate_table: Option<Table>,
     /// Signatures accepted recently, so a replay inside the skew window is refused.
     pub replays: RefCell<ReplayCache>,
+    /// Signatures any worker of the process accepted, in shared data.
+    pub seen_signatures: SeenSignatures,
     /// Per JWT provider: when its JWKS was last refetched for an unknown `kid`.
     refetched_at: RefCell<Vec<Option<u64>>>,
     /// Commits and releases in flight or waiting for a retry; the root context answers them.
@@ -25,10 +37,16 @@ pub struct Worker {
 }
 
 impl Worker {
-    pub fn new(config: &Config) -> Worker {
+    /// Opens what this worker shares with the others through `host` (the rate-limit table, the
+    /// slot-hash secret); the root context calls this when the plugin starts.
+    pub fn new(config: &Config, host: &mut dyn Host) -> Worker {
         let replays = config.auth.signatures().map_or_else(|| ReplayCache::new(0), |s| s.replay_cache());
+        let secret = slots::secret(host);
         Worker {
+            auth: AuthState::new(&config.auth),
+            rate_table: config.rate_limits.as_ref().map(|limits| Table::open(limits.layout(), secret, host)),
             replays: RefCell::new(replays),
+            seen_signatures: SeenSignatures::new(secret),
             refetched_at: RefCell::new(vec![None; config.auth.providers().len()]),
             settler: RefCell::new(Settler::default()),
             // RandomState is seeded from the OS (WASI random_get in Envoy).
@@ -60,5 +78,60 @@ impl Worker {
         }
         *last = Some(now);
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::fake::FakeHost;
+    use crate::ratelimit::Caller;
+
+    /// A public route limited to 3 per minute per address, and one API key per entry of `keys`.
+    fn config(per_minute: u64, keys: &[&str]) -> Config {
+        let sha256 =
+            |id: &str| -> String { hmac_sha256::Hash::hash(id.as_bytes()).map(|b| format!("{b:02x}")).concat() };
+        let keys: Vec<_> =
+            keys.iter().map(|id| serde_json::json!({"id": id, "sha256": sha256(id), "account": id})).collect();
+        let json = serde_json::json!({
+            "policies": {"p": {"access": "public", "rate_limit": {}}},
+            "routes": [{"prefix": "/", "policy": "p"}],
+            "rate_limits": {"anonymous": {"per_minute": per_minute}, "slots": 256},
+            "auth": {"api_keys": {"keys": keys}},
+        });
+        Config::from_json(json.to_string().as_bytes()).unwrap()
+    }
+
+    /// How many requests from one address the worker lets through now, up to 10.
+    fn passes(config: &Config, worker: &Worker, host: &mut FakeHost) -> usize {
+        let (Some(limits), Some(table)) = (&config.rate_limits, &worker.rate_table) else { panic!("not limited") };
+        let policy = config.routes.policy("p").unwrap().rate_limit.as_ref().unwrap();
+        let caller = Caller::Address(Some("203.0.113.7:4000"));
+        (0..10)
+            .take_while(|_| {
+                let now = host.now_nanos();
+                limits.check(table, host, policy, &caller, now).result.is_ok()
+            })
+            .count()
+    }
+
+    #[test]
+    fn a_config_edit_keeps_the_counts_unless_it_changes_the_limits() {
+        // After 3 of 3 a minute: what the same caller gets under the edited config.
+        let cases = [
+            ("adding an API key keeps the count", config(3, &["a", "b"]), 0),
+            (
+                "raising the limit starts afresh: a TAT counted under 3/min means something else under 5/min",
+                config(5, &["a"]),
+                5,
+            ),
+        ];
+        for (edit, after, passing) in cases {
+            // One process: the shared data outlives the VM of the old config.
+            let mut host = FakeHost::default();
+            let before = config(3, &["a"]);
+            assert_eq!(passes(&before, &Worker::new(&before, &mut host), &mut host), 3);
+            assert_eq!(passes(&after, &Worker::new(&after, &mut host), &mut host), passing, "{edit}");
+        }
     }
 }

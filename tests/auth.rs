@@ -551,3 +551,29 @@ fn a_remote_revocation_list_is_503_until_loaded_then_refuses_revoked_tokens() {
     assert!((served..=served + 3).contains(&fetches), "{fetches} fetches counted, {served} served");
     assert!(failures >= 1 && failures < fetches, "{failures} of {fetches} failed");
 }
+
+#[test]
+fn a_token_that_never_expires_or_signed_with_a_published_hmac_key_is_refused() {
+    let (gw, jwks) = jwks_gateway();
+    let es = ES256KeyPair::generate();
+    let hmac = [9u8; 32];
+    let mut keys = es256_jwks(&[(&es, "es")]);
+    // An identity provider that (wrongly) publishes an HMAC key: anyone who reads it can sign.
+    keys["keys"].as_array_mut().unwrap().push(json!({"kty": "oct", "kid": "hs", "alg": "HS256", "k": b64(&hmac)}));
+    jwks.set_reply(Some((200, keys)));
+    let good = remote_token(&es, "es");
+    assert_eq!(eventually(&gw, || bearer(&good), 200).status, 200, "the JWKS never loaded");
+
+    let mut c = claims(json!({"account": "remote-acct"}));
+    c.issuer = Some(REMOTE_ISSUER.to_owned());
+    let forged = HS256Key::from_bytes(&hmac).with_key_id("hs").authenticate(c).unwrap();
+    assert_problem(&gw.send(bearer(&forged)), 401, "invalid-credentials");
+
+    let mut c = claims(json!({"account": "remote-acct"}));
+    c.issuer = Some(REMOTE_ISSUER.to_owned());
+    c.expires_at = None;
+    let forever = ES256KeyPair::from_bytes(&es.to_bytes()).unwrap().with_key_id("es").sign(c).unwrap();
+    let resp = gw.send(bearer(&forever));
+    assert_problem(&resp, 401, "invalid-credentials");
+    assert!(resp.json()["detail"].as_str().unwrap().contains("exp"), "{}", resp.text());
+}

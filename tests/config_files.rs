@@ -109,6 +109,35 @@ fn tollgate_check_accepts_the_shipped_configs() {
 }
 
 #[test]
+fn tollgate_check_warns_about_a_config_that_relied_on_a_changed_default() {
+    let dir = std::env::temp_dir().join(format!("tollgate-warn-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = |scheme: &str| {
+        format!(
+            r#"{{"policies": {{}}, "auth": {{"signatures": {{{scheme}"secrets": [{{"account": "a",
+                "secret": "c2lnbmluZy1zZWNyZXQtb2YtYXQtbGVhc3QtMzItYnl0ZXM="}}]}}}}}}"#
+        )
+    };
+    for (scheme, warned) in [("", true), (r#""scheme": "content-digest", "#, false), (r#""scheme": "body", "#, false)] {
+        let file = dir.join("signed.json");
+        std::fs::write(&file, config(scheme)).unwrap();
+        let (ok, output) = tollgate_check(&file);
+        assert!(ok, "a warning is not an error: {output}");
+        assert_eq!(output.contains("warning: $.auth.signatures.scheme is not set"), warned, "{scheme}: {output}");
+    }
+    let file = dir.join("jwt.json");
+    std::fs::write(
+        &file,
+        r#"{"policies": {}, "auth": {"jwt": {"providers": [{"audiences": "any",
+            "secrets": [{"secret": "c2lnbmluZy1zZWNyZXQtb2YtYXQtbGVhc3QtMzItYnl0ZXM="}]}]}}}"#,
+    )
+    .unwrap();
+    let (ok, output) = tollgate_check(&file);
+    assert!(ok && output.contains("warning: $.auth.jwt.providers[0].required_claims is not set"), "{output}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn tollgate_check_names_the_field_at_fault() {
     let dir = std::env::temp_dir().join(format!("tollgate-check-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -136,6 +165,16 @@ fn tollgate_check_names_the_field_at_fault() {
         assert!(output.contains(expected), "{name}: {output}");
     }
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// envoy-native.yaml is envoy.yaml with the dynamic module for the Wasm filter: the plugin JSON must
+/// stay the same, so a change to one that misses the other fails here.
+#[test]
+fn the_native_example_carries_the_same_plugin_config() {
+    let wasm = plugin_configs(&repo().join("envoy/envoy.yaml"));
+    let native = plugin_configs(&repo().join("envoy/envoy-native.yaml"));
+    assert_eq!(wasm.len(), 1);
+    assert_eq!(native, wasm, "envoy/envoy-native.yaml's plugin config differs from envoy/envoy.yaml's");
 }
 
 #[test]

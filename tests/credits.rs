@@ -34,6 +34,7 @@ fn plugin_config(accounts: &[&str]) -> String {
             "api": billed(json!({})),
             "lenient": billed(json!({"on_failure": "allow"})),
             "batch": billed(json!({"multiplier_header": "x-units", "max_multiplier": 10})),
+            "revalidated": billed(json!({"bill_statuses": ["2xx", 304]})),
             "limited": limited,
             "free": {"access": "authenticated"}
         },
@@ -41,6 +42,7 @@ fn plugin_config(accounts: &[&str]) -> String {
             {"prefix": "/api", "policy": "api"},
             {"prefix": "/lenient", "policy": "lenient"},
             {"prefix": "/batch", "policy": "batch"},
+            {"prefix": "/revalidated", "policy": "revalidated"},
             {"prefix": "/limited", "policy": "limited"},
             {"prefix": "/free", "policy": "free"}
         ],
@@ -193,6 +195,8 @@ fn the_gateways_own_refusals_never_call_the_credit_service() {
         (json("/api/items").header("content-type", "text/xml").body(b"<x/>".to_vec()), 415),
         (call("/limited", "acme"), 429),
         (call("/batch", "acme").header("x-units", "11"), 400),
+        // Two multipliers: which one a backend reads is anyone's guess.
+        (call("/batch", "acme").header("x-units", "1").header("x-units", "9"), 400),
     ];
     for (request, status) in refused {
         let what = request.describe();
@@ -201,6 +205,36 @@ fn the_gateways_own_refusals_never_call_the_credit_service() {
     assert_eq!(gw.metric("tollgate_credit_callouts"), before, "a refusal made a callout");
     assert_eq!(kinds(&credits, "acme"), ["topup", "reserve", "commit"]);
     assert_eq!(gw.send(call("/free", "acme")).header("x-credits-charged"), None, "unbilled policies say nothing");
+}
+
+#[test]
+fn billing_cannot_be_dodged() {
+    let credits = CreditService::start();
+    credits.create_account("acme", 100);
+    let gw = Gateway::start(GatewayOptions {
+        plugin_config: Some(plugin_config(&["acme", "auth0|42"])),
+        credit_port: Some(credits.port()),
+        ..GatewayOptions::default()
+    });
+
+    // An account id the credit service refuses is a refusal, even where an outage would be let
+    // through unbilled.
+    let resp = gw.send(call("/lenient/items", "auth0|42"));
+    assert_problem(&resp, 403, "billing-refused");
+    assert!(gw.upstream().requests().is_empty(), "served without being billed");
+
+    // A usage report the client sends itself never reaches the upstream: the upstream reports.
+    let resp = gw.send(call("/api/items", "acme").header("x-actual-cost", "0"));
+    assert_eq!((resp.status, resp.header("x-credits-charged")), (200, Some("5")));
+    assert_eq!(gw.upstream().wait_for(1, Duration::from_secs(5))[0].header("x-actual-cost"), None);
+    assert_eq!(settled(&credits, "acme", Duration::from_secs(5)), 95);
+
+    // A policy may bill what its API counts as served: here a 304 too.
+    let resp = gw.send(call("/revalidated/items", "acme").header("x-upstream-status", "304"));
+    assert_eq!((resp.status, resp.header("x-credits-charged")), (304, Some("5")));
+    let resp = gw.send(call("/api/items", "acme").header("x-upstream-status", "304"));
+    assert_eq!((resp.status, resp.header("x-credits-charged")), (304, Some("0")), "2xx only by default");
+    assert_eq!(settled(&credits, "acme", Duration::from_secs(5)), 90);
 }
 
 #[test]
@@ -243,4 +277,25 @@ fn a_credit_service_crash_mid_load_neither_loses_nor_doubles_a_charge() {
         println!("  {kind}: {}", kinds.iter().filter(|k| *k == kind).count());
     }
     assert_eq!(committed, ok * COST, "charged exactly the 2xx responses the clients saw");
+}
+
+#[test]
+fn a_service_token_given_by_environment_variable_never_shows_in_the_config_dump() {
+    let credits = CreditService::start();
+    credits.create_account("acme", 100);
+    let mut config: serde_json::Value = serde_json::from_str(&plugin_config(&["acme"])).unwrap();
+    config["credits"]["service_token"] = json!({"env": "TOLLGATE_E2E_SERVICE_TOKEN"});
+    let gw = Gateway::start(GatewayOptions {
+        plugin_config: Some(config.to_string()),
+        credit_port: Some(credits.port()),
+        env: vec![("TOLLGATE_E2E_SERVICE_TOKEN".to_owned(), SERVICE_TOKEN.to_owned())],
+        mutate: Some(Box::new(|config| {
+            tollgate_filter(config)["typed_config"]["config"]["vm_config"]["environment_variables"] =
+                json!({"host_env_keys": ["TOLLGATE_E2E_SERVICE_TOKEN"]});
+        })),
+        ..GatewayOptions::default()
+    });
+    let resp = gw.send(call("/api/items", "acme"));
+    assert_eq!((resp.status, resp.header("x-credits-charged")), (200, Some("5")), "{}", resp.text());
+    assert!(!gw.admin("/config_dump").text().contains(SERVICE_TOKEN), "the token shows in /config_dump");
 }

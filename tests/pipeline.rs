@@ -131,6 +131,16 @@ fn across_the_callout(
     conversation.response().unwrap()
 }
 
+/// A billed gateway whose credit service (account `acme`, 100 credits) sits behind a closed gate.
+fn billed_gateway() -> (CreditService, Gate, Gateway) {
+    let credits = CreditService::start();
+    credits.create_account("acme", 100);
+    let gate = Gate::start(credits.port());
+    let jwks = Upstream::start();
+    let gw = gateway(true, Some(gate.port()), jwks.port());
+    (credits, gate, gw)
+}
+
 fn settled(credits: &CreditService, account: &str) -> (u64, u64) {
     let deadline = Instant::now() + WAIT;
     loop {
@@ -144,11 +154,7 @@ fn settled(credits: &CreditService, account: &str) -> (u64, u64) {
 
 #[test]
 fn a_signed_body_sent_during_the_reservation_is_verified_before_the_upstream_sees_it() {
-    let credits = CreditService::start();
-    credits.create_account("acme", 100);
-    let gate = Gate::start(credits.port());
-    let jwks = Upstream::start();
-    let gw = gateway(true, Some(gate.port()), jwks.port());
+    let (credits, gate, gw) = billed_gateway();
 
     let body = br#"{"amount": 5}"#;
     let ts = now();
@@ -181,11 +187,7 @@ fn a_signed_body_sent_during_the_reservation_is_verified_before_the_upstream_see
 
 #[test]
 fn the_body_limit_counts_chunks_sent_after_the_reservation_resumed_the_request() {
-    let credits = CreditService::start();
-    credits.create_account("acme", 100);
-    let gate = Gate::start(credits.port());
-    let jwks = Upstream::start();
-    let gw = gateway(true, Some(gate.port()), jwks.port());
+    let (credits, gate, gw) = billed_gateway();
 
     let headers = [("x-api-key", API_KEY.to_owned()), ("transfer-encoding", "chunked".to_owned())];
     let resp =
@@ -254,4 +256,33 @@ fn a_signature_checks_the_body_that_arrived_during_a_jwks_refetch() {
     assert_eq!(resp.status, 200, "a good signature over a body held during the refetch: {}", resp.text());
     let seen = gw.upstream().wait_until(WAIT, |r| r.iter().any(|r| r.path == "/signed/pay" && r.complete));
     assert_eq!(seen.iter().find(|r| r.path == "/signed/pay").unwrap().body, body.to_vec());
+}
+
+#[test]
+fn a_client_that_leaves_while_its_reservation_is_in_flight_holds_nothing() {
+    let (credits, gate, gw) = billed_gateway();
+
+    let mut conversation = Conversation::open(gw.port());
+    conversation.send(&head("/billed/items", &[("x-api-key", API_KEY.to_owned()), ("content-length", "0".to_owned())]));
+    gate.wait_for_request(WAIT);
+    drop(conversation);
+    // Envoy ends the stream when the client leaves; then the reservation goes through.
+    let deadline = Instant::now() + WAIT;
+    while gw.metric("envoy_http_downstream_rq_rx_reset") == 0
+        && gw.metric("envoy_http_downstream_cx_destroy_remote") == 0
+    {
+        assert!(Instant::now() < deadline, "Envoy never saw the client leave");
+        thread::sleep(Duration::from_millis(5));
+    }
+    gate.open();
+    let kinds = || -> Vec<String> {
+        credits.transactions("acme").iter().map(|t| t["kind"].as_str().unwrap().to_owned()).collect()
+    };
+    let deadline = Instant::now() + WAIT;
+    while kinds().len() < 3 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(kinds(), ["topup", "reserve", "release"], "the hold was released, not left to the service's expiry");
+    assert_eq!(credits.balance("acme"), (100, 0));
+    assert!(gw.upstream().requests().is_empty());
 }

@@ -128,6 +128,29 @@ fn client_identity_headers_never_reach_the_upstream() {
 }
 
 #[test]
+fn forged_identity_in_other_spellings_never_reaches_the_upstream() {
+    // Envoy's default (and Istio's) lets names with underscores through; CGI, Rack and PHP
+    // upstreams merge `x_tollgate_account` with `x-tollgate-account`. The shipped config refuses
+    // such names outright; the filter strips them where a listener allows them.
+    let gw = Gateway::start(GatewayOptions {
+        mutate: Some(Box::new(|config| {
+            hcm(config)["common_http_protocol_options"]["headers_with_underscores_action"] = "ALLOW".into();
+        })),
+        ..GatewayOptions::default()
+    });
+    let request = Request::get("/health")
+        .header("x_tollgate_account", "admin")
+        .header("X_Tollgate_Scopes", "admin")
+        .header("x-tollgate_tier", "enterprise")
+        .header("x_kept", "yes");
+    assert_eq!(gw.send(request).status, 200);
+    let seen = gw.upstream().wait_for(1, std::time::Duration::from_secs(5));
+    let names: Vec<String> = seen[0].headers.iter().map(|(n, _)| n.replace('_', "-")).collect();
+    assert!(names.iter().all(|n| !n.starts_with("x-tollgate-")), "forged identity reached the upstream: {names:?}");
+    assert!(names.iter().any(|n| n == "x-kept"), "{names:?}");
+}
+
+#[test]
 fn hsts_only_when_envoy_says_the_request_came_over_https() {
     // The edge config trusts no hop: a client claiming https is not believed.
     let gw = Gateway::start(GatewayOptions::default());

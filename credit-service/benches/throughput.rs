@@ -1,6 +1,7 @@
 //! `cargo bench -p tollgate-credit --bench throughput`: the release binary on a fresh SQLite file and on a
 //! fresh PostgreSQL database, each driven by concurrent clients doing what the gateway does per billed
-//! request (reserve, then commit). Prints the results and writes `build/bench-credit.md`.
+//! request (reserve, then commit), then by a few clients sending `POST /v1/batch` with 1,000 operations
+//! each. Prints the results and writes `build/bench-credit.md`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "benchmark driver")]
 
 #[path = "../tests/common/mod.rs"]
@@ -12,31 +13,69 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{Db, Service, SERVICE_TOKEN};
-use reqwest::StatusCode;
-use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
-const CLIENTS: usize = 16;
+const CLIENTS: usize = 64;
+const BATCH_CLIENTS: usize = 4;
+const BATCH: usize = 1000;
 const WARMUP: Duration = Duration::from_secs(1);
 const RUN: Duration = Duration::from_secs(10);
+const BATCH_RUN: Duration = Duration::from_secs(5);
 const INITIAL: i64 = 1_000_000_000;
+/// Linux reports process CPU time in clock ticks of 1/100 s.
+const TICK: Duration = Duration::from_millis(10);
 
 struct Figures {
     backend: &'static str,
-    pairs: usize,
-    errors: usize,
-    seconds: f64,
-    /// Latency of one reserve + commit pair, sorted.
-    latencies: Vec<Duration>,
+    /// Reserve + commit pairs, each over HTTP calls of its own.
+    pairs: Run,
+    /// Operations sent `BATCH` at a time through `POST /v1/batch`.
+    batched: Run,
 }
 
-impl Figures {
+struct Run {
+    done: usize,
+    errors: usize,
+    seconds: f64,
+    /// Latency of one pair (or one batch call), sorted.
+    latencies: Vec<Duration>,
+    /// CPU time the service spent during the run, all threads.
+    service_cpu: Duration,
+    /// CPU time every PostgreSQL process on the machine spent during the run.
+    database_cpu: Duration,
+}
+
+impl Run {
     fn per_second(&self) -> f64 {
-        self.pairs as f64 / self.seconds
+        self.done as f64 / self.seconds
     }
 
     fn percentile(&self, p: f64) -> Duration {
         let i = ((self.latencies.len() as f64 * p).ceil() as usize).clamp(1, self.latencies.len().max(1)) - 1;
         self.latencies.get(i).copied().unwrap_or_default()
+    }
+
+    fn cpu_per(&self, cpu: Duration) -> f64 {
+        cpu.as_secs_f64() * 1e6 / self.done.max(1) as f64
+    }
+
+    /// What the run did per second, its latency, the CPU per `unit` and its errors, as text.
+    fn cells(&self, unit: &str) -> [String; 6] {
+        [
+            format!("{:.0} {unit}s/s", self.per_second()),
+            format!("{:.2} ms", ms(self.percentile(0.50))),
+            format!("{:.2} ms", ms(self.percentile(0.99))),
+            format!("{:.1} µs/{unit}", self.cpu_per(self.service_cpu)),
+            format!("{:.1} µs/{unit}", self.cpu_per(self.database_cpu)),
+            self.errors.to_string(),
+        ]
+    }
+
+    /// The cells again, named, on one line for the terminal.
+    fn line(&self, unit: &str) -> String {
+        let names = ["", "p50 ", "p99 ", "service CPU ", "database CPU ", "errors "];
+        names.iter().zip(self.cells(unit)).map(|(name, cell)| format!("{name}{cell}")).collect::<Vec<_>>().join("  ")
     }
 }
 
@@ -47,22 +86,17 @@ async fn main() {
         let db = if backend == "SQLite" { Db::sqlite().await } else { Db::postgres().await };
         let svc = Service::start(&db);
         svc.funded_account("bench", INITIAL).await;
-        let (warmup_pairs, warmup_errors, _) = drive(&svc, WARMUP).await;
-        let (pairs, errors, latencies) = drive(&svc, RUN).await;
-        let figures = Figures { backend, pairs, errors, seconds: RUN.as_secs_f64(), latencies };
-        println!(
-            "{backend:<10} {:>8.0} pairs/s   p50 {:>6.2} ms   p99 {:>6.2} ms   errors {}",
-            figures.per_second(),
-            ms(figures.percentile(0.50)),
-            ms(figures.percentile(0.99)),
-            figures.errors
-        );
+        let warmup = measure(&svc, || pairs(&svc, WARMUP)).await;
+        let pairs = measure(&svc, || pairs(&svc, RUN)).await;
+        println!("{backend:<10} pairs    {}", pairs.line("pair"));
+        let batched = measure(&svc, || batches(&svc, BATCH_RUN)).await;
+        println!("{backend:<10} batched  {}", batched.line("op"));
         // Each pair charged 2 of the 3 it held; nothing may be left held or lost under load.
-        if warmup_errors + errors == 0 {
-            let spent = 2 * i64::try_from(warmup_pairs + pairs).unwrap();
+        if warmup.errors + pairs.errors + batched.errors == 0 {
+            let spent = 2 * i64::try_from(warmup.done + pairs.done + batched.done / 2).unwrap();
             assert_eq!(svc.balance("bench").await, (INITIAL - spent, 0));
         }
-        results.push(figures);
+        results.push(Figures { backend, pairs, batched });
     }
     let report = report(&results);
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../build/bench-credit.md");
@@ -71,99 +105,229 @@ async fn main() {
     println!("wrote {}", out.canonicalize().unwrap().display());
 }
 
+/// What `drive` does, with the CPU the service and the database spent doing it.
+async fn measure<F: std::future::Future<Output = (usize, usize, Vec<Duration>)>>(
+    svc: &Service,
+    drive: impl FnOnce() -> F,
+) -> Run {
+    let (service, database) = (cpu(&[svc.pid()]), cpu(&postgres_pids()));
+    let started = Instant::now();
+    let (done, errors, mut latencies) = drive().await;
+    let seconds = started.elapsed().as_secs_f64();
+    latencies.sort();
+    Run {
+        done,
+        errors,
+        seconds,
+        latencies,
+        service_cpu: cpu(&[svc.pid()]).saturating_sub(service),
+        database_cpu: cpu(&postgres_pids()).saturating_sub(database),
+    }
+}
+
 /// `CLIENTS` loops of reserve + commit for `length`; returns pairs done, errors and each pair's latency.
-async fn drive(svc: &Service, length: Duration) -> (usize, usize, Vec<Duration>) {
+async fn pairs(svc: &Service, length: Duration) -> (usize, usize, Vec<Duration>) {
+    clients(svc, CLIENTS, length, |mut conn, client, run, deadline| async move {
+        let (mut latencies, mut errors) = (Vec::new(), 0);
+        let mut n = 0u64;
+        while Instant::now() < deadline {
+            n += 1;
+            let started = Instant::now();
+            let body =
+                format!(r#"{{"account":"bench","amount":3,"request_id":"run{run}-{client}-{n}","route":"/api"}}"#);
+            let (status, reserved) = conn.post("/v1/reservations", &body).await;
+            if status != 201 {
+                eprintln!("reserve: {status} {reserved}");
+                errors += 1;
+                continue;
+            }
+            let id = field(&reserved, "reservation_id");
+            let (status, committed) = conn.post(&format!("/v1/reservations/{id}/commit"), r#"{"amount":2}"#).await;
+            if status == 200 {
+                latencies.push(started.elapsed());
+            } else {
+                eprintln!("commit: {status} {committed}");
+                errors += 1;
+            }
+        }
+        (latencies.len(), errors, latencies)
+    })
+    .await
+}
+
+/// `BATCH_CLIENTS` loops of one batch of `BATCH` reservations, then one batch committing them, for
+/// `length`; returns operations done, failed operations and each batch call's latency.
+async fn batches(svc: &Service, length: Duration) -> (usize, usize, Vec<Duration>) {
+    clients(svc, BATCH_CLIENTS, length, |mut conn, client, run, deadline| async move {
+        let (mut latencies, mut errors, mut done) = (Vec::new(), 0, 0);
+        let mut n = 0u64;
+        while Instant::now() < deadline {
+            let reserves: Vec<String> = (0..BATCH)
+                .map(|_| {
+                    n += 1;
+                    format!(
+                        r#"{{"op":"reserve","account":"bench","amount":3,"request_id":"batch{run}-{client}-{n}","route":"/api"}}"#
+                    )
+                })
+                .collect();
+            let started = Instant::now();
+            let (status, answer) = conn.post("/v1/batch", &operations(&reserves)).await;
+            latencies.push(started.elapsed());
+            assert_eq!(status, 200, "{answer}");
+            let answer: serde_json::Value = serde_json::from_str(&answer).unwrap();
+            let mut commits = Vec::with_capacity(BATCH);
+            for result in answer["results"].as_array().unwrap() {
+                if result["status"] == 201 {
+                    let id = result["body"]["reservation_id"].as_str().unwrap();
+                    commits.push(format!(r#"{{"op":"commit","reservation_id":"{id}","amount":2}}"#));
+                } else {
+                    errors += 1;
+                }
+            }
+            let started = Instant::now();
+            let (status, answer) = conn.post("/v1/batch", &operations(&commits)).await;
+            latencies.push(started.elapsed());
+            assert_eq!(status, 200, "{answer}");
+            let answer: serde_json::Value = serde_json::from_str(&answer).unwrap();
+            let committed = answer["results"].as_array().unwrap().iter().filter(|r| r["status"] == 200).count();
+            errors += commits.len() - committed;
+            done += commits.len() + committed;
+        }
+        (done, errors, latencies)
+    })
+    .await
+}
+
+/// Runs `n` clients, each `client(connection, its number, the run's number, deadline)` on a
+/// connection of its own; adds up what they did, failed and waited.
+async fn clients<F, C>(svc: &Service, n: usize, length: Duration, client: C) -> (usize, usize, Vec<Duration>)
+where
+    C: Fn(Conn, usize, usize, Instant) -> F,
+    F: std::future::Future<Output = (usize, usize, Vec<Duration>)> + Send + 'static,
+{
     // Request ids must not repeat across runs, or the service would answer replays.
     static RUNS: AtomicUsize = AtomicUsize::new(0);
     let run = RUNS.fetch_add(1, Ordering::Relaxed);
     let deadline = Instant::now() + length;
-    let clients: Vec<_> = (0..CLIENTS)
-        .map(|client| {
-            let http = svc.http.clone();
-            let base = svc.base.clone();
-            tokio::spawn(async move {
-                let (mut latencies, mut errors) = (Vec::new(), 0);
-                let mut n = 0u64;
-                while Instant::now() < deadline {
-                    n += 1;
-                    let started = Instant::now();
-                    let request_id = format!("run{}-{client}-{n}", run);
-                    let body = json!({ "account": "bench", "amount": 3, "request_id": request_id, "route": "/api" });
-                    let reserved = http
-                        .post(format!("{base}/v1/reservations"))
-                        .bearer_auth(SERVICE_TOKEN)
-                        .json(&body)
-                        .send()
-                        .await;
-                    let Ok(reserved) = reserved.map_err(|e| eprintln!("reserve: {e}")) else {
-                        errors += 1;
-                        continue;
-                    };
-                    if reserved.status() != StatusCode::CREATED {
-                        eprintln!("reserve: {}", reserved.status());
-                        errors += 1;
-                        continue;
-                    }
-                    let id = reserved.json::<serde_json::Value>().await.unwrap()["reservation_id"]
-                        .as_str()
-                        .unwrap()
-                        .to_owned();
-                    let committed = http
-                        .post(format!("{base}/v1/reservations/{id}/commit"))
-                        .bearer_auth(SERVICE_TOKEN)
-                        .json(&json!({ "amount": 2 }))
-                        .send()
-                        .await;
-                    match committed {
-                        Ok(r) if r.status() == StatusCode::OK => latencies.push(started.elapsed()),
-                        other => {
-                            eprintln!("commit: {other:?}");
-                            errors += 1;
-                        }
-                    }
-                }
-                (latencies, errors)
-            })
-        })
-        .collect();
-    let (mut all, mut errors) = (Vec::new(), 0);
-    for client in clients {
-        let (latencies, failed) = client.await.unwrap();
-        all.extend(latencies);
-        errors += failed;
+    let address = svc.base.strip_prefix("http://").unwrap();
+    let mut running = Vec::with_capacity(n);
+    for i in 0..n {
+        running.push(tokio::spawn(client(Conn::open(address).await, i, run, deadline)));
     }
-    all.sort();
-    (all.len(), errors, all)
+    let (mut done, mut errors, mut all) = (0, 0, Vec::new());
+    for one in running {
+        let (did, failed, latencies) = one.await.unwrap();
+        done += did;
+        errors += failed;
+        all.extend(latencies);
+    }
+    (done, errors, all)
+}
+
+fn operations(ops: &[String]) -> String {
+    format!(r#"{{"operations":[{}]}}"#, ops.join(","))
+}
+
+/// A keep-alive HTTP/1.1 connection that does just what the benchmark needs. A general client
+/// costs tens of microseconds a call, which on a shared 2-core machine the service would pay for.
+struct Conn {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Conn {
+    async fn open(address: &str) -> Self {
+        let stream = TcpStream::connect(address).await.unwrap();
+        stream.set_nodelay(true).unwrap();
+        Self { stream, buf: Vec::with_capacity(64 * 1024) }
+    }
+
+    /// Posts `body` with the service token; the status and the body of the answer.
+    async fn post(&mut self, path: &str, body: &str) -> (u16, String) {
+        let request = format!(
+            "POST {path} HTTP/1.1\r\nhost: credit\r\nauthorization: Bearer {SERVICE_TOKEN}\r\n\
+             content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        self.stream.write_all(request.as_bytes()).await.unwrap();
+        loop {
+            if let Some(end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = std::str::from_utf8(&self.buf[..end]).unwrap();
+                let status = head[9..12].parse().unwrap();
+                let length = head
+                    .lines()
+                    .filter_map(|line| line.split_once(':'))
+                    .find(|(name, _)| name.eq_ignore_ascii_case("content-length"))
+                    .map_or(0, |(_, value)| value.trim().parse().unwrap());
+                if self.buf.len() >= end + 4 + length {
+                    let body = String::from_utf8(self.buf[end + 4..end + 4 + length].to_vec()).unwrap();
+                    self.buf.drain(..end + 4 + length);
+                    return (status, body);
+                }
+            }
+            assert!(self.stream.read_buf(&mut self.buf).await.unwrap() > 0, "the service closed the connection");
+        }
+    }
+}
+
+/// A string field of a flat JSON object, without parsing all of it.
+fn field<'a>(json: &'a str, name: &str) -> &'a str {
+    let start = json.find(&format!(r#""{name}":""#)).unwrap() + name.len() + 4;
+    let end = json[start..].find('"').unwrap();
+    &json[start..start + end]
+}
+
+/// User plus system CPU time of the processes, all their threads.
+fn cpu(pids: &[u32]) -> Duration {
+    let ticks: u32 = pids
+        .iter()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+        .filter_map(|stat| {
+            // Fields after the command name, which may hold spaces: state is field 3, utime 14, stime 15.
+            let rest = &stat[stat.rfind(')')? + 2..];
+            let fields: Vec<&str> = rest.split(' ').collect();
+            Some(fields.get(11)?.parse::<u32>().ok()? + fields.get(12)?.parse::<u32>().ok()?)
+        })
+        .sum();
+    TICK * ticks
+}
+
+fn postgres_pids() -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|comm| comm.trim() == "postgres"))
+        .collect()
 }
 
 fn report(results: &[Figures]) -> String {
     let mut md = String::from("# Credit service throughput\n\n");
     let _ = writeln!(
         md,
-        "`cargo bench -p tollgate-credit --bench throughput`: {CLIENTS} concurrent clients, each doing what the \
-         gateway does per billed request — `POST /v1/reservations`, then `POST /v1/reservations/{{id}}/commit` — \
-         in a loop for {} s after {} s of warm-up, over keep-alive HTTP/1.1 on loopback, against the release \
-         binary. Clients, service and database share this machine ({} cores).\n",
+        "`cargo bench -p tollgate-credit --bench throughput`, against the release binary over keep-alive \
+         HTTP/1.1 on loopback. Clients, service and database share this machine ({} cores).\n\n\
+         - **pairs**: {CLIENTS} concurrent clients, each doing what the gateway does per billed request — \
+         `POST /v1/reservations`, then `POST /v1/reservations/{{id}}/commit` — in a loop for {} s after {} s \
+         of warm-up; latency is the pair's.\n\
+         - **batched**: {BATCH_CLIENTS} clients, each sending `POST /v1/batch` with {BATCH} reservations, then \
+         one with {BATCH} commits of them, for {} s; a row counts operations, latency is one batch call's.\n\
+         - CPU is user + system time over the run: the service's process, and every `postgres` process \
+         on the machine (PostgreSQL only).\n",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
         RUN.as_secs(),
         WARMUP.as_secs(),
-        std::thread::available_parallelism().map_or(0, |n| n.get())
+        BATCH_RUN.as_secs(),
     );
-    md.push_str("| backend | reserve+commit pairs/s | p50 pair latency | p99 pair latency | errors |\n");
-    md.push_str("| --- | ---: | ---: | ---: | ---: |\n");
+    md.push_str("| backend | load | throughput | p50 latency | p99 latency | service CPU | database CPU | errors |\n");
+    md.push_str("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n");
     for f in results {
-        let _ = writeln!(
-            md,
-            "| {} | {:.0} | {:.2} ms | {:.2} ms | {} |",
-            f.backend,
-            f.per_second(),
-            ms(f.percentile(0.50)),
-            ms(f.percentile(0.99)),
-            f.errors
-        );
+        for (load, run, unit) in [("pairs", &f.pairs, "pair"), ("batched", &f.batched, "op")] {
+            let _ = writeln!(md, "| {} | {load} | {} |", f.backend, run.cells(unit).join(" | "));
+        }
     }
     md.push_str(
-        "\nSQLite runs in WAL mode with `synchronous = FULL` and one writer connection, so every commit waits \
-         for its fsync; PostgreSQL is the machine's server with its own settings.\n",
+        "\nSQLite runs in WAL mode with `synchronous = FULL`: every group commit waits for its fsync. \
+         PostgreSQL is the machine's server with its own settings.\n",
     );
     md
 }

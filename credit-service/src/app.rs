@@ -9,19 +9,22 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, Request, State};
 use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
-use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use subtle::ConstantTimeEq;
 
-use crate::error::AppError;
-use crate::ledger::{Ledger, MAX_AMOUNT};
+use crate::error::{AppError, LedgerError};
+use crate::ledger::{Op, Outcome, MAX_AMOUNT};
+use crate::store::Ledger;
 
 /// Request bodies are a few short fields; anything larger is a mistake or an attack.
 const MAX_BODY: usize = 16 * 1024;
+/// The most operations one `POST /v1/batch` may carry, and the body that can hold them.
+const MAX_BATCH: usize = 1000;
+const MAX_BATCH_BODY: usize = 1024 * 1024;
 /// The longest request id, route or reference kept.
 const MAX_TEXT: usize = 256;
 const MAX_ACCOUNT_ID: usize = 128;
@@ -54,24 +57,13 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/v1/reservations", post(reserve))
         .route("/v1/reservations/{id}/commit", post(commit))
         .route("/v1/reservations/{id}/release", post(release))
+        .route("/v1/batch", post(batch).layer(DefaultBodyLimit::max(MAX_BATCH_BODY)))
         .fallback(|| async { AppError::NoRoute })
         .method_not_allowed_fallback(|| async { AppError::MethodNotAllowed })
+        // A client that hangs up drops its handler, harmlessly: a write it queued is finished by
+        // the ledger's writer anyway (see store.rs), and a read holds no transaction.
         .layer(DefaultBodyLimit::max(MAX_BODY))
-        .layer(middleware::from_fn(to_completion))
         .with_state(state)
-}
-
-/// Runs each request to its end in a task of its own, whether or not the client stays for the
-/// answer. Hyper drops a handler's future when its connection closes, and a ledger transaction
-/// dropped just after sqlx's BEGIN leaves the one SQLite writer connection inside a transaction
-/// for good, failing every later write. A gateway closes the connection whenever a callout
-/// times out, so that is no corner case. The work is idempotent by request id, so finishing it
-/// is also what a retrying client expects.
-async fn to_completion(request: Request, next: Next) -> Response {
-    match tokio::spawn(next.run(request)).await {
-        Ok(response) => response,
-        Err(failed) => AppError::TaskFailed(failed.to_string()).into_response(),
-    }
 }
 
 // ---- who may call what -------------------------------------------------------------------------
@@ -152,26 +144,32 @@ impl<S: Send + Sync> FromRequestParts<S> for ReservationId {
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, AppError> {
         let Path(id) = Path::<String>::from_request_parts(parts, state).await.map_err(|_| AppError::NoRoute)?;
-        let ours = id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
-        if ours {
-            Ok(Self(id))
-        } else {
-            Err(crate::error::LedgerError::ReservationNotFound(id).into())
-        }
+        reservation_id(id).map(Self)
     }
 }
 
-/// A JSON body of type `T`. An empty body reads as `{}`, so calls whose fields are all optional
-/// (commit, release, account creation) may send none.
-struct Body<T>(T);
+/// A reservation id that can be ours; any other is simply not found, without a lookup.
+fn reservation_id(id: String) -> Result<String, AppError> {
+    let ours = id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    if ours {
+        Ok(id)
+    } else {
+        Err(LedgerError::ReservationNotFound(id).into())
+    }
+}
 
-impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
+/// A JSON body of type `T`, of at most `LIMIT` bytes (the route's `DefaultBodyLimit`). An empty
+/// body reads as `{}`, so calls whose fields are all optional (commit, release, account creation)
+/// may send none.
+struct Body<T, const LIMIT: usize = MAX_BODY>(T);
+
+impl<T: DeserializeOwned, S: Send + Sync, const LIMIT: usize> FromRequest<S> for Body<T, LIMIT> {
     type Rejection = AppError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, AppError> {
         let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
             if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                AppError::BodyTooLarge(MAX_BODY)
+                AppError::BodyTooLarge(LIMIT)
             } else {
                 AppError::UnreadableBody
             }
@@ -301,6 +299,47 @@ struct EntryView {
     created_at: String,
 }
 
+/// One operation of `POST /v1/batch`: the body of the single call, with `op` saying which, and the
+/// reservation id (which the single call takes from its path) as a field.
+#[derive(Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+enum BatchOp {
+    Reserve(ReserveRequest),
+    Commit {
+        reservation_id: String,
+        #[serde(default)]
+        amount: Option<i64>,
+    },
+    Release {
+        reservation_id: String,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchRequest {
+    operations: Vec<BatchOp>,
+}
+
+#[derive(Serialize)]
+struct BatchResponse {
+    results: Vec<BatchResult>,
+}
+
+/// What the single call would have answered: its status and its JSON body.
+#[derive(Serialize)]
+struct BatchResult {
+    status: u16,
+    body: BatchBody,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum BatchBody {
+    Answer(Answer),
+    Error(Value),
+}
+
 #[derive(Serialize)]
 struct Reserved {
     reservation_id: String,
@@ -319,6 +358,16 @@ struct Released {
     balance: i64,
 }
 
+/// The body of a reservation, a commit or a release, whether it answers a call of its own or is
+/// one result of a batch.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Answer {
+    Reserved(Reserved),
+    Committed(Committed),
+    Released(Released),
+}
+
 /// 201 for what this call created, 200 for what an earlier call did.
 fn created_if(created: bool) -> StatusCode {
     if created {
@@ -331,6 +380,11 @@ fn created_if(created: bool) -> StatusCode {
 type Reply<T> = Result<(StatusCode, Json<T>), AppError>;
 type St = State<Arc<AppState>>;
 
+/// An outcome the operation cannot have: a bug, answered as one.
+fn unexpected(outcome: Outcome) -> AppError {
+    LedgerError::Internal(format!("unexpected outcome {outcome:?}")).into()
+}
+
 // ---- handlers ------------------------------------------------------------------------------------
 
 async fn create_account(
@@ -339,8 +393,12 @@ async fn create_account(
     AccountId(id): AccountId,
     _: Body<Empty>,
 ) -> Reply<AccountCreated> {
-    let (account, created) = s.ledger.create_account(&id).await?;
-    Ok((created_if(created), Json(AccountCreated { account: id, balance: account.balance })))
+    match s.ledger.one(Op::CreateAccount { account: id.clone() }).await? {
+        Outcome::Account { account, created } => {
+            Ok((created_if(created), Json(AccountCreated { account: id, balance: account.balance })))
+        }
+        other => Err(unexpected(other)),
+    }
 }
 
 async fn get_account(_: Caller<AnyRole>, State(s): St, AccountId(id): AccountId) -> Reply<AccountView> {
@@ -356,8 +414,13 @@ async fn top_up(
 ) -> Reply<TopUpView> {
     let amount = amount("amount", req.amount)?;
     let reference = text("reference", req.reference)?;
-    let done = s.ledger.top_up(&id, amount, &reference).await?;
-    Ok((created_if(!done.replayed), Json(TopUpView { balance: done.balance, transaction_id: done.transaction_id })))
+    match s.ledger.one(Op::TopUp { account: id, amount, reference }).await? {
+        Outcome::TopUp(done) => Ok((
+            created_if(!done.replayed),
+            Json(TopUpView { balance: done.balance, transaction_id: done.transaction_id }),
+        )),
+        other => Err(unexpected(other)),
+    }
 }
 
 async fn transactions(
@@ -387,13 +450,9 @@ async fn transactions(
     Ok((StatusCode::OK, Json(Transactions { account: id, transactions })))
 }
 
-async fn reserve(_: Caller<Service>, State(s): St, Body(req): Body<ReserveRequest>) -> Reply<Reserved> {
-    let account = account_id(req.account)?;
-    let amount = amount("amount", req.amount)?;
-    let request_id = text("request_id", req.request_id)?;
-    let route = text("route", req.route)?;
-    let hold = s.ledger.reserve(&account, amount, &request_id, &route).await?;
-    Ok((created_if(!hold.replayed), Json(Reserved { reservation_id: hold.reservation_id, balance: hold.balance })))
+async fn reserve(_: Caller<Service>, State(s): St, Body(req): Body<ReserveRequest>) -> Reply<Answer> {
+    let (status, answer) = answer(s.ledger.one(reserve_op(req)?).await)?;
+    Ok((status, Json(answer)))
 }
 
 async fn commit(
@@ -401,19 +460,92 @@ async fn commit(
     State(s): St,
     ReservationId(id): ReservationId,
     Body(req): Body<CommitRequest>,
-) -> Reply<Committed> {
-    let (charged, balance) = s.ledger.commit(&id, charge(req.amount)?).await?;
-    Ok((StatusCode::OK, Json(Committed { charged, balance })))
+) -> Reply<Answer> {
+    let op = Op::Commit { reservation: id, amount: charge(req.amount)? };
+    let (status, answer) = answer(s.ledger.one(op).await)?;
+    Ok((status, Json(answer)))
 }
 
-async fn release(
+async fn release(_: Caller<Service>, State(s): St, ReservationId(id): ReservationId, _: Body<Empty>) -> Reply<Answer> {
+    let (status, answer) = answer(s.ledger.one(Op::Release { reservation: id }).await)?;
+    Ok((status, Json(answer)))
+}
+
+/// Many reservations, commits and releases in one call and one group commit; each answered with
+/// exactly what its single call would have answered. The call itself fails only when the token or
+/// the envelope is wrong.
+async fn batch(
     _: Caller<Service>,
     State(s): St,
-    ReservationId(id): ReservationId,
-    _: Body<Empty>,
-) -> Reply<Released> {
-    let (released, balance) = s.ledger.release(&id).await?;
-    Ok((StatusCode::OK, Json(Released { released, balance })))
+    Body(req): Body<BatchRequest, MAX_BATCH_BODY>,
+) -> Reply<BatchResponse> {
+    if req.operations.is_empty() || req.operations.len() > MAX_BATCH {
+        return Err(AppError::InvalidField { field: "operations", reason: "must hold 1 to 1000 operations" });
+    }
+    // Operations that fail validation are answered without reaching the ledger; their slot stays
+    // filled while the rest are submitted together.
+    let mut answers: Vec<Option<Result<(StatusCode, Answer), AppError>>> = Vec::with_capacity(req.operations.len());
+    let mut ops = Vec::with_capacity(req.operations.len());
+    for op in req.operations {
+        match batch_op(op) {
+            Ok(op) => {
+                ops.push(op);
+                answers.push(None);
+            }
+            Err(refused) => answers.push(Some(Err(refused))),
+        }
+    }
+    let mut outcomes = s.ledger.submit(ops).await.into_iter();
+    let results = answers
+        .into_iter()
+        .map(|checked| {
+            let answered = checked.unwrap_or_else(|| answer(outcomes.next().unwrap_or(Err(LedgerError::WriterGone))));
+            match answered {
+                Ok((status, answer)) => BatchResult { status: status.as_u16(), body: BatchBody::Answer(answer) },
+                Err(refused) => {
+                    let (status, body) = refused.parts();
+                    BatchResult { status: status.as_u16(), body: BatchBody::Error(body) }
+                }
+            }
+        })
+        .collect();
+    Ok((StatusCode::OK, Json(BatchResponse { results })))
+}
+
+fn reserve_op(req: ReserveRequest) -> Result<Op, AppError> {
+    Ok(Op::Reserve {
+        account: account_id(req.account)?,
+        amount: amount("amount", req.amount)?,
+        request_id: text("request_id", req.request_id)?,
+        route: text("route", req.route)?,
+    })
+}
+
+fn batch_op(op: BatchOp) -> Result<Op, AppError> {
+    match op {
+        BatchOp::Reserve(req) => reserve_op(req),
+        BatchOp::Commit { reservation_id: id, amount } => {
+            Ok(Op::Commit { reservation: reservation_id(id)?, amount: charge(amount)? })
+        }
+        BatchOp::Release { reservation_id: id } => Ok(Op::Release { reservation: reservation_id(id)? }),
+    }
+}
+
+/// The status and body of a reservation's, a commit's or a release's outcome.
+fn answer(outcome: Result<Outcome, LedgerError>) -> Result<(StatusCode, Answer), AppError> {
+    match outcome? {
+        Outcome::Hold(hold) => Ok((
+            created_if(!hold.replayed),
+            Answer::Reserved(Reserved { reservation_id: hold.reservation_id, balance: hold.balance }),
+        )),
+        Outcome::Committed { charged, balance } => {
+            Ok((StatusCode::OK, Answer::Committed(Committed { charged, balance })))
+        }
+        Outcome::Released { released, balance } => {
+            Ok((StatusCode::OK, Answer::Released(Released { released, balance })))
+        }
+        other => Err(unexpected(other)),
+    }
 }
 
 fn rfc3339(ms: i64) -> String {

@@ -26,9 +26,20 @@ pub enum LedgerError {
     #[error("--database must be sqlite://PATH, sqlite:PATH or postgres://… (got a {0:?} URL)")]
     UnsupportedUrl(String),
     #[error("applying migration {version} ({name}): {source}")]
-    Migration { version: i64, name: &'static str, source: sqlx::Error },
+    Migration { version: i64, name: &'static str, source: Box<LedgerError> },
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
+    #[error("SQLite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The transaction of a whole batch failed; each of its operations carries the one error.
+    #[error("{0}")]
+    Batch(std::sync::Arc<LedgerError>),
+    #[error("the ledger's writer has stopped")]
+    WriterGone,
+    #[error("the database holds an unexpected value in {0}")]
+    Corrupt(&'static str),
+    #[error("{0}")]
+    Internal(String),
 }
 
 /// Everything a request can end in besides success.
@@ -52,14 +63,11 @@ pub enum AppError {
     MethodNotAllowed,
     #[error(transparent)]
     Ledger(#[from] LedgerError),
-    #[error("the request's task failed: {0}")]
-    TaskFailed(String),
 }
 
 impl AppError {
     /// The status and stable code of each error; also what the README's error table lists.
     fn status_and_code(&self) -> (StatusCode, &'static str) {
-        use LedgerError as L;
         match self {
             Self::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
             Self::InvalidJson(_) | Self::UnreadableBody => (StatusCode::BAD_REQUEST, "invalid_json"),
@@ -68,48 +76,13 @@ impl AppError {
             Self::InvalidField { .. } => (StatusCode::BAD_REQUEST, "invalid_field"),
             Self::NoRoute => (StatusCode::NOT_FOUND, "not_found"),
             Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
-            Self::TaskFailed(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
-            Self::Ledger(e) => match e {
-                L::AccountNotFound(_) => (StatusCode::NOT_FOUND, "account_not_found"),
-                L::ReservationNotFound(_) => (StatusCode::NOT_FOUND, "reservation_not_found"),
-                L::InsufficientCredits { .. } => (StatusCode::PAYMENT_REQUIRED, "insufficient_credits"),
-                L::ReservationReleased { .. } => (StatusCode::CONFLICT, "reservation_released"),
-                L::ReservationCommitted => (StatusCode::CONFLICT, "reservation_committed"),
-                L::AmountExceedsReservation { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "amount_exceeds_reservation"),
-                L::BalanceLimit { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "balance_limit"),
-                L::Database(db) if is_unavailable(db) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
-                L::UnsupportedUrl(_) | L::Migration { .. } | L::Database(_) => {
-                    (StatusCode::INTERNAL_SERVER_ERROR, "internal")
-                }
-            },
+            Self::Ledger(e) => ledger_status(e),
         }
     }
-}
 
-/// Errors a retry may get past: the database is down, overloaded, or busy. The gateway's failure mode
-/// handles a 503 differently from a bug.
-fn is_unavailable(error: &sqlx::Error) -> bool {
-    match error {
-        sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => true,
-        sqlx::Error::WorkerCrashed => true,
-        sqlx::Error::Database(db) => {
-            let code = db.code().unwrap_or_default();
-            if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
-                // BUSY, LOCKED, IOERR, FULL, CANTOPEN, with their extended codes.
-                code.parse::<i32>().is_ok_and(|n| matches!(n & 0xff, 5 | 6 | 10 | 13 | 14))
-            } else {
-                // PostgreSQL classes: connection exception, invalid authorization, transaction
-                // rollback (serialization failure, deadlock), invalid catalog (the database is
-                // gone), insufficient resources, operator intervention.
-                ["08", "28", "40", "3D", "53", "57"].iter().any(|class| code.starts_with(class))
-            }
-        }
-        _ => false,
-    }
-}
-
-impl IntoResponse for AppError {
-    fn into_response(self) -> Response {
+    /// The status and the JSON body `{error, message, …}` this error answers with, alone or as one
+    /// result in a batch. Server errors are logged here, with the details the body leaves out.
+    pub fn parts(&self) -> (StatusCode, Value) {
         let (status, code) = self.status_and_code();
         let message = if status.is_server_error() {
             // The details (SQL, host names, paths) go to the log, never to the caller.
@@ -131,6 +104,60 @@ impl IntoResponse for AppError {
             }
             _ => {}
         }
+        (status, body)
+    }
+}
+
+fn ledger_status(e: &LedgerError) -> (StatusCode, &'static str) {
+    use LedgerError as L;
+    match e {
+        L::AccountNotFound(_) => (StatusCode::NOT_FOUND, "account_not_found"),
+        L::ReservationNotFound(_) => (StatusCode::NOT_FOUND, "reservation_not_found"),
+        L::InsufficientCredits { .. } => (StatusCode::PAYMENT_REQUIRED, "insufficient_credits"),
+        L::ReservationReleased { .. } => (StatusCode::CONFLICT, "reservation_released"),
+        L::ReservationCommitted => (StatusCode::CONFLICT, "reservation_committed"),
+        L::AmountExceedsReservation { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "amount_exceeds_reservation"),
+        L::BalanceLimit { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "balance_limit"),
+        L::Batch(inner) => ledger_status(inner),
+        L::Database(db) if is_unavailable(db) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+        L::Sqlite(db) if sqlite_unavailable(db) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+        L::WriterGone => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+        L::UnsupportedUrl(_) | L::Migration { .. } | L::Database(_) | L::Sqlite(_) | L::Corrupt(_) | L::Internal(_) => {
+            (StatusCode::INTERNAL_SERVER_ERROR, "internal")
+        }
+    }
+}
+
+/// SQLite's BUSY, LOCKED, IOERR, FULL and CANTOPEN: another process holds the file, or the disk
+/// is in trouble. A retry may get past them.
+fn sqlite_unavailable(error: &rusqlite::Error) -> bool {
+    use rusqlite::ErrorCode as C;
+    matches!(
+        error.sqlite_error_code(),
+        Some(C::DatabaseBusy | C::DatabaseLocked | C::SystemIoFailure | C::DiskFull | C::CannotOpen)
+    )
+}
+
+/// Errors a retry may get past: the database is down, overloaded, or busy. The gateway's failure mode
+/// handles a 503 differently from a bug.
+fn is_unavailable(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => true,
+        sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => {
+            // PostgreSQL classes: connection exception, invalid authorization, transaction
+            // rollback (serialization failure, deadlock), invalid catalog (the database is
+            // gone), insufficient resources, operator intervention.
+            let code = db.code().unwrap_or_default();
+            ["08", "28", "40", "3D", "53", "57"].iter().any(|class| code.starts_with(class))
+        }
+        _ => false,
+    }
+}
+
+impl IntoResponse for AppError {
+    fn into_response(self) -> Response {
+        let (status, body) = self.parts();
         let mut response = (status, axum::Json(body)).into_response();
         if status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));

@@ -4,6 +4,9 @@
 mod app;
 mod error;
 mod ledger;
+mod postgres;
+mod sqlite;
+mod store;
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -16,7 +19,7 @@ use tokio::sync::watch;
 
 use crate::app::{app, AppState};
 use crate::error::LedgerError;
-use crate::ledger::{Backend, Ledger};
+use crate::store::Ledger;
 
 /// tollgate's credit service: accounts, top-ups and per-request reservations over HTTP/JSON,
 /// kept in a SQLite file or a PostgreSQL database.
@@ -55,10 +58,13 @@ struct Cli {
     sweep_interval_seconds: u64,
 }
 
+/// The shortest token the service accepts: 32 bytes, as `openssl rand -hex 16` gives.
+const MIN_TOKEN_BYTES: usize = 32;
+
 #[derive(Debug, thiserror::Error)]
 enum StartError {
-    #[error("--{0} must not be empty")]
-    EmptyToken(&'static str),
+    #[error("--{0} must be at least {MIN_TOKEN_BYTES} bytes: a short token can be guessed")]
+    ShortToken(&'static str),
     #[error("--service-token and --admin-token must differ, or the gateway could top up accounts")]
     SameTokens,
     #[error("opening the ledger: {0}")]
@@ -83,11 +89,11 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<(), StartError> {
-    if cli.service_token.trim().is_empty() {
-        return Err(StartError::EmptyToken("service-token"));
+    if cli.service_token.trim().len() < MIN_TOKEN_BYTES {
+        return Err(StartError::ShortToken("service-token"));
     }
-    if cli.admin_token.trim().is_empty() {
-        return Err(StartError::EmptyToken("admin-token"));
+    if cli.admin_token.trim().len() < MIN_TOKEN_BYTES {
+        return Err(StartError::ShortToken("admin-token"));
     }
     if cli.service_token == cli.admin_token {
         return Err(StartError::SameTokens);
@@ -95,10 +101,7 @@ async fn run(cli: Cli) -> Result<(), StartError> {
 
     let ledger = Ledger::open(&cli.database).await?;
     // The URL may hold a password: name the backend, not the URL.
-    let backend = match ledger.backend() {
-        Backend::Sqlite => "SQLite",
-        Backend::Postgres => "PostgreSQL",
-    };
+    let backend = ledger.backend();
     let state = Arc::new(AppState::new(ledger, &cli.service_token, &cli.admin_token));
 
     let listener =

@@ -292,7 +292,7 @@ async fn tokens_guard_each_call(db: Db) {
         (Method::GET, "/v1/accounts/acme/transactions", Some(SERVICE_TOKEN), None),
         (Method::POST, "/v1/reservations", Some(ADMIN_TOKEN), Some(reserve)),
         (Method::POST, "/v1/reservations", None, Some(reserve)),
-        (Method::GET, "/v1/accounts/acme", Some("test-service-tokenX"), None),
+        (Method::GET, "/v1/accounts/acme", Some("test-service-token-of-at-least-32-bytesX"), None),
         (Method::GET, "/v1/accounts/acme", Some(""), None),
     ];
     for (method, path, token, body) in refused {
@@ -722,4 +722,22 @@ async fn reserve_concurrently(svc: &Service, bodies: Vec<serde_json::Value>) -> 
         answers.push(task.await.unwrap());
     }
     answers
+}
+
+/// A short bearer token can be guessed: the service refuses to start with one.
+#[test]
+fn a_token_under_32_bytes_refuses_to_start() {
+    for (service, admin, flag) in
+        [("short-service-token", ADMIN_TOKEN, "--service-token"), (SERVICE_TOKEN, "short-admin-token", "--admin-token")]
+    {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate-credit"))
+            .args(["--listen", "127.0.0.1:0", "--database", "sqlite::memory:"])
+            .env("TOLLGATE_CREDIT_SERVICE_TOKEN", service)
+            .env("TOLLGATE_CREDIT_ADMIN_TOKEN", admin)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "started with a short {flag}");
+        assert!(stderr.contains(&format!("{flag} must be at least 32 bytes")), "{stderr}");
+    }
 }

@@ -6,8 +6,8 @@ use std::collections::{HashMap, HashSet};
 use serde::Deserialize;
 use subtle::ConstantTimeEq;
 
-use super::{decode_hex32, default_true, error_at, header_safe, is_scope_token, AuthError, AuthMethod, Identity};
-use crate::config::{is_token_byte, ConfigError};
+use super::{decode_hex32, header_safe, is_scope_token, AuthError, AuthMethod, Identity};
+use crate::common::{default_true, is_token_byte, ConfigError};
 
 /// API key settings.
 #[derive(Debug, Deserialize)]
@@ -81,7 +81,7 @@ impl ApiKeys {
     pub(crate) fn compile(raw: &RawApiKeys, path: &str) -> Result<ApiKeys, ConfigError> {
         let header = raw.header.to_ascii_lowercase();
         if header.is_empty() || !header.bytes().all(is_token_byte) || header == "authorization" {
-            return Err(error_at(
+            return Err(ConfigError::at(
                 format!("{path}.header"),
                 format!("{:?} is not a usable header name (Authorization: ApiKey is always accepted)", raw.header),
             ));
@@ -90,7 +90,7 @@ impl ApiKeys {
         let mut by_prefix = HashMap::with_capacity(raw.keys.len());
         let mut ids = HashMap::new();
         for (i, key) in raw.keys.iter().enumerate() {
-            let at = |field: &str, message: String| error_at(format!("{path}.keys[{i}].{field}"), message);
+            let at = |field: &str, message: String| ConfigError::at(format!("{path}.keys[{i}].{field}"), message);
             if !header_safe(&key.id) {
                 return Err(at("id", "must be a non-empty header value".to_owned()));
             }
@@ -252,8 +252,8 @@ fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::{headers, parse};
-    use super::super::{Authenticator, CredentialLocation, RequestCredentials};
+    use super::super::tests::{headers, parse, Fixture};
+    use super::super::{CredentialLocation, RequestCredentials};
     use super::*;
 
     const NOW: u64 = 1_800_000_000; // 2027-01-15T08:00:00Z
@@ -262,7 +262,7 @@ mod tests {
         hmac_sha256::Hash::hash(key.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
     }
 
-    fn auth() -> Authenticator {
+    fn auth() -> Fixture {
         let config = serde_json::json!({"api_keys": {"keys": [
             {"id": "live-1", "sha256": sha("tg_live_good"), "account": "acme", "tier": "pro", "scopes": ["read", "write"]},
             {"id": "old", "sha256": sha("tg_live_old").to_uppercase(), "account": "acme", "expires_at": "2027-01-01T00:00:00Z"},
@@ -272,7 +272,7 @@ mod tests {
         parse(&config.to_string()).unwrap()
     }
 
-    fn run(auth: &Authenticator, pairs: &[(&str, &str)]) -> Result<Option<Identity>, AuthError> {
+    fn run(auth: &Fixture, pairs: &[(&str, &str)]) -> Result<Option<Identity>, AuthError> {
         let mut all = vec![(":path", "/api")];
         all.extend_from_slice(pairs);
         auth.authenticate(&RequestCredentials::new(&headers(&all)), NOW)
@@ -326,7 +326,7 @@ mod tests {
     fn a_jwt_wins_over_an_api_key() {
         let secret = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY";
         let config = serde_json::json!({
-            "jwt": {"providers": [{"secrets": [{"secret": secret}]}]},
+            "jwt": {"providers": [{"audiences": "any", "secrets": [{"secret": secret}]}]},
             "api_keys": {"keys": [{"id": "live-1", "sha256": sha("tg_live_good"), "account": "acme"}]},
         });
         let auth = parse(&config.to_string()).unwrap();

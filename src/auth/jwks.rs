@@ -8,8 +8,8 @@ use jwt_simple::prelude::*;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use super::{decode_base64url, error_at, SecretString};
-use crate::config::ConfigError;
+use super::{decode_base64url, SecretString};
+use crate::common::ConfigError;
 
 /// A JWK Set: `{"keys": [...]}`. Members other than `keys` are ignored, as RFC 7517 §5 requires.
 #[derive(Debug, Deserialize)]
@@ -194,10 +194,10 @@ impl Key {
             Algorithm::HS256 => Verifier::HS256(HS256Key::from_bytes(secret)),
             Algorithm::HS384 => Verifier::HS384(HS384Key::from_bytes(secret)),
             Algorithm::HS512 => Verifier::HS512(HS512Key::from_bytes(secret)),
-            other => return Err(error_at(path, format!("{} is not an HMAC algorithm", other.name()))),
+            other => return Err(ConfigError::at(path, format!("{} is not an HMAC algorithm", other.name()))),
         };
         if secret.len() < alg.min_hmac_bytes() {
-            return Err(error_at(
+            return Err(ConfigError::at(
                 path,
                 format!(
                     "an {} secret must be at least {} bytes, this one has {}",
@@ -258,19 +258,25 @@ pub(crate) fn parse_remote_jwks(body: &[u8]) -> Result<JwksLoad, ConfigError> {
         // serde_json's " at line L column C" says nothing useful about a document nobody sees.
         let message = e.inner().to_string();
         let message = message.rfind(" at line ").map_or(message.as_str(), |i| &message[..i]);
-        error_at(path, format!("not a JWKS document: {message}"))
+        ConfigError::at(path, format!("not a JWKS document: {message}"))
     })?;
     let mut load = JwksLoad { keys: KeySet::default(), skipped: Vec::new() };
     let mut seen = HashSet::new();
     for (i, jwk) in raw.keys.iter().enumerate() {
         let path = format!("keys[{i}]");
+        if jwk.kty == "oct" {
+            // A symmetric key published at a URL is a secret anyone who can answer that URL (or
+            // read it) can sign with: HMAC keys belong in the config's `secrets` only.
+            load.skipped.push(ConfigError::at(format!("{path}.kty"), "an oct key from a remote JWKS is never used"));
+            continue;
+        }
         match compile_jwk(jwk, &path, &mut seen) {
             Ok(keys) => load.keys.keys.extend(keys),
             Err(e) => load.skipped.push(e),
         }
     }
     if load.keys.is_empty() {
-        return Err(error_at("keys", "no usable signing key"));
+        return Err(ConfigError::at("keys", "no usable signing key"));
     }
     Ok(load)
 }
@@ -286,7 +292,7 @@ pub(crate) fn compile_inline(raw: &RawJwks, path: &str, seen: &mut HashSet<Strin
 
 /// One JWK as the keys for each algorithm it may verify. `seen` collects kids across the set.
 fn compile_jwk(jwk: &RawJwk, path: &str, seen: &mut HashSet<String>) -> Result<Vec<Key>, ConfigError> {
-    let at = |field: &str, message: String| error_at(format!("{path}.{field}"), message);
+    let at = |field: &str, message: String| ConfigError::at(format!("{path}.{field}"), message);
     if let Some(key_use) = jwk.key_use.as_deref().filter(|u| *u != "sig") {
         return Err(at("use", format!("is {key_use:?}; only signature keys (\"sig\") verify tokens")));
     }
@@ -304,7 +310,7 @@ fn compile_jwk(jwk: &RawJwk, path: &str, seen: &mut HashSet<String>) -> Result<V
 }
 
 fn compile_key_material(jwk: &RawJwk, path: &str) -> Result<Vec<Key>, ConfigError> {
-    let at = |field: &str, message: String| error_at(format!("{path}.{field}"), message);
+    let at = |field: &str, message: String| ConfigError::at(format!("{path}.{field}"), message);
     let declared = match jwk.alg.as_deref() {
         Some(name) => Some(
             Algorithm::from_name(name)
@@ -523,15 +529,18 @@ mod tests {
                 {{"kty": "OKP", "crv": "Ed25519", "kid": "ed", "x": "{}", "x5c": ["..."]}},
                 {{"kty": "RSA", "kid": "enc", "use": "enc", "n": "AQAB", "e": "AQAB"}},
                 {{"kty": "AKP", "kid": "pq"}},
-                {{"kty": "OKP", "crv": "Ed25519", "kid": "ed", "x": "{}"}}
+                {{"kty": "OKP", "crv": "Ed25519", "kid": "ed", "x": "{}"}},
+                {{"kty": "oct", "kid": "hs", "alg": "HS256", "k": "{}"}}
             ], "extra": true}}"#,
             b64(&ed),
-            b64(&ed)
+            b64(&ed),
+            b64(&[7; 32])
         );
         let load = parse_remote_jwks(body.as_bytes()).unwrap();
         assert_eq!(algs(&load.keys), ["EdDSA"]);
         let skipped: Vec<String> = load.skipped.iter().map(|e| e.path.clone()).collect();
-        assert_eq!(skipped, ["keys[1].use", "keys[2].kty", "keys[3].kid"]);
+        // An HMAC key from a URL would let whoever answers it sign tokens.
+        assert_eq!(skipped, ["keys[1].use", "keys[2].kty", "keys[3].kid", "keys[4].kty"]);
 
         let err = parse_remote_jwks(br#"{"keys": [{"kty": "AKP"}]}"#).unwrap_err();
         assert_eq!(err.to_string(), "keys: no usable signing key");

@@ -12,13 +12,13 @@ use std::fmt;
 
 use serde::Deserialize;
 
-use crate::config::ConfigError;
+use crate::common::ConfigError;
 
 pub use api_key::{ApiKeys, RawApiKey, RawApiKeys};
 pub use jwks::{RawJwk, RawJwks};
 pub use jwt::{
-    JwksReport, Provider, RawClaimMapping, RawHmacAlgorithm, RawHmacSecret, RawJwt, RawProvider, RawRemoteJwks,
-    RawTokenSources, RemoteJwks,
+    JwksReport, Provider, ProviderState, RawClaimMapping, RawHmacAlgorithm, RawHmacSecret, RawJwt, RawProvider,
+    RawRemoteJwks, RawTokenSources, RemoteJwks,
 };
 pub use signature::{
     Accepted, BodyCheck, PendingSignature, RawSignatures, RawSigningSecret, ReplayCache, SignatureScheme, Signatures,
@@ -61,10 +61,6 @@ fn default_max_credential_bytes() -> usize {
     8192
 }
 
-pub(crate) fn default_true() -> bool {
-    true
-}
-
 /// A secret from the configuration: deserialized like a string, never shown by `Debug`.
 #[derive(Clone, PartialEq, Eq, Deserialize)]
 #[cfg_attr(not(target_arch = "wasm32"), derive(schemars::JsonSchema))]
@@ -97,7 +93,7 @@ impl TryFrom<&RawAuth> for Authenticator {
 
     fn try_from(raw: &RawAuth) -> Result<Authenticator, ConfigError> {
         if raw.max_credential_bytes == 0 {
-            return Err(error_at(format!("{PATH}.max_credential_bytes"), "must be > 0"));
+            return Err(ConfigError::at(format!("{PATH}.max_credential_bytes"), "must be > 0"));
         }
         let providers = match &raw.jwt {
             Some(jwt) => jwt::compile_providers(jwt, &format!("{PATH}.jwt"))?,
@@ -107,6 +103,23 @@ impl TryFrom<&RawAuth> for Authenticator {
         let signatures =
             raw.signatures.as_ref().map(|s| Signatures::compile(s, &format!("{PATH}.signatures"))).transpose()?;
         Ok(Authenticator { max_credential_bytes: raw.max_credential_bytes, providers, api_keys, signatures })
+    }
+}
+
+/// What one worker keeps for authentication across requests: per JWT provider, in configuration
+/// order, the remote documents it fetched and the tokens it verified.
+pub struct AuthState {
+    providers: Vec<ProviderState>,
+}
+
+impl AuthState {
+    pub fn new(auth: &Authenticator) -> AuthState {
+        AuthState { providers: auth.providers.iter().map(ProviderState::new).collect() }
+    }
+
+    /// Provider `index`'s state, as `Authenticator::providers` numbers them.
+    pub fn provider(&self, index: usize) -> Option<&ProviderState> {
+        self.providers.get(index)
     }
 }
 
@@ -124,7 +137,13 @@ impl Authenticator {
     /// Finds and verifies the caller's credential. `Ok(None)`: the request carries none (the route
     /// decides whether that is acceptable). A bearer JWT wins over an API key when both are sent,
     /// and the API key is then not looked at, only removed.
-    pub fn authenticate(&self, request: &RequestCredentials, now: u64) -> Result<Option<Identity>, AuthError> {
+    /// `state` is this worker's (`AuthState::new` of this authenticator).
+    pub fn authenticate(
+        &self,
+        state: &AuthState,
+        request: &RequestCredentials,
+        now: u64,
+    ) -> Result<Option<Identity>, AuthError> {
         let authorization = split_authorization(request.single_header("authorization", "Authorization header")?);
         let api_key = match &self.api_keys {
             Some(keys) => presented_api_key(keys, request, &authorization)?,
@@ -134,7 +153,7 @@ impl Authenticator {
 
         let tokens = jwt::find_tokens(&self.providers, request, authorization.bearer)?;
         if !tokens.is_empty() {
-            let mut identity = jwt::verify(&self.providers, &tokens, self.max_credential_bytes, now)?;
+            let mut identity = jwt::verify(&self.providers, &state.providers, &tokens, self.max_credential_bytes, now)?;
             identity.remove_upstream.extend(api_key_location);
             return Ok(Some(identity));
         }
@@ -323,10 +342,6 @@ pub(crate) fn header_safe(s: &str) -> bool {
 /// RFC 6749 `scope-token`: visible ASCII except `"` and `\`.
 pub(crate) fn is_scope_token(s: &str) -> bool {
     !s.is_empty() && s.bytes().all(|b| b == 0x21 || (0x23..=0x5b).contains(&b) || (0x5d..=0x7e).contains(&b))
-}
-
-pub(crate) fn error_at(path: impl fmt::Display, message: impl Into<String>) -> ConfigError {
-    ConfigError { path: path.to_string(), message: message.into() }
 }
 
 /// How the caller authenticated.
@@ -588,11 +603,38 @@ fn quotable(text: &str) -> String {
 pub(crate) mod tests {
     use super::*;
 
+    /// An authenticator and one worker's state for it, as the pipeline holds them.
+    pub(crate) struct Fixture {
+        pub(crate) auth: Authenticator,
+        pub(crate) state: AuthState,
+    }
+
+    impl Fixture {
+        pub(crate) fn authenticate(
+            &self,
+            request: &RequestCredentials,
+            now: u64,
+        ) -> Result<Option<Identity>, AuthError> {
+            self.auth.authenticate(&self.state, request, now)
+        }
+
+        pub(crate) fn provider_state(&self, index: usize) -> &ProviderState {
+            self.state.provider(index).unwrap()
+        }
+    }
+
+    impl fmt::Debug for Fixture {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            self.auth.fmt(f)
+        }
+    }
+
     /// Parses a `RawAuth` the way the plugin config does, with serde's field path on errors.
-    pub(crate) fn parse(json: &str) -> Result<Authenticator, String> {
+    pub(crate) fn parse(json: &str) -> Result<Fixture, String> {
         let mut de = serde_json::Deserializer::from_str(json);
         let raw: RawAuth = serde_path_to_error::deserialize(&mut de).map_err(|e| format!("{PATH}.{e}"))?;
-        Authenticator::try_from(&raw).map_err(|e| e.to_string())
+        let auth = Authenticator::try_from(&raw).map_err(|e| e.to_string())?;
+        Ok(Fixture { state: AuthState::new(&auth), auth })
     }
 
     pub(crate) fn headers(pairs: &[(&str, &str)]) -> Vec<(String, String)> {

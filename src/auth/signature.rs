@@ -17,10 +17,8 @@ use std::fmt;
 use hmac_sha256::{Hash, HMAC};
 use serde::Deserialize;
 
-use super::{
-    decode_base64_any, decode_hex32, default_true, error_at, AuthError, Identity, RequestCredentials, SecretString,
-};
-use crate::config::{header_name, ConfigError};
+use super::{decode_base64_any, decode_hex32, AuthError, Identity, RequestCredentials};
+use crate::common::{default_true, header_name, ConfigError, Secret};
 
 /// Signature settings. Which routes require a signature is up to the route policy.
 #[derive(Debug, Deserialize)]
@@ -94,7 +92,7 @@ pub struct RawSigningSecret {
     /// The account, as the caller's identity names it (API key `account`, or the JWT account claim).
     pub account: String,
     /// The HMAC key, base64; at least 32 bytes.
-    pub secret: SecretString,
+    pub secret: Secret,
 }
 
 const MIN_SECRET_BYTES: usize = 32;
@@ -129,17 +127,17 @@ impl Signatures {
         let header = header_name(&raw.header, &format!("{path}.header"))?;
         let timestamp_header = header_name(&raw.timestamp_header, &format!("{path}.timestamp_header"))?;
         if header == timestamp_header {
-            return Err(error_at(format!("{path}.timestamp_header"), "must differ from header"));
+            return Err(ConfigError::at(format!("{path}.timestamp_header"), "must differ from header"));
         }
         if raw.max_skew_seconds == 0 {
-            return Err(error_at(format!("{path}.max_skew_seconds"), "must be > 0"));
+            return Err(ConfigError::at(format!("{path}.max_skew_seconds"), "must be > 0"));
         }
         if raw.replay_cache_entries == 0 {
-            return Err(error_at(format!("{path}.replay_cache_entries"), "must be > 0"));
+            return Err(ConfigError::at(format!("{path}.replay_cache_entries"), "must be > 0"));
         }
         let mut secrets = HashMap::with_capacity(raw.secrets.len());
         for (i, s) in raw.secrets.iter().enumerate() {
-            let at = |field: &str, message: String| error_at(format!("{path}.secrets[{i}].{field}"), message);
+            let at = |field: &str, message: String| ConfigError::at(format!("{path}.secrets[{i}].{field}"), message);
             if s.account.is_empty() {
                 return Err(at("account", "must not be empty".to_owned()));
             }

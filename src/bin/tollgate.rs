@@ -27,7 +27,12 @@ fn main() -> ExitCode {
             let mut ok = true;
             for file in &args[1..] {
                 match check_file(file) {
-                    Ok(summary) => println!("{file}: ok ({summary})"),
+                    Ok((summary, warnings)) => {
+                        for warning in warnings {
+                            eprintln!("{file}: warning: {warning}");
+                        }
+                        println!("{file}: ok ({summary})");
+                    }
                     Err(message) => {
                         eprintln!("{file}: {message}");
                         ok = false;
@@ -147,20 +152,46 @@ fn schema() -> String {
     serde_json::to_string_pretty(&schema).unwrap_or_default()
 }
 
-fn check_file(file: &str) -> Result<String, String> {
+/// A summary of what was checked, and warnings about configs that relied on a default that has
+/// since changed.
+fn check_file(file: &str) -> Result<(String, Vec<String>), String> {
     let text = std::fs::read_to_string(file).map_err(|e| format!("cannot read: {e}"))?;
     let document: Value = serde_yaml::from_str(&text).map_err(|e| format!("not JSON or YAML: {e}"))?;
     if document.get("policies").is_some() {
         // A plugin config on its own: parse the text itself so errors match what Envoy logs.
         let config = Config::from_json(text.as_bytes()).map_err(|e| format!("invalid tollgate config: {e}"))?;
-        return Ok(format!("{} policies", config.routes.policy_names().count()));
+        return Ok((format!("{} policies", config.routes.policy_names().count()), changed_defaults("$", &document)));
     }
     check_envoy_config(&document)
 }
 
+/// Settings a config leaves to a default that changed, so the behaviour it relied on changed too.
+fn changed_defaults(path: &str, config: &Value) -> Vec<String> {
+    let mut warnings = Vec::new();
+    if let Some(signatures) = config.pointer("/auth/signatures") {
+        if signatures.get("scheme").is_none() {
+            warnings.push(format!(
+                "{path}.auth.signatures.scheme is not set: requests are now signed over their RFC 9530 \
+                 Content-Digest and checked before anything goes upstream (\"content-digest\"); clients \
+                 that sign the body itself (the seeds' scheme) must change, or set \"scheme\": \"body\""
+            ));
+        }
+    }
+    let providers = config.pointer("/auth/jwt/providers").and_then(Value::as_array);
+    for (i, provider) in providers.into_iter().flatten().enumerate() {
+        if provider.get("required_claims").is_none() {
+            warnings.push(format!(
+                "{path}.auth.jwt.providers[{i}].required_claims is not set: it now defaults to [\"exp\"], so \
+                 tokens without an expiry are refused; set [] to accept them"
+            ));
+        }
+    }
+    warnings
+}
+
 /// Checks every tollgate filter in an Envoy config, and that each route's metadata names a
 /// policy every one of them defines.
-fn check_envoy_config(document: &Value) -> Result<String, String> {
+fn check_envoy_config(document: &Value) -> Result<(String, Vec<String>), String> {
     let mut configs = Vec::new();
     let mut references = Vec::new();
     walk(document, "$", &mut |path, value| {
@@ -185,9 +216,13 @@ fn check_envoy_config(document: &Value) -> Result<String, String> {
         );
     }
     let mut parsed = Vec::new();
+    let mut warnings = Vec::new();
     for (path, json) in configs {
         let json = json.ok_or_else(|| format!("{path}.value: missing; the plugin needs its config"))?;
         let config = Config::from_json(json.as_bytes()).map_err(|e| format!("{path}: {e}"))?;
+        if let Ok(value) = serde_json::from_str::<Value>(&json) {
+            warnings.extend(changed_defaults(&path, &value));
+        }
         parsed.push(config);
     }
     for (path, name) in &references {
@@ -196,7 +231,8 @@ fn check_envoy_config(document: &Value) -> Result<String, String> {
             return Err(format!("{path}: no policy named {name:?} in the tollgate config"));
         }
     }
-    Ok(format!("{} tollgate filter(s), {} route policy reference(s)", parsed.len(), references.len()))
+    let summary = format!("{} tollgate filter(s), {} route policy reference(s)", parsed.len(), references.len());
+    Ok((summary, warnings))
 }
 
 fn walk(value: &Value, path: &str, visit: &mut dyn FnMut(&str, &Value)) {

@@ -94,6 +94,7 @@ impl EnvoyHttpHeader {
 
 // `envoy_dynamic_module_type_http_header_type`
 pub const REQUEST_HEADER: u32 = 0;
+pub const REQUEST_TRAILER: u32 = 1;
 pub const RESPONSE_HEADER: u32 = 2;
 
 // `envoy_dynamic_module_type_http_body_type`

@@ -115,7 +115,7 @@ fn local(plugin: &Arc<Plugin>) -> Option<Rc<Local>> {
         let local = Rc::new(Local {
             plugin_id: plugin.id,
             plugin: Arc::downgrade(plugin),
-            worker: Rc::new(Worker::new(&config)),
+            worker: Rc::new(Worker::new(&config, &mut MainEnvoy { plugin })),
             refresh: RefCell::new(Refresher::new(&config)),
             config,
             loaded_at: Cell::new(0),
@@ -223,12 +223,9 @@ fn new_plugin(config_envoy: ConfigEnvoyPtr, json: Vec<u8>) -> Result<Arc<Plugin>
         scheduler: Mutex::new(Some(scheduler as usize)),
     });
     let mut main = MainEnvoy { plugin: &plugin };
-    if let Some(limits) = &config.rate_limits {
-        limits.create_slots(&mut main);
-    }
     let needs_tick = Refresher::new(&config).is_needed() || config.credits.is_some();
     let local = local(&plugin).ok_or("the config did not parse twice")?;
-    local.refresh.borrow_mut().on_tick(&local.config, &mut main);
+    local.refresh.borrow_mut().on_tick(&local.config, &local.worker.auth, &mut main);
     if needs_tick {
         start_timer(Arc::downgrade(&plugin))?;
     }
@@ -321,7 +318,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_config_scheduled(
         let mut main = MainEnvoy { plugin };
         if event == EVENT_TICK {
             if let Ok(mut refresh) = local.refresh.try_borrow_mut() {
-                refresh.on_tick(&local.config, &mut main);
+                refresh.on_tick(&local.config, &local.worker.auth, &mut main);
             }
         }
         if let Some(credits) = &local.config.credits {
@@ -359,7 +356,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_config_http_callout_done(
         }
         let body = answer.filter(|(status, _)| *status == 200).map(|(_, body)| body);
         if let Ok(mut refresh) = local.refresh.try_borrow_mut() {
-            refresh.on_response(&local.config, token, body, &mut main);
+            refresh.on_response(&local.config, &local.worker.auth, token, body, &mut main);
         };
     })
 }
@@ -463,7 +460,7 @@ fn load_documents(plugin: &Plugin, local: &Local) {
     }
     local.loaded_at.set(now);
     if let Ok(mut refresh) = local.refresh.try_borrow_mut() {
-        refresh.load_shared(&local.config, &MainEnvoy { plugin });
+        refresh.load_shared(&local.config, &local.worker.auth, &MainEnvoy { plugin });
     }
 }
 

@@ -151,6 +151,32 @@ impl StreamEnvoy<'_> {
         (found && !value.ptr.is_null()).then(|| text(unsafe { value.bytes() }))
     }
 
+    /// Every header of a map (request headers or trailers), pseudo-headers included.
+    fn all_headers(&self, header_type: u32) -> Vec<(String, String)> {
+        // SAFETY: `filter` is live.
+        let count = unsafe { abi::envoy_dynamic_module_callback_http_get_headers_size(self.filter, header_type) };
+        if count == 0 {
+            return Vec::new();
+        }
+        let mut headers = vec![EnvoyHttpHeader::EMPTY; count];
+        // SAFETY: `headers` has room for the `count` headers Envoy reported.
+        let ok = unsafe {
+            abi::envoy_dynamic_module_callback_http_get_headers(self.filter, header_type, headers.as_mut_ptr())
+        };
+        if !logged("read the headers", ok) {
+            return Vec::new();
+        }
+        headers
+            .iter()
+            .map(|h| {
+                // SAFETY: Envoy's buffers, valid until the hook returns or a header is set.
+                let (name, value) =
+                    unsafe { (header_part(h.key_ptr, h.key_length), header_part(h.value_ptr, h.value_length)) };
+                (text(name), text(value))
+            })
+            .collect()
+    }
+
     fn set_header(&self, header_type: u32, name: &str, value: ModuleBuffer) -> bool {
         // SAFETY: `filter` is live; the buffers are ours and outlive the call.
         unsafe {
@@ -283,26 +309,18 @@ impl Side for StreamEnvoy<'_> {
 
 impl StreamHost for StreamEnvoy<'_> {
     fn request_headers(&self) -> Vec<(String, String)> {
-        // SAFETY: `filter` is live.
-        let count =
-            unsafe { abi::envoy_dynamic_module_callback_http_get_headers_size(self.filter, abi::REQUEST_HEADER) };
-        let mut headers = vec![EnvoyHttpHeader::EMPTY; count];
-        // SAFETY: `headers` has room for the `count` headers Envoy reported.
-        let ok = unsafe {
-            abi::envoy_dynamic_module_callback_http_get_headers(self.filter, abi::REQUEST_HEADER, headers.as_mut_ptr())
-        };
-        if !logged("read the request headers", ok) {
-            return Vec::new();
+        self.all_headers(abi::REQUEST_HEADER)
+    }
+
+    fn request_trailers(&self) -> Vec<(String, String)> {
+        self.all_headers(abi::REQUEST_TRAILER)
+    }
+
+    fn remove_request_trailer(&mut self, name: &str) -> Result<(), HostError> {
+        match self.set_header(abi::REQUEST_TRAILER, name, ModuleBuffer::NULL) {
+            true => Ok(()),
+            false => Err(HostError("remove a request trailer")),
         }
-        headers
-            .iter()
-            .map(|h| {
-                // SAFETY: Envoy's buffers, valid until the hook returns or a header is set.
-                let (name, value) =
-                    unsafe { (header_part(h.key_ptr, h.key_length), header_part(h.value_ptr, h.value_length)) };
-                (text(name), text(value))
-            })
-            .collect()
     }
 
     fn set_request_header(&mut self, name: &str, value: &str) -> Result<(), HostError> {

@@ -13,11 +13,11 @@ use std::rc::Rc;
 use serde::Deserialize;
 
 use crate::auth::Identity;
-use crate::config::ConfigError;
+use crate::common::{default_true, ConfigError};
 use crate::host::Host;
 pub use gcra::Period;
 use gcra::{ceil_seconds, Verdict, Window};
-use table::Table;
+pub use table::{Layout, Table};
 
 /// Tier windows take the first positions of a caller's state, one per period, shared by all
 /// tiers (a caller has one tier at a time); route windows follow.
@@ -83,10 +83,6 @@ pub struct RawPolicyLimit {
     pub route: Option<RawLimits>,
 }
 
-fn default_true() -> bool {
-    true
-}
-
 /// A validated window with the name the `RateLimit` headers give it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Limit {
@@ -104,14 +100,15 @@ pub struct PolicyLimit {
     route: Vec<Limit>,
 }
 
-/// The validated `rate_limits`, and the table the counts live in.
+/// The validated `rate_limits`, and the layout of the table the counts live in. The table itself
+/// is per-VM state (`worker::Worker`): the configuration only says what it looks like.
 #[derive(Debug)]
 pub struct RateLimits {
     tiers: BTreeMap<String, Vec<Limit>>,
     default_tier: Option<String>,
     anonymous: Vec<Limit>,
     ipv6_prefix: u8,
-    table: Table,
+    layout: Layout,
 }
 
 /// Who a request is counted against.
@@ -151,11 +148,9 @@ pub struct Checked {
 
 impl RateLimits {
     /// Validates `rate_limits` and every policy's `rate_limit`, and lays out the callers' state.
-    /// `seed` keys the slot hash: a digest of the whole configuration, identical in every worker.
     pub fn build(
         raw: Option<&RawRateLimits>,
         policies: &BTreeMap<String, (crate::routes::Access, Option<&RawPolicyLimit>)>,
-        seed: [u8; 32],
     ) -> Result<(Option<RateLimits>, BTreeMap<String, PolicyLimit>), ConfigError> {
         let empty = RawRateLimits {
             tiers: BTreeMap::new(),
@@ -223,12 +218,13 @@ impl RateLimits {
             };
             by_policy.insert(name.clone(), PolicyLimit { tiers: limit.tiers, route });
         }
+        let windows = windows_digest(&tiers, raw_limits.default_tier.as_deref(), &anonymous, &by_policy);
         let limits = (!by_policy.is_empty()).then(|| RateLimits {
             tiers,
             default_tier: raw_limits.default_tier.clone(),
             anonymous,
             ipv6_prefix: raw_limits.ipv6_prefix_length,
-            table: Table::new(raw_limits.slots, width, seed),
+            layout: Layout { slots: raw_limits.slots, width, windows },
         });
         Ok((limits, by_policy))
     }
@@ -243,21 +239,28 @@ impl RateLimits {
         }
     }
 
-    /// Creates the shared-data table; the root context calls this when the plugin starts.
-    pub fn create_slots(&self, host: &mut dyn Host) {
-        self.table.create_slots(host);
+    /// The shared-data table the counts live in, as this configuration lays it out.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
     }
 
-    /// Counts one request against every window that applies; refused, it counts nowhere.
-    /// `now` is the proxy's clock in nanoseconds.
-    pub fn check(&self, host: &mut dyn Host, policy: &PolicyLimit, caller: &Caller, now: u64) -> Checked {
+    /// Counts one request in `table` (the worker's, opened with `layout()`) against every window
+    /// that applies; refused, it counts nowhere. `now` is the proxy's clock in nanoseconds.
+    pub fn check(
+        &self,
+        table: &Table,
+        host: &mut dyn Host,
+        policy: &PolicyLimit,
+        caller: &Caller,
+        now: u64,
+    ) -> Checked {
         let tier = if policy.tiers { self.tier_limits(caller) } else { &[] };
         let limits: Vec<&Limit> = tier.iter().chain(&policy.route).collect();
         if limits.is_empty() {
             return Checked { result: Ok(None), retries: 0 };
         }
         let key = self.caller_key(caller);
-        let applied = self.table.update(host, key.as_bytes(), now, |tats| decide(&limits, tats, now));
+        let applied = table.update(host, key.as_bytes(), now, |tats| decide(&limits, tats, now));
         match applied {
             Ok(applied) => Checked { result: applied.value.map(Some), retries: applied.retries },
             Err(table::Contended) => Checked { result: Err(Limited::Contended), retries: 0 },
@@ -290,6 +293,42 @@ impl RateLimits {
             }
         }
     }
+}
+
+/// What the stored TATs mean: every window's name, position, period, limit and capacity. Counts
+/// survive a config edit exactly when this digest (and the table's size) stays the same.
+fn windows_digest(
+    tiers: &BTreeMap<String, Vec<Limit>>,
+    default_tier: Option<&str>,
+    anonymous: &[Limit],
+    policies: &BTreeMap<String, PolicyLimit>,
+) -> [u8; 32] {
+    fn put(out: &mut Vec<u8>, word: u64) {
+        out.extend_from_slice(&word.to_le_bytes());
+    }
+    fn text(out: &mut Vec<u8>, s: &str) {
+        put(out, s.len() as u64);
+        out.extend_from_slice(s.as_bytes());
+    }
+    let mut encoded = Vec::new();
+    text(&mut encoded, default_tier.unwrap_or_default());
+    let tiers = tiers.iter().map(|(name, limits)| (name.as_str(), limits.as_slice()));
+    // Policies that only apply tier limits add no window: adding or dropping one keeps the counts.
+    let routes = policies
+        .iter()
+        .filter(|(_, policy)| !policy.route.is_empty())
+        .map(|(name, policy)| (name.as_str(), policy.route.as_slice()));
+    // The anonymous limits go between the tiers and the routes, under the empty name.
+    for (name, limits) in tiers.chain([("", anonymous)]).chain(routes) {
+        text(&mut encoded, name);
+        put(&mut encoded, limits.len() as u64);
+        for Limit { window, .. } in limits {
+            for word in [window.position as u64, window.period.seconds(), window.limit, window.capacity] {
+                put(&mut encoded, word);
+            }
+        }
+    }
+    hmac_sha256::Hash::hash(&encoded)
 }
 
 fn no_tier(name: &str) -> String {
@@ -448,7 +487,7 @@ mod tests {
         let parsed: Vec<(String, Access, RawPolicyLimit)> =
             policies.iter().map(|(n, a, l)| ((*n).to_owned(), *a, serde_json::from_str(l).unwrap())).collect();
         let by_name = parsed.iter().map(|(n, a, l)| (n.clone(), (*a, Some(l)))).collect();
-        let (limits, policies) = RateLimits::build(Some(&raw), &by_name, [9; 32]).map_err(|e| e.to_string())?;
+        let (limits, policies) = RateLimits::build(Some(&raw), &by_name).map_err(|e| e.to_string())?;
         Ok((limits.unwrap(), policies))
     }
 
@@ -467,7 +506,7 @@ mod tests {
         }
     }
 
-    fn setup() -> (RateLimits, BTreeMap<String, PolicyLimit>, FakeHost) {
+    fn setup() -> (RateLimits, BTreeMap<String, PolicyLimit>, FakeHost, Table) {
         let (limits, policies) = limits(
             TIERS,
             &[
@@ -478,70 +517,81 @@ mod tests {
         )
         .unwrap();
         let mut host = FakeHost::default();
-        limits.create_slots(&mut host);
-        (limits, policies, host)
+        let table = Table::open(limits.layout(), [9; 16], &mut host);
+        (limits, policies, host, table)
     }
 
-    fn passes(limits: &RateLimits, policy: &PolicyLimit, host: &mut FakeHost, caller: &Caller) -> usize {
+    fn passes(limits: &RateLimits, table: &Table, policy: &PolicyLimit, host: &mut FakeHost, caller: &Caller) -> usize {
         (0..50)
             .take_while(|_| {
                 let now = host.now_nanos();
-                limits.check(host, policy, caller, now).result.is_ok()
+                limits.check(table, host, policy, caller, now).result.is_ok()
             })
             .count()
     }
 
     #[test]
     fn each_tier_gets_its_own_limit_and_unknown_tiers_the_default() {
-        let (limits, policies, mut host) = setup();
+        let (limits, policies, mut host, table) = setup();
         let api = &policies["api"];
         let cases = [("a", Some("free"), 3), ("b", Some("pro"), 10), ("c", None, 3), ("d", Some("gold"), 3)];
         for (account, tier, want) in cases {
             let id = identity(account, tier);
-            assert_eq!(passes(&limits, api, &mut host, &Caller::Identity(&id)), want, "{account} {tier:?}");
+            assert_eq!(passes(&limits, &table, api, &mut host, &Caller::Identity(&id)), want, "{account} {tier:?}");
         }
     }
 
     #[test]
     fn a_route_limit_applies_on_top_of_the_tier_and_a_refusal_spends_nothing() {
-        let (limits, policies, mut host) = setup();
+        let (limits, policies, mut host, table) = setup();
         let pro = identity("acme", Some("pro"));
         let caller = Caller::Identity(&pro);
-        assert_eq!(passes(&limits, &policies["search"], &mut host, &caller), 2);
-        assert_eq!(passes(&limits, &policies["api"], &mut host, &caller), 8, "10 per minute, 2 spent on search");
+        assert_eq!(passes(&limits, &table, &policies["search"], &mut host, &caller), 2);
+        assert_eq!(
+            passes(&limits, &table, &policies["api"], &mut host, &caller),
+            8,
+            "10 per minute, 2 spent on search"
+        );
     }
 
     #[test]
     fn the_tightest_window_is_reported_and_a_refusal_says_how_long_to_wait() {
-        let (limits, policies, mut host) = setup();
+        let (limits, policies, mut host, table) = setup();
         let pro = identity("acme", Some("pro"));
         let caller = Caller::Identity(&pro);
         let now = host.now_nanos();
-        let first = limits.check(&mut host, &policies["search"], &caller, now).result.unwrap().unwrap();
+        let first = limits.check(&table, &mut host, &policies["search"], &caller, now).result.unwrap().unwrap();
         let policy = "\"search-per-minute\";q=2;w=60".into();
         assert_eq!(first, Quota { name: "search-per-minute".into(), policy, limit: 2, remaining: 1, reset: 30 });
-        limits.check(&mut host, &policies["search"], &caller, now).result.unwrap();
+        limits.check(&table, &mut host, &policies["search"], &caller, now).result.unwrap();
         let Err(Limited::Exceeded { quota, retry_after }) =
-            limits.check(&mut host, &policies["search"], &caller, now).result
+            limits.check(&table, &mut host, &policies["search"], &caller, now).result
         else {
             panic!("not refused")
         };
         assert_eq!((quota.remaining, quota.reset, retry_after), (0, 60, 30));
         let later = now + retry_after * NANOS_PER_SECOND;
-        assert!(limits.check(&mut host, &policies["search"], &caller, later).result.is_ok(), "Retry-After is honest");
+        assert!(
+            limits.check(&table, &mut host, &policies["search"], &caller, later).result.is_ok(),
+            "Retry-After is honest"
+        );
     }
 
     #[test]
     fn anonymous_callers_are_limited_per_address_and_ipv6_per_prefix() {
-        let (limits, policies, mut host) = setup();
+        let (limits, policies, mut host, table) = setup();
         let login = &policies["login"];
         let one = Caller::Address(Some("203.0.113.7:5000"));
-        assert_eq!(passes(&limits, login, &mut host, &one), 5);
-        assert_eq!(passes(&limits, login, &mut host, &Caller::Address(Some("203.0.113.7:6001"))), 0, "port ignored");
-        assert_eq!(passes(&limits, login, &mut host, &Caller::Address(Some("203.0.113.8:5000"))), 5);
-        assert_eq!(passes(&limits, login, &mut host, &Caller::Address(Some("[2001:db8:1:2::1]:443"))), 5);
-        assert_eq!(passes(&limits, login, &mut host, &Caller::Address(Some("[2001:db8:1:2:ffff::9]:80"))), 0);
-        assert_eq!(passes(&limits, login, &mut host, &Caller::Address(Some("[2001:db8:1:3::1]:80"))), 5);
+        assert_eq!(passes(&limits, &table, login, &mut host, &one), 5);
+        assert_eq!(
+            passes(&limits, &table, login, &mut host, &Caller::Address(Some("203.0.113.7:6001"))),
+            0,
+            "port ignored"
+        );
+        assert_eq!(passes(&limits, &table, login, &mut host, &Caller::Address(Some("203.0.113.8:5000"))), 5);
+        assert_eq!(passes(&limits, &table, login, &mut host, &Caller::Address(Some("[2001:db8:1:2::1]:443"))), 5);
+        assert_eq!(passes(&limits, &table, login, &mut host, &Caller::Address(Some("[2001:db8:1:2:ffff::9]:80"))), 0);
+        assert_eq!(passes(&limits, &table, login, &mut host, &Caller::Address(Some("[2001:db8:1:3::1]:80"))), 5);
     }
 
     #[test]

@@ -158,6 +158,15 @@ impl StreamHost for WasmHost {
         checked("remove a request header", hostcalls::set_map_value(MapType::HttpRequestHeaders, name, None))
     }
 
+    fn request_trailers(&self) -> Vec<(String, String)> {
+        let trailers = logged("get request trailers", hostcalls::get_map_bytes(MapType::HttpRequestTrailers));
+        trailers.into_iter().map(|(name, value)| (name, text(value))).collect()
+    }
+
+    fn remove_request_trailer(&mut self, name: &str) -> Result<(), HostError> {
+        checked("remove a request trailer", hostcalls::set_map_value(MapType::HttpRequestTrailers, name, None))
+    }
+
     fn request_body(&self, start: usize, len: usize) -> Result<Vec<u8>, HostError> {
         let body = checked("read the request body", hostcalls::get_buffer(BufferType::HttpRequestBody, start, len))?;
         let body = body.unwrap_or_default();

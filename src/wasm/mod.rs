@@ -53,7 +53,7 @@ impl Context for Root {
             }
         }
         let body = answer.filter(|(status, _)| *status == 200).map(|(_, body)| body);
-        state.refresh.on_response(&state.config, token_id, body, &mut host);
+        state.refresh.on_response(&state.config, &state.worker.auth, token_id, body, &mut host);
     }
 }
 
@@ -81,9 +81,6 @@ impl RootContext for Root {
                 return false;
             }
         };
-        if let Some(limits) = &config.rate_limits {
-            limits.create_slots(&mut host);
-        }
         let refresh = Refresher::new(&config);
         // The tick refreshes remote key sets and retries failed commits and releases.
         if refresh.is_needed() || config.credits.is_some() {
@@ -92,19 +89,19 @@ impl RootContext for Root {
                 return false;
             }
         }
-        let worker = Rc::new(Worker::new(&config));
+        let worker = Rc::new(Worker::new(&config, &mut host));
         if config.credits.is_some() && !host::register_root_queue(&format!("tollgate.settle.{}", worker.id())) {
             return false;
         }
         let mut state = Configured { config, worker, refresh };
-        state.refresh.on_tick(&state.config, &mut host);
+        state.refresh.on_tick(&state.config, &state.worker.auth, &mut host);
         self.state = Some(state);
         true
     }
 
     fn on_tick(&mut self) {
         let Some(state) = &mut self.state else { return };
-        state.refresh.on_tick(&state.config, &mut WasmHost);
+        state.refresh.on_tick(&state.config, &state.worker.auth, &mut WasmHost);
         state.send_settlements();
     }
 

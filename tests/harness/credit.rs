@@ -10,8 +10,8 @@ use serde_json::{json, Value};
 
 use super::http::{send_to, Request, Response};
 
-pub const SERVICE_TOKEN: &str = "test-service-token";
-pub const ADMIN_TOKEN: &str = "test-admin-token";
+pub const SERVICE_TOKEN: &str = "test-service-token-of-at-least-32-bytes";
+pub const ADMIN_TOKEN: &str = "test-admin-token-of-at-least-32-bytes";
 
 pub struct CreditService {
     child: Option<Child>,

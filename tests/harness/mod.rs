@@ -192,6 +192,8 @@ pub struct GatewayOptions {
     /// A command Envoy's own binary runs under (e.g. `valgrind --tool=callgrind`); it may take
     /// minutes to start, so the ready timeout grows with it.
     pub wrapper: Vec<String>,
+    /// Environment variables of the Envoy process (a secret a config names by `{"env": …}`).
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for GatewayOptions {
@@ -204,6 +206,7 @@ impl Default for GatewayOptions {
             credit_port: None,
             native: native_build(),
             wrapper: vec![],
+            env: vec![],
         }
     }
 }
@@ -247,6 +250,7 @@ impl Gateway {
             }
         };
         let ready_timeout = if opts.wrapper.is_empty() { READY_TIMEOUT } else { 10 * READY_TIMEOUT };
+        command.envs(opts.env.iter().map(|(k, v)| (k, v)));
         let config = envoy_config(opts, upstream.port());
         let dir = fresh_dir();
         let config_path = dir.join("envoy.json");

@@ -14,8 +14,8 @@ use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use sqlx::Connection;
 
-pub const SERVICE_TOKEN: &str = "test-service-token";
-pub const ADMIN_TOKEN: &str = "test-admin-token";
+pub const SERVICE_TOKEN: &str = "test-service-token-of-at-least-32-bytes";
+pub const ADMIN_TOKEN: &str = "test-admin-token-of-at-least-32-bytes";
 
 /// Where tests create their PostgreSQL databases; the machine's server by default.
 fn postgres_admin_url() -> String {
@@ -175,6 +175,10 @@ impl Service {
         assert!(addr.starts_with("127.0.0.1:") && !addr.ends_with(":0"), "{line}");
         let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
         Service { child, base: format!("http://{addr}"), http, log }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn log(&self) -> String {
