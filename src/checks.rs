@@ -1,6 +1,7 @@
 //! Request checks: a path the backend cannot misread, a body within the route's limit, and a
 //! content type the route accepts.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
@@ -111,14 +112,18 @@ pub(crate) fn lower_case(types: &BTreeMap<Method, Vec<String>>) -> BTreeMap<Meth
 /// `%252e` as `.`), escapes whose bytes are not UTF-8 (overlong forms such as `%c0%ae` decode to
 /// `.` in old servers), malformed escapes, and `.`/`..` segments, raw or encoded. Envoy's
 /// `normalize_path` catches some of these first; this holds when a listener lacks it.
-pub fn path(raw: &str) -> Result<String, CheckError> {
+pub fn path(raw: &str) -> Result<Cow<'_, str>, CheckError> {
     if raw.bytes().any(is_control) {
         return Err(CheckError::ControlCharacter);
     }
-    let path = raw.split(['?', '#']).next().unwrap_or_default().as_bytes();
-    let mut matched = Vec::with_capacity(path.len());
+    let text = raw.split(['?', '#']).next().unwrap_or_default();
+    let path = text.as_bytes();
+    // Without an escape the path is already what every backend reads: nothing to build.
+    let escaped = path.contains(&b'%');
+    let capacity = if escaped { path.len() + 1 } else { 0 };
+    let mut matched = Vec::with_capacity(capacity);
     // Every byte as a decoding backend reads it, to check the escapes form UTF-8.
-    let mut decoded = Vec::with_capacity(path.len());
+    let mut decoded = Vec::with_capacity(capacity);
     // Decoded bytes of the current segment, only as long as it could still be "." or "..".
     let mut segment = [0u8; 3];
     let mut segment_len = 0usize;
@@ -130,8 +135,10 @@ pub fn path(raw: &str) -> Result<String, CheckError> {
                     return Err(CheckError::DotSegment);
                 }
                 segment_len = 0;
-                matched.push(b'/');
-                decoded.push(b'/');
+                if escaped {
+                    matched.push(b'/');
+                    decoded.push(b'/');
+                }
                 i += 1;
                 continue;
             }
@@ -154,22 +161,29 @@ pub fn path(raw: &str) -> Result<String, CheckError> {
                 byte
             }
             Some(&b) => {
-                matched.push(b);
+                if escaped {
+                    matched.push(b);
+                }
                 i += 1;
                 b
             }
         };
-        decoded.push(byte);
+        if escaped {
+            decoded.push(byte);
+        }
         if segment_len < segment.len() {
             segment[segment_len] = byte;
         }
         segment_len = segment_len.saturating_add(1).min(segment.len());
     }
+    if !escaped {
+        return Ok(Cow::Borrowed(text));
+    }
     if std::str::from_utf8(&decoded).is_err() {
         return Err(CheckError::InvalidEncoding);
     }
     matched.pop(); // the '/' pushed for the end of the path
-    String::from_utf8(matched).map_err(|_| CheckError::InvalidEncoding)
+    String::from_utf8(matched).map(Cow::Owned).map_err(|_| CheckError::InvalidEncoding)
 }
 
 fn is_control(b: u8) -> bool {

@@ -115,6 +115,8 @@ impl Refresher {
         let Some(remote) = source.kind.remote(provider) else { return };
         let what = format!("provider {} {:?} from {}{}", source.provider, source.kind, remote.cluster, remote.path);
         let loaded = match &body {
+            // Unchanged: this worker loads the shared copy on its tick if it has not yet.
+            Some(body) if is_shared(host, remote, body) => true,
             Some(body) => match source.kind.load(state, body) {
                 Ok(()) => {
                     host.shared_set(&shared_key(remote), body);
@@ -161,14 +163,38 @@ impl Kind {
     }
 }
 
+/// A JWKS whose `kid` is unknown is fetched again at most this often per provider and Envoy
+/// process, so tokens with made-up key ids cannot make the gateway hammer the identity provider.
+const REFETCH_INTERVAL_SECONDS: u64 = 10;
+
+/// Whether a stream may refetch `source` for an unknown `kid` now: once per interval for the whole
+/// process, claimed by compare-and-swap in shared data, whichever worker sees the token.
+pub fn may_refetch(source: &RemoteJwks, host: &mut dyn Host, now: u64) -> bool {
+    let key = format!("{}.refetched", shared_key(source));
+    let (last, version) = match host.shared_get(&key) {
+        Some((value, version)) => (<[u8; 8]>::try_from(value.as_slice()).map_or(0, u64::from_le_bytes), Some(version)),
+        None => (0, None),
+    };
+    now >= last.saturating_add(REFETCH_INTERVAL_SECONDS) && host.shared_swap(&key, &now.to_le_bytes(), version)
+}
+
 /// Loads a JWKS a stream fetched for an unknown `kid` into this worker's `state` of `provider`,
-/// and shares it with the other workers.
+/// and shares it with the other workers — unless it is the document they all have already: a new
+/// shared version makes every worker reload it and drop its verified tokens.
 pub fn load_refetched(provider: &Provider, state: &ProviderState, body: &[u8], host: &mut dyn Host) {
     let Some(source) = provider.remote_jwks() else { return };
+    if is_shared(host, source, body) {
+        return;
+    }
     match state.load_remote_jwks(body) {
         Ok(_) => host.shared_set(&shared_key(source), body),
         Err(err) => log::warn!("tollgate: JWKS refetch ignored: {err}"),
     }
+}
+
+/// Whether shared data holds exactly `body` for `source` already.
+fn is_shared(host: &dyn Host, source: &RemoteJwks, body: &[u8]) -> bool {
+    host.shared_get(&shared_key(source)).is_some_and(|(current, _)| current == body)
 }
 
 /// One shared-data entry per remote source (a handful, whatever the traffic), named after where
@@ -245,5 +271,29 @@ mod tests {
         host.shared_set("tollgate.remote.idp.idp/jwks", JWKS.as_bytes());
         refresher.on_tick(&config, &auth, &mut host);
         assert!(auth.provider(0).unwrap().has_remote_keys());
+    }
+
+    #[test]
+    fn an_unknown_kid_refetches_once_per_interval_for_the_whole_process() {
+        let config = config();
+        let remote = config.auth.providers()[0].remote_jwks().unwrap();
+        // One FakeHost is the process's shared data, whichever worker asks.
+        let mut host = Fake::default();
+        assert!(may_refetch(remote, &mut host, 1000));
+        assert!(!may_refetch(remote, &mut host, 1000), "a second worker, the same second");
+        assert!(!may_refetch(remote, &mut host, 1009));
+        assert!(may_refetch(remote, &mut host, 1010));
+    }
+
+    #[test]
+    fn a_refetch_of_the_same_document_changes_nothing_any_worker_sees() {
+        let config = config();
+        let auth = AuthState::new(&config.auth);
+        let provider = &config.auth.providers()[0];
+        let mut host = Fake::default();
+        load_refetched(provider, auth.provider(0).unwrap(), JWKS.as_bytes(), &mut host);
+        let version = host.shared["tollgate.remote.idp.idp/jwks"].1;
+        load_refetched(provider, auth.provider(0).unwrap(), JWKS.as_bytes(), &mut host);
+        assert_eq!(host.shared["tollgate.remote.idp.idp/jwks"].1, version, "no new version: no worker drops its cache");
     }
 }

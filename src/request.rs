@@ -158,7 +158,7 @@ fn authenticate(
 
 fn refetch_jwks(stream: &Stream, host: &mut dyn StreamHost, provider: usize, now: u64) -> Option<u32> {
     let remote = stream.config.auth.providers().get(provider)?.remote_jwks()?;
-    if !stream.worker.may_refetch(provider, now) {
+    if !refresh::may_refetch(remote, host, now) {
         return None;
     }
     host.count(Metric::RemoteFetches, 1);

@@ -12,10 +12,6 @@ use crate::replay::SeenSignatures;
 use crate::settle::Settler;
 use crate::slots;
 
-/// A JWKS whose `kid` is unknown is fetched again at most this often per provider and worker, so
-/// tokens with made-up key ids cannot make the gateway hammer the identity provider.
-const REFETCH_INTERVAL_SECONDS: u64 = 10;
-
 /// Everything mutable a worker keeps, so that `Config` stays what the operator wrote.
 pub struct Worker {
     /// Per JWT provider: the remote key set and revocation list this worker loaded, and the
@@ -27,8 +23,6 @@ pub struct Worker {
     pub replays: RefCell<ReplayCache>,
     /// Signatures any worker of the process accepted, in shared data.
     pub seen_signatures: SeenSignatures,
-    /// Per JWT provider: when its JWKS was last refetched for an unknown `kid`.
-    refetched_at: RefCell<Vec<Option<u64>>>,
     /// Commits and releases in flight or waiting for a retry; the root context answers them.
     pub settler: RefCell<Settler>,
     /// Random per VM (hex), so the reservation ids and queue names this worker makes are its own.
@@ -47,7 +41,6 @@ impl Worker {
             rate_table: config.rate_limits.as_ref().map(|limits| Table::open(limits.layout(), secret, host)),
             replays: RefCell::new(replays),
             seen_signatures: SeenSignatures::new(secret),
-            refetched_at: RefCell::new(vec![None; config.auth.providers().len()]),
             settler: RefCell::new(Settler::default()),
             // RandomState is seeded from the OS (WASI random_get in Envoy).
             id: format!("{:016x}", RandomState::new().hash_one(0u8)),
@@ -67,17 +60,6 @@ impl Worker {
         self.reservations.set(n);
         let request_id: String = request_id.chars().filter(|c| c.is_ascii_graphic()).take(128).collect();
         format!("{request_id}~{}{n:x}", self.id)
-    }
-
-    /// Whether provider `index` may refetch now; if so, the attempt is recorded.
-    pub fn may_refetch(&self, index: usize, now: u64) -> bool {
-        let Ok(mut times) = self.refetched_at.try_borrow_mut() else { return false };
-        let Some(last) = times.get_mut(index) else { return false };
-        if last.is_some_and(|at| now < at.saturating_add(REFETCH_INTERVAL_SECONDS)) {
-            return false;
-        }
-        *last = Some(now);
-        true
     }
 }
 

@@ -484,6 +484,8 @@ pub enum AuthError {
     TimestampMalformed,
     #[error("the request timestamp is more than {max_skew_seconds} s away from the gateway's clock")]
     TimestampOutsideSkew { max_skew_seconds: u64 },
+    #[error("the request timestamp is more than {max_seconds} s ahead of the gateway's clock")]
+    TimestampInFuture { max_seconds: u64 },
     #[error("no signing secret is configured for this caller")]
     NoSigningSecret,
     #[error("the request signature does not match")]
@@ -549,6 +551,7 @@ impl AuthError {
             | SignatureMalformed
             | TimestampMalformed
             | TimestampOutsideSkew { .. }
+            | TimestampInFuture { .. }
             | NoSigningSecret
             | SignatureMismatch
             | SignatureReplayed
