@@ -14,8 +14,9 @@ use super::abi::{
     self, ConfigEnvoyPtr, ConfigSchedulerPtr, EnvoyBuffer, EnvoyHttpHeader, FilterEnvoyPtr, ModuleBuffer,
 };
 use super::host::{self, MainEnvoy, StreamEnvoy};
+use super::store::store;
 use crate::config::Config;
-use crate::host::{HostError, NANOS_PER_SECOND};
+use crate::host::HostError;
 use crate::metrics::Metric;
 use crate::problem::{self, Denial};
 use crate::refresh::Refresher;
@@ -87,8 +88,8 @@ struct Local {
     config: Rc<Config>,
     worker: Rc<Worker>,
     refresh: RefCell<Refresher>,
-    /// When (Unix seconds) a worker last loaded documents the main thread stored.
-    loaded_at: Cell<u64>,
+    /// The store's `sets` when this thread last loaded the documents stored there.
+    loaded: Cell<u64>,
 }
 
 thread_local! {
@@ -118,7 +119,7 @@ fn local(plugin: &Arc<Plugin>) -> Option<Rc<Local>> {
             worker: Rc::new(Worker::new(&config, &mut MainEnvoy { plugin })),
             refresh: RefCell::new(Refresher::new(&config)),
             config,
-            loaded_at: Cell::new(0),
+            loaded: Cell::new(0),
         });
         locals.push(Rc::clone(&local));
         Some(local)
@@ -449,16 +450,14 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_new(
     })
 }
 
-/// A worker has no tick: at most once a second, a new stream loads what the main thread fetched.
+/// A worker has no tick: a new stream loads what another thread stored (a JWKS the main thread
+/// fetched, one a stream refetched) as soon as there is something new, for one atomic load.
 fn load_documents(plugin: &Plugin, local: &Local) {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() / u128::from(NANOS_PER_SECOND));
-    let now = u64::try_from(now).unwrap_or(u64::MAX);
-    if now == local.loaded_at.get() {
+    let sets = store().sets();
+    if sets == local.loaded.get() {
         return;
     }
-    local.loaded_at.set(now);
+    local.loaded.set(sets);
     if let Ok(mut refresh) = local.refresh.try_borrow_mut() {
         refresh.load_shared(&local.config, &local.worker.auth, &MainEnvoy { plugin });
     }

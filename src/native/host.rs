@@ -219,7 +219,7 @@ impl<S: Side> Host for S {
     }
 
     fn shared_set(&mut self, key: &str, value: &[u8]) {
-        store().swap(key, value, None);
+        store().set(key, value);
     }
 
     fn shared_swap(&mut self, key: &str, value: &[u8], version: Option<u32>) -> bool {

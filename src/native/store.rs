@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
 
 const SHARDS: usize = 64;
@@ -40,6 +41,10 @@ type Shard = Mutex<HashMap<String, (Vec<u8>, u32), Keys>>;
 
 pub struct Store {
     shards: Vec<Shard>,
+    /// Counts unconditional stores (`set`): documents such as a JWKS, the slot secret, a table's
+    /// fill. Rate-limit and replay updates go through `swap` and leave it alone, so a worker can
+    /// tell with one atomic load whether there is anything new to load.
+    sets: AtomicU64,
 }
 
 /// The one store of the process: like proxy-wasm's shared data, it outlives a config reload.
@@ -50,7 +55,7 @@ pub fn store() -> &'static Store {
 
 impl Store {
     fn new() -> Store {
-        Store { shards: (0..SHARDS).map(|_| Mutex::new(HashMap::default())).collect() }
+        Store { shards: (0..SHARDS).map(|_| Mutex::new(HashMap::default())).collect(), sets: AtomicU64::new(0) }
     }
 
     /// A panic elsewhere while a shard was held leaves a map that is still whole (every operation
@@ -63,6 +68,17 @@ impl Store {
 
     pub fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
         self.shard(key).get(key).cloned()
+    }
+
+    /// Stores `value` whatever the entry holds, and counts it (`sets`).
+    pub fn set(&self, key: &str, value: &[u8]) {
+        self.swap(key, value, None);
+        self.sets.fetch_add(1, Ordering::Release);
+    }
+
+    /// How many `set`s the process has made: read it before loading what they stored.
+    pub fn sets(&self) -> u64 {
+        self.sets.load(Ordering::Acquire)
     }
 
     /// Stores `value` if the entry is still at `version` (`None`: whatever it is); versions start
@@ -105,6 +121,15 @@ mod tests {
         assert!(store.swap("k", b"b", Some(1)));
         assert!(!store.swap("k", b"c", Some(1)), "a stale version won");
         assert_eq!(store.get("k").unwrap(), (b"b".to_vec(), 2));
+    }
+
+    #[test]
+    fn only_unconditional_stores_are_counted() {
+        let store = Store::new();
+        store.set("doc", b"jwks");
+        assert!(store.swap("slot", b"1", None));
+        assert!(store.swap("doc", b"jwks2", Some(1)));
+        assert_eq!(store.sets(), 1);
     }
 
     #[test]
