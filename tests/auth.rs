@@ -369,7 +369,7 @@ fn request_signatures_valid_stale_tampered_and_replayed() {
     assert_problem(&resp, 401, "invalid-credentials");
 
     // A body other than the one signed: the head verified and went on, the body's end did not.
-    let resp = gw.send(signed("POST", "/signed/pay", now() - 1, body, br#"{"amount": 9}"#));
+    let resp = gw.send(signed("POST", "/signed/pay", ts - 1, body, br#"{"amount": 9}"#));
     assert_problem(&resp, 401, "invalid-credentials");
     assert!(resp.json()["detail"].as_str().unwrap().contains("Content-Digest"), "{}", resp.text());
 

@@ -79,6 +79,8 @@ fn gateway(credits: bool, credit_port: Option<u16>, jwks_port: u16) -> Gateway {
     Gateway::start(GatewayOptions {
         plugin_config: Some(plugin_config(credits)),
         credit_port,
+        // One worker: what these tests hold is a stream's phase, not who else serves.
+        concurrency: 1,
         mutate: Some(Box::new(move |config| {
             config["static_resources"]["clusters"].as_array_mut().unwrap().push(cluster)
         })),
