@@ -1,6 +1,7 @@
 //! The one door from the pipeline to the proxy. The wasm adapter implements it with proxy-wasm
 //! hostcalls; unit tests implement it with a recording fake.
 
+use crate::grpc;
 use crate::metrics::Metric;
 
 /// The proxy's clock counts nanoseconds.
@@ -52,10 +53,18 @@ pub trait StreamHost: Host {
     fn response_header(&self, name: &str) -> Option<String>;
     fn set_response_header(&mut self, name: &str, value: &str);
     fn remove_response_header(&mut self, name: &str);
+    /// A response trailer (a gRPC call's `grpc-status`, say); `None` when absent. Only from the
+    /// response trailers hook.
+    fn response_trailer(&self, name: &str) -> Option<String>;
+    fn set_response_trailer(&mut self, name: &str, value: &str);
+    fn remove_response_trailer(&mut self, name: &str);
     /// An Envoy attribute of this stream, e.g. `["xds", "route_metadata", …]`; `None` when absent.
     fn property(&self, path: &[&str]) -> Option<Vec<u8>>;
     /// Answers the request without the upstream.
     fn send_response(&mut self, status: u16, headers: &[(&str, &str)], body: &[u8]);
+    /// Answers a gRPC call without the upstream: trailers-only, HTTP 200, `headers` (which carry
+    /// `grpc-status` and `grpc-message`) and no body.
+    fn send_grpc_response(&mut self, status: grpc::Code, headers: &[(&str, &str)]);
 }
 
 /// The proxy refused an operation on the stream (a hostcall returned an error status).
@@ -96,11 +105,12 @@ pub(crate) mod fake {
     use std::collections::HashMap;
 
     use super::{Callout, Host, HostError, StreamHost};
+    use crate::grpc;
     use crate::metrics::Metric;
 
     pub const NOW: u64 = 1_800_000_000;
 
-    /// A local reply: status, headers, parsed body.
+    /// A local reply: status, headers, parsed body (`null` for a gRPC one).
     pub type Sent = (u16, Vec<(String, String)>, serde_json::Value);
 
     pub struct FakeHost {
@@ -111,6 +121,8 @@ pub(crate) mod fake {
         pub removed: Vec<String>,
         pub response: Vec<(String, String)>,
         pub sent: Option<Sent>,
+        /// The gRPC status of a gRPC local reply.
+        pub grpc_sent: Option<grpc::Code>,
         pub resumed: bool,
         pub now: u64,
         /// Nanoseconds past `now`.
@@ -126,6 +138,7 @@ pub(crate) mod fake {
         /// Request headers the proxy refuses to edit, as a hostcall failure would.
         pub locked: Vec<String>,
         pub trailers: Vec<(String, String)>,
+        pub response_trailers: Vec<(String, String)>,
     }
 
     impl Default for FakeHost {
@@ -137,6 +150,7 @@ pub(crate) mod fake {
                 removed: Vec::new(),
                 response: Vec::new(),
                 sent: None,
+                grpc_sent: None,
                 resumed: false,
                 now: NOW,
                 nanos: 0,
@@ -148,6 +162,7 @@ pub(crate) mod fake {
                 metrics: HashMap::new(),
                 locked: Vec::new(),
                 trailers: Vec::new(),
+                response_trailers: Vec::new(),
             }
         }
     }
@@ -259,12 +274,27 @@ pub(crate) mod fake {
         fn remove_response_header(&mut self, name: &str) {
             self.response.retain(|(n, _)| n != name);
         }
+        fn response_trailer(&self, name: &str) -> Option<String> {
+            self.response_trailers.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone())
+        }
+        fn set_response_trailer(&mut self, name: &str, value: &str) {
+            self.response_trailers.retain(|(n, _)| n != name);
+            self.response_trailers.push((name.to_owned(), value.to_owned()));
+        }
+        fn remove_response_trailer(&mut self, name: &str) {
+            self.response_trailers.retain(|(n, _)| n != name);
+        }
         fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
             self.properties.get(&path.join(".")).cloned()
         }
         fn send_response(&mut self, status: u16, headers: &[(&str, &str)], body: &[u8]) {
             let headers = headers.iter().map(|(n, v)| ((*n).to_owned(), (*v).to_owned())).collect();
             self.sent = Some((status, headers, serde_json::from_slice(body).unwrap()));
+        }
+        fn send_grpc_response(&mut self, status: grpc::Code, headers: &[(&str, &str)]) {
+            let headers = headers.iter().map(|(n, v)| ((*n).to_owned(), (*v).to_owned())).collect();
+            self.sent = Some((200, headers, serde_json::Value::Null));
+            self.grpc_sent = Some(status);
         }
     }
 }

@@ -10,6 +10,7 @@ pub mod checks;
 pub mod common;
 pub mod config;
 pub mod credits;
+pub mod grpc;
 pub mod headers;
 pub mod host;
 pub mod metrics;
@@ -123,6 +124,8 @@ pub struct Stream {
     billing: Billing,
     /// The rate-limit window the response reports, and when (Unix seconds) it was counted.
     quota: Option<(Quota, u64)>,
+    /// `Some` for a gRPC call: refused in gRPC's terms, billed on its `grpc-status`.
+    grpc: Option<grpc::Call>,
 }
 
 impl Stream {
@@ -139,6 +142,7 @@ impl Stream {
             body_check: None,
             billing: Billing::None,
             quota: None,
+            grpc: None,
         }
     }
 
@@ -188,9 +192,16 @@ impl Stream {
         self.advance(host, step)
     }
 
-    /// Step 7: security, rate-limit and billing headers; the bill is settled on the status.
+    /// Step 7: security, rate-limit and billing headers; the bill is settled on the status, or,
+    /// for a gRPC call that has not ended yet, on its trailers.
     pub fn on_response_headers(&mut self, host: &mut dyn StreamHost) -> Flow {
         response::headers(self, host);
+        Flow::Continue
+    }
+
+    /// A gRPC call's outcome, `grpc-status`, comes in the response trailers.
+    pub fn on_response_trailers(&mut self, host: &mut dyn StreamHost) -> Flow {
+        response::trailers(self, host);
         Flow::Continue
     }
 
@@ -262,7 +273,8 @@ impl Stream {
         self.body_check = None;
         self.settle(host, None);
         let policy = self.policy.as_ref().map_or("", |p| p.name.as_str());
-        respond(host, denial, &self.request_id, policy, Some(&self.config), self.https);
+        let wire = self.grpc.as_ref().map(|call| call.wire);
+        respond(host, denial, &self.request_id, policy, Some(&self.config), self.https, wire);
     }
 
     /// A reservation whose answer this stream will not wait for: the root context asks for it
@@ -295,7 +307,7 @@ impl Stream {
 /// Answers a request that reached a VM whose configuration never loaded. Envoy does not create
 /// streams for such a plugin; this is the fail-closed answer should one appear anyway.
 pub fn refuse_unconfigured(host: &mut dyn StreamHost) -> Flow {
-    respond(host, &Denial::Unconfigured, "", "", None, false);
+    respond(host, &Denial::Unconfigured, "", "", None, false, None);
     Flow::Pause
 }
 
@@ -306,6 +318,7 @@ fn respond(
     policy: &str,
     config: Option<&Config>,
     https: bool,
+    grpc: Option<grpc::Wire>,
 ) {
     let kind = denial.problem_type();
     host.count(Metric::denied(kind.status), 1);
@@ -319,7 +332,7 @@ fn respond(
         request_id,
         log_detail(denial)
     );
-    let mut headers: Vec<(&str, &str)> = vec![("content-type", "application/problem+json")];
+    let mut headers: Vec<(&str, &str)> = Vec::new();
     if let Some(config) = config {
         // An error is never cacheable, whatever the route allows for its successes.
         headers.extend(headers::security(&config.security_headers, Some("no-store"), https));
@@ -330,7 +343,13 @@ fn respond(
     }
     let limits = denial.rate_limit_headers(host.now());
     headers.extend(limits.iter().map(|(name, value)| (*name, value.as_str())));
-    host.send_response(kind.status, &headers, &problem::body(denial, request_id));
+    match grpc {
+        Some(wire) => grpc::refuse(host, wire, grpc::Code::of(kind.status), denial, request_id, headers),
+        None => {
+            headers.push(("content-type", "application/problem+json"));
+            host.send_response(kind.status, &headers, &problem::body(denial, request_id));
+        }
+    }
 }
 
 /// The log may say more than the client is told, never a credential.

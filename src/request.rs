@@ -9,6 +9,7 @@ use crate::body;
 use crate::checks::{self, BodyCounter};
 use crate::common::Method;
 use crate::credits::{self, CreditError, FailurePolicy};
+use crate::grpc;
 use crate::headers;
 use crate::host::{Callout, StreamHost, NANOS_PER_MS, NANOS_PER_SECOND};
 use crate::metrics::Metric;
@@ -32,6 +33,9 @@ pub(crate) fn headers(stream: &mut Stream, host: &mut dyn StreamHost, end_of_str
     // xff_num_trusted_hops), so a client cannot claim https through it.
     stream.https = header(&stream.request, "x-forwarded-proto").or(header(&stream.request, ":scheme")) == Some("https");
     stream.body.start(end_of_stream);
+    // Known before any check, so that every refusal reaches a gRPC caller as a gRPC status.
+    let wire = grpc::Wire::of(header(&stream.request, "content-type"));
+    stream.grpc = wire.map(|wire| grpc::Call { wire, reported: None });
 
     let method = header(&stream.request, ":method").and_then(Method::from_header);
     let raw_path = header(&stream.request, ":path").ok_or(checks::CheckError::MissingPath)?;
@@ -49,7 +53,9 @@ pub(crate) fn headers(stream: &mut Stream, host: &mut dyn StreamHost, end_of_str
         return Err(checks::CheckError::BodyTooLarge { limit: 0 }.into());
     }
     stream.body.limit(BodyCounter::new(policy.max_body_bytes), length)?;
-    checks::content_type(method, header(&stream.request, "content-type"), &policy.content_types)?;
+    if !(policy.grpc && wire.is_some()) {
+        checks::content_type(method, header(&stream.request, "content-type"), &policy.content_types)?;
+    }
 
     // 3. Identity headers: nothing downstream may trust what the client sent under them, nor the
     // upstream's usage report (an upstream that reflects request headers would report it).

@@ -1,10 +1,31 @@
 //! Step 7, on the response headers: security headers, the rate-limit window, and the bill —
-//! committed on a 2xx (what the upstream reports, never more than was held), released otherwise.
+//! committed on a billed outcome (what the upstream reports, never more than was held), released
+//! otherwise. An HTTP response's outcome is its status; a gRPC call's is its `grpc-status`, which
+//! a call that streams a response sends in the trailers, so such a call settles there (or, if the
+//! stream ends without them, is released by `Stream::on_done`).
 
-use crate::credits;
+use crate::credits::{self, PolicyCredits};
+use crate::grpc;
 use crate::headers;
 use crate::host::StreamHost;
 use crate::{Billing, Phase, Stream};
+
+/// How a response ended, as billing reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Http(u16),
+    /// A gRPC call's `grpc-status`; `None`: it ended without a valid one (an HTTP error, say).
+    Grpc(Option<u32>),
+}
+
+/// The one decision whether a response is charged: an HTTP response by the policy's
+/// `bill_statuses`, a gRPC call only on `grpc-status: 0` (OK), whatever its HTTP status.
+fn billed(credits: &PolicyCredits, outcome: Outcome) -> bool {
+    match outcome {
+        Outcome::Http(status) => credits.bills(status),
+        Outcome::Grpc(status) => status == Some(0),
+    }
+}
 
 pub(crate) fn headers(stream: &mut Stream, host: &mut dyn StreamHost) {
     if matches!(stream.phase, Phase::Answered) {
@@ -33,16 +54,63 @@ pub(crate) fn headers(stream: &mut Stream, host: &mut dyn StreamHost) {
         host.remove_response_header(name);
     }
     match &stream.billing {
-        Billing::Reserved(reservation) => {
-            let status = host.response_header(":status").and_then(|s| s.parse::<u16>().ok()).unwrap_or(0);
-            let served = stream.policy.as_ref().and_then(|p| p.credits.as_ref()).is_some_and(|c| c.bills(status));
-            let charge = if served { credits::charge(reservation, reported.as_deref()) } else { 0 };
-            for (name, value) in credits::response_headers(reservation, charge) {
-                host.set_response_header(name, &value);
+        Billing::Reserved(_) => match outcome(stream, host) {
+            Some(outcome) => settle(stream, host, outcome, reported.as_deref(), false),
+            None => {
+                if let Some(call) = &mut stream.grpc {
+                    call.reported = reported;
+                }
             }
-            stream.settle(host, served.then_some(charge));
-        }
+        },
         Billing::Unbilled => host.set_response_header("x-credits-charged", "0"),
         Billing::None => {}
     }
+}
+
+/// A gRPC call's trailers: its `grpc-status`, and perhaps the upstream's cost report. The
+/// billing headers go to the client here, as trailing metadata.
+pub(crate) fn trailers(stream: &mut Stream, host: &mut dyn StreamHost) {
+    let usage_header = stream.config.credits.as_ref().and_then(|c| c.actual_cost_header.as_deref());
+    let (Billing::Reserved(_), Some(call)) = (&stream.billing, &mut stream.grpc) else {
+        if let Some(name) = usage_header {
+            host.remove_response_trailer(name);
+        }
+        return;
+    };
+    let mut reported = call.reported.take();
+    if let Some(name) = usage_header {
+        reported = host.response_trailer(name).or(reported);
+        host.remove_response_trailer(name);
+    }
+    let status = host.response_trailer("grpc-status").and_then(|s| grpc::status(&s));
+    settle(stream, host, Outcome::Grpc(status), reported.as_deref(), true);
+}
+
+/// The outcome the response headers tell; `None` for a gRPC call whose status is still to come
+/// in the trailers.
+fn outcome(stream: &Stream, host: &dyn StreamHost) -> Option<Outcome> {
+    let status = host.response_header(":status").and_then(|s| s.parse::<u16>().ok()).unwrap_or(0);
+    if stream.grpc.is_none() {
+        return Some(Outcome::Http(status));
+    }
+    match host.response_header("grpc-status") {
+        // Trailers-only: the call ended in its headers.
+        Some(value) => Some(Outcome::Grpc(grpc::status(&value))),
+        None if status == 200 => None,
+        None => Some(Outcome::Grpc(None)),
+    }
+}
+
+/// Commits or releases on `outcome`, and tells the client in the headers or the trailers.
+fn settle(stream: &mut Stream, host: &mut dyn StreamHost, outcome: Outcome, reported: Option<&str>, trailers: bool) {
+    let Billing::Reserved(reservation) = &stream.billing else { return };
+    let served = stream.policy.as_ref().and_then(|p| p.credits.as_ref()).is_some_and(|c| billed(c, outcome));
+    let charge = if served { credits::charge(reservation, reported) } else { 0 };
+    for (name, value) in credits::response_headers(reservation, charge) {
+        match trailers {
+            true => host.set_response_trailer(name, &value),
+            false => host.set_response_header(name, &value),
+        }
+    }
+    stream.settle(host, served.then_some(charge));
 }

@@ -37,6 +37,12 @@ pub struct RawPolicy {
     /// Allowed `Content-Type` media types per method; overrides `request_checks.content_types`.
     #[serde(default)]
     pub content_types: Option<BTreeMap<Method, Vec<String>>>,
+    /// Serve gRPC: calls with a gRPC content type (`application/grpc`, `…+proto`, `…+json`,
+    /// `application/grpc-web`, `…-web-text`) are accepted whatever `content_types` says, and billed
+    /// on their `grpc-status`. `max_body_bytes` is then the limit for a call's whole request
+    /// stream. Refusals reach every gRPC caller as gRPC statuses, on any policy.
+    #[serde(default)]
+    pub grpc: bool,
     /// The `Cache-Control` value for responses on this policy's routes; overrides
     /// `security_headers.cache_control`.
     #[serde(default)]
@@ -79,6 +85,8 @@ pub struct Policy {
     pub max_body_bytes: u64,
     /// Lower-case media types per method; a method without an entry accepts any.
     pub content_types: BTreeMap<Method, Vec<String>>,
+    /// gRPC calls are accepted.
+    pub grpc: bool,
     pub cache_control: Option<String>,
     /// Scopes an authenticated caller must all have.
     pub scopes: Vec<String>,
@@ -141,6 +149,7 @@ impl Policy {
             access: p.access,
             max_body_bytes: p.max_body_bytes.unwrap_or(defaults.max_body_bytes),
             content_types: lower_case(p.content_types.as_ref().unwrap_or(&defaults.content_types)),
+            grpc: p.grpc,
             cache_control: p.cache_control.clone().or_else(|| context.cache_control.cloned()),
             scopes: p.scopes.clone(),
             signature: p.signature,
@@ -157,6 +166,7 @@ impl Policy {
             access: Access::Deny,
             max_body_bytes: defaults.max_body_bytes,
             content_types: lower_case(&defaults.content_types),
+            grpc: false,
             cache_control: context.cache_control.cloned(),
             scopes: Vec::new(),
             signature: false,

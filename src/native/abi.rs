@@ -96,6 +96,7 @@ impl EnvoyHttpHeader {
 pub const REQUEST_HEADER: u32 = 0;
 pub const REQUEST_TRAILER: u32 = 1;
 pub const RESPONSE_HEADER: u32 = 2;
+pub const RESPONSE_TRAILER: u32 = 3;
 
 // `envoy_dynamic_module_type_http_body_type`
 pub const RECEIVED_REQUEST_BODY: u32 = 0;

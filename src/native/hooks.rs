@@ -627,13 +627,20 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_response_body(
     abi::BODY_CONTINUE
 }
 
-/// Required by Envoy; tollgate does not read response trailers.
+/// A gRPC call's outcome, `grpc-status`, is in the response trailers.
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_response_trailers(
-    _envoy: FilterEnvoyPtr,
-    _filter: *const std::ffi::c_void,
+    envoy: FilterEnvoyPtr,
+    filter: *const std::ffi::c_void,
 ) -> u32 {
-    abi::TRAILERS_CONTINUE
+    guarded("response trailers", abi::TRAILERS_CONTINUE, || {
+        // SAFETY: Envoy passes the live filter this module made.
+        let Some(filter) = (unsafe { filter_of(filter) }) else { return abi::TRAILERS_CONTINUE };
+        if !filter.failed.get() {
+            filter.run(envoy, Hook::Response("response trailers"), |s, h| s.on_response_trailers(h));
+        }
+        abi::TRAILERS_CONTINUE
+    })
 }
 
 /// The stream is over, whether answered, reset or abandoned: what it holds is given back.

@@ -7,6 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use super::abi::{self, EnvoyBuffer, EnvoyHttpHeader, FilterEnvoyPtr, ModuleBuffer, ModuleHttpHeader};
 use super::store::store;
 use super::Plugin;
+use crate::grpc;
 use crate::host::{Callout, Host, HostError, StreamHost};
 use crate::metrics::Metric;
 use crate::worker::Worker;
@@ -373,6 +374,21 @@ impl StreamHost for StreamEnvoy<'_> {
         logged("remove a response header", self.set_header(abi::RESPONSE_HEADER, name, ModuleBuffer::NULL));
     }
 
+    fn response_trailer(&self, name: &str) -> Option<String> {
+        self.header(abi::RESPONSE_TRAILER, name)
+    }
+
+    fn set_response_trailer(&mut self, name: &str, value: &str) {
+        logged(
+            "set a response trailer",
+            self.set_header(abi::RESPONSE_TRAILER, name, ModuleBuffer::of(value.as_bytes())),
+        );
+    }
+
+    fn remove_response_trailer(&mut self, name: &str) {
+        logged("remove a response trailer", self.set_header(abi::RESPONSE_TRAILER, name, ModuleBuffer::NULL));
+    }
+
     /// The two properties the pipeline reads: route metadata and the client address.
     fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
         let mut value = EnvoyBuffer::EMPTY;
@@ -402,6 +418,13 @@ impl StreamHost for StreamEnvoy<'_> {
 
     fn send_response(&mut self, status: u16, headers: &[(&str, &str)], body: &[u8]) {
         send_response(self.filter, status, headers, body);
+    }
+
+    /// The ABI's local reply takes no gRPC status: `headers` carry it. Envoy answers a gRPC request
+    /// trailers-only and keeps a `grpc-status` it finds there; any other request (gRPC-Web) gets
+    /// these headers on a 200 with no body, which is a trailers-only answer to it too.
+    fn send_grpc_response(&mut self, _status: grpc::Code, headers: &[(&str, &str)]) {
+        send_response(self.filter, 200, headers, &[]);
     }
 }
 

@@ -6,8 +6,9 @@ use std::time::{Duration, UNIX_EPOCH};
 use proxy_wasm::hostcalls;
 use std::cell::RefCell;
 
-use proxy_wasm::types::{BufferType, MapType, MetricType, Status};
+use proxy_wasm::types::{BufferType, GrpcStatusCode, MapType, MetricType, Status};
 
+use crate::grpc;
 use crate::host::{Callout, Host, HostError, StreamHost};
 use crate::metrics::Metric;
 
@@ -192,11 +193,43 @@ impl StreamHost for WasmHost {
         logged("remove response header", hostcalls::set_map_value(MapType::HttpResponseHeaders, name, None));
     }
 
+    fn response_trailer(&self, name: &str) -> Option<String> {
+        logged("get response trailer", hostcalls::get_map_value_bytes(MapType::HttpResponseTrailers, name)).map(text)
+    }
+
+    fn set_response_trailer(&mut self, name: &str, value: &str) {
+        logged("set response trailer", hostcalls::set_map_value(MapType::HttpResponseTrailers, name, Some(value)));
+    }
+
+    fn remove_response_trailer(&mut self, name: &str) {
+        logged("remove response trailer", hostcalls::set_map_value(MapType::HttpResponseTrailers, name, None));
+    }
+
     fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
         logged("get property", hostcalls::get_property(path.to_vec()))
     }
 
     fn send_response(&mut self, status: u16, headers: &[(&str, &str)], body: &[u8]) {
         logged("send response", hostcalls::send_http_response(u32::from(status), headers.to_vec(), Some(body)));
+    }
+
+    /// `grpc-status` and `grpc-message` are in `headers`, which Envoy keeps as they are; the
+    /// status argument says the same to Envoy, which then answers trailers-only.
+    fn send_grpc_response(&mut self, status: grpc::Code, headers: &[(&str, &str)]) {
+        let metadata = headers.iter().map(|(name, value)| (*name, value.as_bytes())).collect();
+        logged("send gRPC response", hostcalls::send_grpc_response(grpc_status(status), None, metadata));
+    }
+}
+
+fn grpc_status(code: grpc::Code) -> GrpcStatusCode {
+    match code {
+        grpc::Code::InvalidArgument => GrpcStatusCode::InvalidArgument,
+        grpc::Code::PermissionDenied => GrpcStatusCode::PermissionDenied,
+        grpc::Code::ResourceExhausted => GrpcStatusCode::ResourceExhausted,
+        grpc::Code::FailedPrecondition => GrpcStatusCode::FailedPrecondition,
+        grpc::Code::Unimplemented => GrpcStatusCode::Unimplemented,
+        grpc::Code::Internal => GrpcStatusCode::Internal,
+        grpc::Code::Unavailable => GrpcStatusCode::Unavailable,
+        grpc::Code::Unauthenticated => GrpcStatusCode::Unauthenticated,
     }
 }

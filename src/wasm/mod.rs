@@ -165,6 +165,13 @@ impl HttpContext for Http {
         })
     }
 
+    fn on_http_response_trailers(&mut self, _num_trailers: usize) -> Action {
+        action(match &mut self.stream {
+            Some(stream) => stream.on_response_trailers(&mut WasmHost),
+            None => Flow::Continue,
+        })
+    }
+
     /// The stream is over, whether answered, reset or abandoned by the client.
     fn on_log(&mut self) {
         if let Some(stream) = &mut self.stream {
