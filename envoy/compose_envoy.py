@@ -29,6 +29,7 @@ ADDRESSES = {
     10000: "0.0.0.0",  # the gateway, published to the host's 127.0.0.1:10000
     8000: "upstream",  # the `upstream` service
     8081: "credit",  # the `credit` service
+    8001: "grpc-upstream",  # the `grpc-upstream` service
 }
 
 HEADER = """\

@@ -158,6 +158,7 @@ fn the_compose_config_is_envoy_yaml_but_for_the_addresses_and_is_up_to_date() {
     let service_of = |cluster: &str| match cluster {
         "credits" => "credit",
         "upstream" => "upstream",
+        "grpc" => "grpc-upstream",
         other => panic!("cluster {other}: which compose service is it?"),
     };
     for cluster in expected["static_resources"]["clusters"].as_array_mut().unwrap() {
@@ -225,13 +226,14 @@ fn envoy_takes_traffic_only_once_everything_it_needs_is_ready() {
     for (name, service) in services {
         assert_eq!(service["init"], true, "{name} runs without an init process: SIGTERM would not stop it");
     }
-    for name in ["envoy", "upstream", "credit"] {
+    for name in ["envoy", "upstream", "grpc-upstream", "credit"] {
         let test = strings(&services[name]["healthcheck"]["test"]);
         assert!(matches!(test.first(), Some(&"CMD" | &"CMD-SHELL")) && test.len() > 1, "{name}: {test:?}");
     }
     let condition =
         |service: &str, on: &str| services[service]["depends_on"][on]["condition"].as_str().map(str::to_owned);
     assert_eq!(condition("envoy", "upstream").as_deref(), Some("service_healthy"));
+    assert_eq!(condition("envoy", "grpc-upstream").as_deref(), Some("service_healthy"));
     assert_eq!(condition("envoy", "credit").as_deref(), Some("service_healthy"));
     assert_eq!(condition("envoy", "credit-setup").as_deref(), Some("service_completed_successfully"));
     assert_eq!(condition("credit-setup", "credit").as_deref(), Some("service_healthy"));
@@ -307,6 +309,9 @@ fn images_are_pinned_by_digest_with_their_tag_and_the_readme_lists_them() {
         }
         assert!(pinned(image), "{image} is not NAME:TAG@sha256:DIGEST");
     }
+    // The gRPC upstream runs on the upstream's image.
+    images.sort();
+    images.dedup();
     assert_eq!(images.len(), 5, "{images:?}");
 
     // Each pulled image can be replaced, e.g. by a local stand-in (envoy/standin/build.sh).
