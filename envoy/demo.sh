@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs the native demo on the ports envoy/envoy.yaml names: the sample upstream, the credit service
+# Runs the native demo on the ports envoy/envoy.yaml names: the sample upstream, the gRPC upstream
+# (envoy/grpc_upstream.py, with the venv's grpcio), the credit service
 # on a fresh SQLite ledger with a "demo" account of 20 credits, and Envoy with tollgate, until
 # Ctrl-C. Called by `make demo` once everything is built and installed.
 #
@@ -12,7 +13,7 @@ cli=${TOLLGATE_CLI:-target/release/tollgate}
 credit=${TOLLGATE_CREDIT:-target/release/tollgate-credit}
 cd "$(dirname "$0")/.."
 mkdir -p build
-for p in "$port" 9901 8000 8081; do
+for p in "$port" 9901 8000 8001 8081; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
     echo "port $p is already in use on 127.0.0.1; stop what holds it (an earlier demo?) and retry" >&2
     exit 1
@@ -50,18 +51,21 @@ sh envoy/demo-account.sh
 
 python3 envoy/demo_upstream.py 8000 &
 pids+=($!)
+"$(dirname "$envoy")/python" envoy/grpc_upstream.py 8001 >/dev/null &
+pids+=($!)
 "$envoy" -c envoy/envoy.yaml --concurrency 2 --disable-hot-restart --log-level warn \
   --component-log-level wasm:info --log-path build/demo-envoy.log &
 pids+=($!)
-wait_for http://127.0.0.1:9901/ready "${pids[2]}" build/demo-envoy.log
+wait_for http://127.0.0.1:9901/ready "${pids[3]}" build/demo-envoy.log
 
 g=http://127.0.0.1:$port
 token=$("$cli" token --secret dG9sbGdhdGUtZGVtby1oczI1Ni1zZWNyZXQtbm90LWZvci1wcm9kdWN0aW9u --kid demo \
   --issuer tollgate-demo --audience demo-api --sub alice --account demo --tier pro --scope read)
 cat <<TXT
 
-tollgate demo: Envoy with the filter on $g, the sample upstream on :8000, the credit service on
-:8081 (account "demo" holds 20 credits), Envoy admin on :9901. Logs: build/demo-*.log. Try:
+tollgate demo: Envoy with the filter on $g, the sample upstream on :8000, the gRPC service
+demo.Echo on :8001, the credit service on :8081 (account "demo" holds 20 credits), Envoy admin on
+:9901. Logs: build/demo-*.log. Try:
 
   # a public route passes; the upstream echoes what it got; the response carries the security headers (→ 200, x-frame-options: DENY, x-content-type-options: nosniff)
   curl -i $g/health
@@ -80,6 +84,12 @@ tollgate demo: Envoy with the filter on $g, the sample upstream on :8000, the cr
 
   # 50 units of work at 1 credit each, with 18 left: 402, and the upstream never sees it (→ 402, "required":50, "balance":18, urn:tollgate:problem:insufficient-credits)
   curl -i -H 'x-units: 50' -H 'x-api-key: tg_demo_key_not_for_production' $g/api/items
+
+  # gRPC, with a real gRPC client (grpcio, raw bytes): the demo API key calls demo.Echo/Say; 1 credit, charged on grpc-status 0 and told in the trailing metadata (→ 0, message: hello, x-credits-charged: 1, x-credits-remaining: 17, x-ratelimit-remaining)
+  .venv/bin/python envoy/grpc_client.py ${g#http://} /demo.Echo/Say -H 'x-api-key: tg_demo_key_not_for_production'
+
+  # gRPC without a credential: the gRPC status UNAUTHENTICATED with a short grpc-message, never a JSON document (→ 16, unauthenticated, grpc-message: this route requires authentication, !{)
+  .venv/bin/python envoy/grpc_client.py ${g#http://} /demo.Echo/Say
 
   # /auth/login allows 5 a minute per client address: the sixth is 429 with Retry-After and the limit's headers (→ 429, retry-after:, x-ratelimit-limit: 5, x-ratelimit-remaining: 0, ratelimit-policy: "login-per-minute";q=5;w=60)
   for i in 1 2 3 4 5; do curl -s -o /dev/null -d '{}' -H 'content-type: application/json' $g/auth/login; done; curl -i -d '{}' -H 'content-type: application/json' $g/auth/login

@@ -1,6 +1,6 @@
 //! The demo as a user meets it: `envoy/demo.sh` brings up Envoy, the credit service and the sample
 //! upstream; every command its walkthrough prints does what its comment says; Ctrl-C stops it all.
-//! It runs on the demo's own fixed ports (10000, 9901, 8000, 8081), so it fails, saying so, when a
+//! It runs on the demo's own fixed ports (10000, 9901, 8000, 8001, 8081), so it fails, saying so, when a
 //! `make demo` is running.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "test code")]
 
@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use harness::*;
 
-const PORTS: [u16; 4] = [10000, 9901, 8000, 8081];
+const PORTS: [u16; 5] = [10000, 9901, 8000, 8001, 8081];
 
 /// Stops the demo's whole process group, also when an assertion fails mid-walkthrough.
 struct Running(std::process::Child);
@@ -87,11 +87,13 @@ fn every_walkthrough_command_does_what_it_says_and_ctrl_c_stops_everything() {
     assert!(walkthrough.last().is_some_and(|l| l.contains("Ctrl-C")), "the demo did not start:\n{walkthrough:?}");
 
     let entries = entries(&walkthrough);
-    assert!(entries.len() >= 14, "{} entries in:\n{}", entries.len(), walkthrough.join("\n"));
+    assert!(entries.len() >= 16, "{} entries in:\n{}", entries.len(), walkthrough.join("\n"));
     for entry in &entries {
         let output = Command::new("bash").args(["-c", &entry.command]).output().unwrap();
         let text = String::from_utf8_lossy(&output.stdout).to_lowercase();
-        let status = text.lines().rev().find(|l| l.starts_with("http/")).unwrap_or_default().to_owned();
+        // A gRPC client's command prints `grpc-status: CODE NAME` where curl prints `HTTP/1.1 CODE`.
+        let status = text.lines().rev().find(|l| l.starts_with("http/") || l.starts_with("grpc-status:"));
+        let status = status.unwrap_or_default().to_owned();
         let context = format!("{}\n$ {}\n{text}", entry.comment, entry.command);
         assert!(
             status.split(' ').nth(1) == Some(entry.status.as_str()),
