@@ -124,7 +124,7 @@ fi
 python3 envoy/compose_envoy.py
 "$cli" check envoy/envoy.compose.yaml
 # Envoy (uid 101) and curl (uid 100) read the mounted files as "others".
-chmod a+r envoy/envoy.compose.yaml build/tollgate.wasm envoy/demo_upstream.py envoy/demo-account.sh
+chmod a+r envoy/envoy.compose.yaml build/tollgate.wasm envoy/demo_upstream.py envoy/grpc_upstream.py envoy/demo-account.sh
 for p in 10000 9901; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
     echo "port $p is already in use on 127.0.0.1; stop what holds it (a \`make demo\`?) and retry" >&2
@@ -201,7 +201,7 @@ up() { dc up -d --no-deps "$@" >/dev/null 2>&1 || fail "${compose[*]} up $* fail
 # Envoy after a dependency that has exited (credit-setup); and it exits 0 when a container fails.
 start=$SECONDS
 echo "starting the demo with ${compose[*]}"
-up upstream credit
+up upstream grpc-upstream credit
 wait_healthy credit
 up credit-setup
 until [[ $("$engine" inspect -f '{{.State.Status}}' "$(container_of credit-setup)" 2>/dev/null) == exited ]]; do
@@ -212,6 +212,8 @@ code=$("$engine" inspect -f '{{.State.ExitCode}}' "$(container_of credit-setup)"
 [[ $code == 0 ]] || fail "credit-setup failed (exit status $code): the demo account is missing"
 echo "  credit-setup created the demo account after $((SECONDS - start)) s"
 wait_healthy upstream
+# It installs grpcio when it starts: the slowest to be ready.
+wait_healthy grpc-upstream
 up envoy
 wait_healthy envoy
 # And from the host, through the published ports.
