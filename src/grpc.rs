@@ -34,7 +34,7 @@ impl Wire {
         }
     }
 
-    fn content_type(self) -> &'static str {
+    pub(crate) fn content_type(self) -> &'static str {
         match self {
             Wire::Grpc => "application/grpc",
             Wire::Web => "application/grpc-web",
@@ -67,7 +67,7 @@ pub enum Code {
 
 impl Code {
     /// The number as `grpc-status` carries it.
-    fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Code::InvalidArgument => "3",
             Code::PermissionDenied => "7",
@@ -135,7 +135,7 @@ pub fn refuse(
 
 /// `grpc-message` as the gRPC protocol requires it: every byte outside printable ASCII, and `%`,
 /// percent-encoded.
-fn percent_encode(message: &str) -> String {
+pub(crate) fn percent_encode(message: &str) -> String {
     const HEX: &[u8; 16] = b"0123456789ABCDEF";
     let mut encoded = Vec::with_capacity(message.len());
     for byte in message.bytes() {

@@ -16,6 +16,7 @@ use super::abi::{
 use super::host::{self, MainEnvoy, StreamEnvoy};
 use super::store::store;
 use crate::config::Config;
+use crate::grpc;
 use crate::host::HostError;
 use crate::metrics::Metric;
 use crate::problem::{self, Denial};
@@ -510,8 +511,7 @@ impl Filter {
             },
             Ok(Err(())) => {
                 // No stream: the config never parsed on this thread. Fail closed.
-                let body = problem::body(&Denial::Unconfigured, "");
-                host::send_response(envoy, 503, &[("content-type", "application/problem+json")], &body);
+                answer_failure(envoy, &Denial::Unconfigured);
                 self.failed.set(true);
                 Flow::Pause
             }
@@ -519,11 +519,28 @@ impl Filter {
                 log::error!("tollgate: panic in {}; the request is answered 500 and Envoy carries on", hook.name());
                 self.failed.set(true);
                 if !self.response_started.get() {
-                    let body = problem::body(&Denial::Host(HostError("handle the request")), "");
-                    host::send_response(envoy, 500, &[("content-type", "application/problem+json")], &body);
+                    answer_failure(envoy, &Denial::Host(HostError("handle the request")));
                 }
                 Flow::Pause
             }
+        }
+    }
+}
+
+/// Answers a request the pipeline could not handle as the pipeline answers its own refusals:
+/// problem+json, or to a gRPC caller its gRPC status, trailers-only.
+fn answer_failure(envoy: FilterEnvoyPtr, denial: &Denial) {
+    let status = denial.problem_type().status;
+    match grpc::Wire::of(host::request_header(envoy, "content-type").as_deref()) {
+        Some(wire) => {
+            let message = grpc::percent_encode(&denial.to_string());
+            let code = grpc::Code::of(status).as_str();
+            let headers = [("content-type", wire.content_type()), ("grpc-status", code), ("grpc-message", &message)];
+            host::send_response(envoy, 200, &headers, &[]);
+        }
+        None => {
+            let body = problem::body(denial, "");
+            host::send_response(envoy, status, &[("content-type", "application/problem+json")], &body);
         }
     }
 }

@@ -136,20 +136,7 @@ impl StreamEnvoy<'_> {
     }
 
     fn header(&self, header_type: u32, name: &str) -> Option<String> {
-        let mut value = EnvoyBuffer::EMPTY;
-        // SAFETY: `filter` is live; `value` is written by Envoy and read within this hook.
-        let found = unsafe {
-            abi::envoy_dynamic_module_callback_http_get_header(
-                self.filter,
-                header_type,
-                ModuleBuffer::of(name.as_bytes()),
-                &mut value,
-                0,
-                std::ptr::null_mut(),
-            )
-        };
-        // SAFETY: Envoy's buffer, valid until the hook returns or a header is set.
-        (found && !value.ptr.is_null()).then(|| text(unsafe { value.bytes() }))
+        header(self.filter, header_type, name)
     }
 
     /// Every header of a map (request headers or trailers), pseudo-headers included.
@@ -426,6 +413,29 @@ impl StreamHost for StreamEnvoy<'_> {
     fn send_grpc_response(&mut self, _status: grpc::Code, headers: &[(&str, &str)]) {
         send_response(self.filter, 200, headers, &[]);
     }
+}
+
+/// A header of the stream `filter`, in the map `header_type`; `None` when absent.
+fn header(filter: FilterEnvoyPtr, header_type: u32, name: &str) -> Option<String> {
+    let mut value = EnvoyBuffer::EMPTY;
+    // SAFETY: `filter` is live; `value` is written by Envoy and read within this hook.
+    let found = unsafe {
+        abi::envoy_dynamic_module_callback_http_get_header(
+            filter,
+            header_type,
+            ModuleBuffer::of(name.as_bytes()),
+            &mut value,
+            0,
+            std::ptr::null_mut(),
+        )
+    };
+    // SAFETY: Envoy's buffer, valid until the hook returns or a header is set.
+    (found && !value.ptr.is_null()).then(|| text(unsafe { value.bytes() }))
+}
+
+/// A request header, for the panic guard's answer, which has no `StreamEnvoy`.
+pub fn request_header(filter: FilterEnvoyPtr, name: &str) -> Option<String> {
+    header(filter, abi::REQUEST_HEADER, name)
 }
 
 /// A local reply; also the panic guard's 500.
