@@ -17,7 +17,9 @@
 
 use std::collections::HashMap;
 
-use serde::{Deserialize, Serialize};
+use std::fmt::Write;
+
+use serde::Deserialize;
 
 use crate::common::ConfigError;
 use crate::host::{Host, NANOS_PER_SECOND};
@@ -163,6 +165,9 @@ struct Entry {
     expires: u64,
     /// When a worker last asked for this grant to grow (0: nobody is asking).
     asked: u64,
+    /// What the grant held unspent when it last grew: a request leaving less than half of it asks
+    /// for more.
+    size: u64,
     last_spent: u64,
     /// The service said no more will be granted: spend what is left, then bill per request.
     last: bool,
@@ -193,6 +198,7 @@ impl Entry {
             self.balance,
             self.expires,
             self.asked,
+            self.size,
             self.last_spent,
         ] {
             out.extend_from_slice(&word.to_le_bytes());
@@ -216,11 +222,11 @@ impl Entry {
             return None;
         }
         let last = r.byte()? != 0;
-        let mut words = [0u64; 8];
+        let mut words = [0u64; 9];
         for word in &mut words {
             *word = r.word()?;
         }
-        let [granted, used, in_flight, reported, balance, expires, asked, last_spent] = words;
+        let [granted, used, in_flight, reported, balance, expires, asked, size, last_spent] = words;
         let account = r.text()?;
         let grant_id = r.text()?;
         let usage = (0..r.byte()?).map(|_| Some((r.text()?, r.word()?, r.word()?))).collect::<Option<Vec<_>>>()?;
@@ -237,6 +243,7 @@ impl Entry {
             balance,
             expires,
             asked,
+            size,
             last_spent,
             last,
             usage,
@@ -315,43 +322,20 @@ struct Sent1 {
     close: bool,
 }
 
-#[derive(Serialize)]
-struct ReportCall<'a> {
-    instance: &'a str,
-    reports: Vec<Report<'a>>,
-}
-
-#[derive(Serialize)]
-struct Report<'a> {
-    account: &'a str,
-    grant_id: Option<&'a str>,
-    used_total: u64,
-    usage: HashMap<&'a str, Usage>,
-    want_total: u64,
-    min_grant: u64,
-    max_grant: u64,
-    lifetime_seconds: u64,
-    close: bool,
-}
-
-#[derive(Serialize)]
-struct Usage {
-    credits: u64,
-    requests: u64,
-}
-
 #[derive(Deserialize)]
 struct Answer {
     results: Vec<Result1>,
 }
 
+/// One report's result: a grant, or a problem document, whose fields all default.
 #[derive(Deserialize)]
 struct Result1 {
     status: u16,
-    body: serde_json::Value,
+    body: Granted,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
+#[serde(default)]
 struct Granted {
     grant_id: String,
     granted_total: u64,
@@ -424,8 +408,7 @@ impl Grants {
                 },
             };
             let existing = found.is_some();
-            let mut entry =
-                found.unwrap_or_else(|| Entry { account: account.to_owned(), last_spent: now, ..Entry::default() });
+            let mut entry = found.unwrap_or_else(|| Entry { account: account.to_owned(), ..Entry::default() });
             let live = !entry.grant_id.is_empty() && now < entry.expires;
             let result = if live && entry.left() >= amount {
                 entry.in_flight += amount;
@@ -433,15 +416,17 @@ impl Grants {
             } else {
                 Take::PerRequest
             };
+            let fresh = now.saturating_sub(entry.last_spent) < NANOS_PER_SECOND;
             entry.last_spent = now;
-            // Asks before the grant runs out: when what is left would not pay for half the
-            // grant's size again. A final grant is not asked again until the service says.
-            let low = entry.left() < self.policy.min_grant.max(entry.granted.saturating_sub(entry.reported) / 2);
+            // Asks before the grant runs out: when less than half of what it held when it last
+            // grew is left. A final grant is not asked again until the service says.
+            let low = entry.left() < entry.size / 2;
             if (!live || low) && !entry.last && now.saturating_sub(entry.asked) > ASK_TIMEOUT {
                 entry.asked = now;
                 ask = true;
             }
-            if result == Take::PerRequest && !ask && existing {
+            // A request billed per request writes only to keep the entry from looking idle.
+            if result == Take::PerRequest && !ask && existing && fresh {
                 return Step::Done(result);
             }
             Step::Write { slot, value: entry.encode(), result }
@@ -523,13 +508,16 @@ impl Grants {
                     close: self.closes(e, now),
                 })
                 .collect();
-            let body = ReportCall {
-                instance: &self.instance,
-                reports: chunk.iter().zip(&sent).map(|((_, e), s)| self.report(e, s.close)).collect(),
-            };
-            let Ok(body) = serde_json::to_vec(&body) else { continue };
+            let mut body = format!("{{\"instance\":\"{}\",\"reports\":[", self.instance);
+            for (i, ((_, entry), sent)) in chunk.iter().zip(&sent).enumerate() {
+                if i > 0 {
+                    body.push(',');
+                }
+                self.report(&mut body, entry, sent.close);
+            }
+            body.push_str("]}");
             host.count(Metric::CreditCallouts, 1);
-            match host.http_call(&credits.grant_call(body)) {
+            match host.http_call(&credits.grant_call(body.into_bytes())) {
                 Some(token) => {
                     self.sent.insert(token, Sent { at: now, reports: sent });
                     calls += 1;
@@ -571,23 +559,24 @@ impl Grants {
         e.in_flight == 0 && (idle || (e.last && e.left() < self.policy.min_grant))
     }
 
-    fn report<'a>(&self, e: &'a Entry, close: bool) -> Report<'a> {
+    /// One account's report, as JSON. Written by hand: serde's derive for it costs the module
+    /// more than this does. Account ids and grant ids are the credit service's charset; policy
+    /// names are escaped.
+    fn report(&self, out: &mut String, e: &Entry, close: bool) {
         let want = if e.last || close { e.used } else { e.used + e.in_flight + self.policy.max_grant };
-        Report {
-            account: &e.account,
-            grant_id: (!e.grant_id.is_empty()).then_some(e.grant_id.as_str()),
-            used_total: e.used,
-            usage: e
-                .usage
-                .iter()
-                .map(|(policy, credits, requests)| (policy.as_str(), Usage { credits: *credits, requests: *requests }))
-                .collect(),
-            want_total: want,
-            min_grant: self.policy.min_grant,
-            max_grant: self.policy.max_grant,
-            lifetime_seconds: self.policy.lifetime_seconds,
-            close,
+        let grant_id = if e.grant_id.is_empty() { "null".to_owned() } else { format!("\"{}\"", e.grant_id) };
+        let _ = write!(
+            out,
+            "{{\"account\":\"{}\",\"grant_id\":{grant_id},\"used_total\":{},\"want_total\":{want},\
+             \"min_grant\":{},\"max_grant\":{},\"lifetime_seconds\":{},\"close\":{close},\"usage\":{{",
+            e.account, e.used, self.policy.min_grant, self.policy.max_grant, self.policy.lifetime_seconds
+        );
+        for (i, (policy, credits, requests)) in e.usage.iter().enumerate() {
+            let name = serde_json::to_string(policy).unwrap_or_default();
+            let comma = if i > 0 { "," } else { "" };
+            let _ = write!(out, "{comma}{name}:{{\"credits\":{credits},\"requests\":{requests}}}");
         }
+        out.push_str("}}");
     }
 
     pub fn is_waiting_for(&self, token: u32) -> bool {
@@ -612,16 +601,12 @@ impl Grants {
     }
 
     fn apply(&self, host: &mut dyn Host, sent_at: u64, report: &Sent1, result: Result1) {
-        let granted = match result.status {
-            200 => serde_json::from_value::<Granted>(result.body).ok(),
-            _ => None,
-        };
+        let granted = (result.status == 200 && !result.body.grant_id.is_empty()).then_some(result.body);
         let outcome = self.store.update(host, |host| {
             let (slot, Some(mut entry)) = self.read(host, report.slot) else { return Step::Done(()) };
             if entry.account != report.account {
                 return Step::Done(());
             }
-            entry.asked = 0;
             match (&granted, result.status) {
                 (Some(g), _) if report.close && entry.in_flight == 0 && entry.used == report.used.min(g.used_total) => {
                     // Given back with nothing spent since: the slot is free again.
@@ -635,7 +620,13 @@ impl Grants {
                         }
                         entry.grant_id = g.grant_id.clone();
                     }
-                    entry.granted = entry.granted.max(g.granted_total);
+                    if g.granted_total > entry.granted {
+                        entry.granted = g.granted_total;
+                        entry.size = entry.granted.saturating_sub(entry.used);
+                        // Answered: the next request running low may ask again at once. An answer
+                        // that did not grow the grant keeps the ask throttled.
+                        entry.asked = 0;
+                    }
                     entry.reported = entry.reported.max(g.used_total.min(entry.used));
                     entry.expires = entry.expires.max(sent_at + g.lifetime_seconds * NANOS_PER_SECOND);
                     entry.last = g.last;
