@@ -337,7 +337,7 @@ async fn grants_and_reservations_never_overdraw(db: Db) {
             let svc = Arc::clone(&services[usize::try_from(c % 2).unwrap()]);
             tokio::spawn(async move {
                 let mut rng = Lcg(100 + c);
-                let mut charged = 0;
+                let (mut charged, mut refused) = (0, 0);
                 for i in 0..40 {
                     let amount = i64::try_from(rng.below(30)).unwrap() + 1;
                     let (status, body) = svc.reserve("acme", amount, &format!("r{c}-{i}")).await;
@@ -348,20 +348,22 @@ async fn grants_and_reservations_never_overdraw(db: Db) {
                             assert_eq!(status, StatusCode::OK, "{body}");
                             charged += amount;
                         }
-                        StatusCode::PAYMENT_REQUIRED => {}
+                        StatusCode::PAYMENT_REQUIRED => refused += 1,
                         other => panic!("{other}: {body}"),
                     }
                 }
-                charged
+                (charged, refused)
             })
         })
         .collect();
     for gateway in gateways {
         gateway.await.unwrap();
     }
-    let mut by_request = 0;
+    let (mut by_request, mut refused) = (0, 0);
     for client in per_request {
-        by_request += client.await.unwrap();
+        let (charged, short) = client.await.unwrap();
+        by_request += charged;
+        refused += short;
     }
     let (balance, held) = services[0].balance("acme").await;
     assert_eq!(held, 0, "every grant closed, every reservation committed");
@@ -370,6 +372,7 @@ async fn grants_and_reservations_never_overdraw(db: Db) {
     let by_grants: i64 = services[0].transactions("acme").await.iter().filter_map(|r| r["charged"].as_i64()).sum();
     assert_eq!(by_grants + by_request, FUNDS - balance);
     assert!(by_grants > 0 && by_request > 0, "both modes spent: {by_grants} {by_request}");
+    assert!(refused > 0, "the balance never ran short: the soak did not reach the edge it is for");
     check_holds(&services[0], &db, "acme").await;
 }
 
