@@ -842,6 +842,9 @@ impl Batch<'_> {
 
     // ---- grants ----------------------------------------------------------------------------------
 
+    /// Finds (or opens) the grant a report is about, charges the use it reports, then closes it or
+    /// extends its lifetime and grows it. Charging comes first so a closing or growing report is
+    /// decided on the account as it is after the use, as the gateway saw it.
     fn report(&mut self, report: Report, new_id: &mut dyn FnMut(&str) -> String) -> Result<Outcome, LedgerError> {
         self.account(&report.account)?;
         let pair = (report.account.clone(), report.instance.clone());
