@@ -258,6 +258,13 @@ impl Grant {
         self.used_total += used;
     }
 
+    /// The rate as of `now`: one that has not been reported on for a while fades out over the
+    /// window, so a gateway that stopped spending stops counting towards the account's rate.
+    fn recent_rate(&self, now: i64) -> i128 {
+        let idle = (now - self.last_report_at).clamp(0, RATE_WINDOW_MS);
+        i128::from(self.rate) * i128::from(RATE_WINDOW_MS - idle) / i128::from(RATE_WINDOW_MS)
+    }
+
     /// The part of the hold not spent yet.
     pub fn unused(&self) -> i64 {
         self.granted_total - self.used_total
@@ -835,6 +842,9 @@ impl Batch<'_> {
 
     // ---- grants ----------------------------------------------------------------------------------
 
+    /// Finds (or opens) the grant a report is about, charges the use it reports, then closes it or
+    /// extends its lifetime and grows it. Charging comes first so a closing or growing report is
+    /// decided on the account as it is after the use, as the gateway saw it.
     fn report(&mut self, report: Report, new_id: &mut dyn FnMut(&str) -> String) -> Result<Outcome, LedgerError> {
         self.account(&report.account)?;
         let pair = (report.account.clone(), report.instance.clone());
@@ -958,7 +968,8 @@ impl Batch<'_> {
         let sharers = i64::try_from(live.len().max(1)).unwrap_or(i64::MAX);
         let share = available / sharers;
         // The account's rate, in thousandths of a credit per second, over the report's lifetime.
-        let rate: i128 = live.iter().filter_map(|g| self.snapshot.grants.get(g)).map(|g| i128::from(g.rate)).sum();
+        let now = self.now;
+        let rate: i128 = live.iter().filter_map(|g| self.snapshot.grants.get(g)).map(|g| g.recent_rate(now)).sum();
         let expected = rate * i128::from(report.lifetime_ms) / 1_000_000;
         let size = i64::try_from(expected).unwrap_or(i64::MAX).clamp(report.min_grant, report.max_grant);
         let grant = self.grant(id)?;
@@ -1281,5 +1292,28 @@ mod tests {
         let rows: Vec<_> = due.changes.journal.iter().map(|r| (r.kind, r.amount, r.balance_after)).collect();
         assert_eq!(rows, [("grant_expire", 46, 96)], "settled at the 4 reported, the other 46 back");
         assert_eq!(due.changes.grants[0].0.status, GrantStatus::Expired);
+    }
+
+    #[test]
+    fn a_new_grant_is_sized_by_the_accounts_recent_rate() {
+        let mut ids = ids();
+        let mut state = snapshot(&[("acme", 100_000, 0)]);
+        let on = |instance: &str, grant: Option<&str>, used_total: i64| {
+            let mut r = report(grant, used_total, 10_000);
+            r.instance = instance.into();
+            Op::Report(r)
+        };
+        step(&mut state, vec![on("gw-a", None, 0)], 0, &mut ids);
+        // `gw-a` spends 10 in a second: 2 credits/s, 120 over a lifetime.
+        step(&mut state, vec![on("gw-a", Some("gr_1"), 10)], 1000, &mut ids);
+        // A gateway joining the account gets what the account spends, not the minimum.
+        let b = granted(&step(&mut state, vec![on("gw-b", None, 0)], 1000, &mut ids).answers[0]);
+        assert_eq!(b.granted_total, 120);
+        // Half a window without a report from `gw-a`: its rate counts half.
+        let c = granted(&step(&mut state, vec![on("gw-c", None, 0)], 3500, &mut ids).answers[0]);
+        assert_eq!(c.granted_total, 60);
+        // A full window: nobody has spent lately, the minimum again.
+        let d = granted(&step(&mut state, vec![on("gw-d", None, 0)], 6000, &mut ids).answers[0]);
+        assert_eq!(d.granted_total, 10);
     }
 }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use common::{Db, Service, ADMIN_TOKEN, SERVICE_TOKEN};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
-use sqlx::Row;
+use sqlx::{Connection, Row};
 
 on_both_backends!(
     reports_are_idempotent,
@@ -24,6 +24,8 @@ on_both_backends!(
     grants_and_reservations_never_overdraw,
     usage_per_policy_for_both_modes,
     bad_reports_are_refused_one_by_one,
+    a_ledger_from_before_grants_upgrades,
+    sigkill_mid_reports_charges_each_credit_once,
 );
 
 /// A report, with the sizing knobs at `min_grant`..`max_grant`.
@@ -335,7 +337,7 @@ async fn grants_and_reservations_never_overdraw(db: Db) {
             let svc = Arc::clone(&services[usize::try_from(c % 2).unwrap()]);
             tokio::spawn(async move {
                 let mut rng = Lcg(100 + c);
-                let mut charged = 0;
+                let (mut charged, mut refused) = (0, 0);
                 for i in 0..40 {
                     let amount = i64::try_from(rng.below(30)).unwrap() + 1;
                     let (status, body) = svc.reserve("acme", amount, &format!("r{c}-{i}")).await;
@@ -346,20 +348,22 @@ async fn grants_and_reservations_never_overdraw(db: Db) {
                             assert_eq!(status, StatusCode::OK, "{body}");
                             charged += amount;
                         }
-                        StatusCode::PAYMENT_REQUIRED => {}
+                        StatusCode::PAYMENT_REQUIRED => refused += 1,
                         other => panic!("{other}: {body}"),
                     }
                 }
-                charged
+                (charged, refused)
             })
         })
         .collect();
     for gateway in gateways {
         gateway.await.unwrap();
     }
-    let mut by_request = 0;
+    let (mut by_request, mut refused) = (0, 0);
     for client in per_request {
-        by_request += client.await.unwrap();
+        let (charged, short) = client.await.unwrap();
+        by_request += charged;
+        refused += short;
     }
     let (balance, held) = services[0].balance("acme").await;
     assert_eq!(held, 0, "every grant closed, every reservation committed");
@@ -368,6 +372,7 @@ async fn grants_and_reservations_never_overdraw(db: Db) {
     let by_grants: i64 = services[0].transactions("acme").await.iter().filter_map(|r| r["charged"].as_i64()).sum();
     assert_eq!(by_grants + by_request, FUNDS - balance);
     assert!(by_grants > 0 && by_request > 0, "both modes spent: {by_grants} {by_request}");
+    assert!(refused > 0, "the balance never ran short: the soak did not reach the edge it is for");
     check_holds(&services[0], &db, "acme").await;
 }
 
@@ -519,4 +524,153 @@ async fn bad_reports_are_refused_one_by_one(db: Db) {
     let results = grants(&svc, "gw-3", full).await;
     assert!(results.iter().all(|(status, body)| *status == 200 && body["granted_total"] == 10));
     assert_eq!(svc.balance("a999").await, (0, 10));
+}
+
+/// The schema as migrations 1 and 2 left it, before grants: what a running deployment has.
+const SCHEMA_BEFORE_GRANTS: &str = "
+CREATE TABLE schema_migrations (version BIGINT PRIMARY KEY, name TEXT NOT NULL, applied_at BIGINT NOT NULL);
+INSERT INTO schema_migrations VALUES (1, 'accounts, reservations, journal', 0), (2, 'no foreign-key triggers on PostgreSQL', 0);
+CREATE TABLE accounts (
+    id TEXT PRIMARY KEY, balance BIGINT NOT NULL CHECK (balance >= 0), held BIGINT NOT NULL CHECK (held >= 0),
+    created_at BIGINT NOT NULL);
+CREATE TABLE reservations (
+    id TEXT PRIMARY KEY, account_id TEXT NOT NULL REFERENCES accounts (id), request_id TEXT NOT NULL,
+    route TEXT NOT NULL, amount BIGINT NOT NULL CHECK (amount > 0),
+    state TEXT NOT NULL CHECK (state IN ('held', 'committed', 'released', 'expired')), charged BIGINT,
+    created_at BIGINT NOT NULL, settled_at BIGINT, UNIQUE (account_id, request_id));
+CREATE INDEX reservations_held_by_age ON reservations (created_at) WHERE state = 'held';
+CREATE TABLE ledger (
+    id {ID}, account_id TEXT NOT NULL REFERENCES accounts (id),
+    kind TEXT NOT NULL CHECK (kind IN ('topup', 'reserve', 'commit', 'release', 'expire')),
+    amount BIGINT NOT NULL, balance_after BIGINT NOT NULL, reservation_id TEXT REFERENCES reservations (id),
+    reference TEXT, created_at BIGINT NOT NULL);
+CREATE UNIQUE INDEX ledger_topup_reference ON ledger (account_id, reference) WHERE kind = 'topup';
+CREATE INDEX ledger_by_account ON ledger (account_id, id);
+INSERT INTO accounts VALUES ('acme', 70, 30, 0);
+INSERT INTO reservations VALUES ('res_0123456789abcdef0123456789abcdef', 'acme', 'q1', '/api', 30, 'held', NULL, {NOW}, NULL);
+";
+
+/// A ledger written before grants existed keeps its journal (ids and all), its open reservation and
+/// its top-up references, and takes grants after the upgrade.
+async fn a_ledger_from_before_grants_upgrades(db: Db) {
+    let id = if db.is_sqlite() {
+        "INTEGER PRIMARY KEY AUTOINCREMENT"
+    } else {
+        "BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY"
+    };
+    // The service's own URL, but creating the SQLite file, as the service would.
+    let url = if db.is_sqlite() { format!("{}?mode=rwc", db.url()) } else { db.url() };
+    sqlx::any::install_default_drivers();
+    let mut conn = sqlx::AnyConnection::connect(&url).await.unwrap();
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis().to_string();
+    sqlx::raw_sql(&SCHEMA_BEFORE_GRANTS.replace("{ID}", id).replace("{NOW}", &now)).execute(&mut conn).await.unwrap();
+    sqlx::raw_sql(
+        "INSERT INTO ledger (id, account_id, kind, amount, balance_after, reservation_id, reference, created_at) VALUES \
+         (5, 'acme', 'topup', 100, 100, NULL, 'invoice-1', 0), \
+         (9, 'acme', 'reserve', -30, 70, 'res_0123456789abcdef0123456789abcdef', NULL, 0)",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    if !db.is_sqlite() {
+        // As migration 2 left PostgreSQL: the identity carries on after the highest id.
+        sqlx::raw_sql("SELECT setval(pg_get_serial_sequence('ledger', 'id'), 9)").execute(&mut conn).await.unwrap();
+    }
+    conn.close().await.unwrap();
+
+    let svc = Service::start(&db);
+    assert_eq!(svc.balance("acme").await, (70, 30));
+    let (status, body) = svc.top_up("acme", 100, "invoice-1").await;
+    assert_eq!((status, &body["transaction_id"]), (StatusCode::OK, &json!(5)), "the reference is remembered: {body}");
+    let (status, body) = svc.commit("res_0123456789abcdef0123456789abcdef", Some(20)).await;
+    assert_eq!((status, body), (StatusCode::OK, json!({ "charged": 20, "balance": 80 })));
+    let opened = grant(&svc, "gw-1", report("acme", None, 0, 100)).await;
+    assert_eq!(opened["granted_total"], 10);
+    let ids: Vec<i64> = svc.transactions("acme").await.iter().map(|r| r["id"].as_i64().unwrap()).collect();
+    assert_eq!(&ids[..2], [5, 9]);
+    assert!(ids[2] > 9 && ids[3] > ids[2], "{ids:?}");
+    assert_eq!(
+        svc.journal("acme").await,
+        [("topup".into(), 100, 100), ("reserve".into(), -30, 70), ("commit".into(), 10, 80), ("grant".into(), -10, 70)]
+    );
+    check_holds(&svc, &db, "acme").await;
+}
+
+/// One gateway's view of its grants, one per account: `(grant_id, granted_total, used_total)`.
+type GatewayGrants = Vec<(Option<String>, i64, i64)>;
+
+/// Reports for every account, spending 3 more of each grant per round, until the service stops
+/// answering; returns what the gateway knows, with the use it last sent.
+async fn report_until_killed(base: String, instance: String, accounts: usize) -> GatewayGrants {
+    let http = reqwest::Client::new();
+    let mut grants: GatewayGrants = vec![(None, 0, 0); accounts];
+    loop {
+        let reports: Vec<Value> = grants
+            .iter_mut()
+            .enumerate()
+            .map(|(i, (grant, granted, used))| {
+                *used = (*used + 3).min(*granted);
+                report(&format!("k{i}"), grant.as_deref(), *used, *used + 30)
+            })
+            .collect();
+        let sent = http
+            .post(format!("{base}/v1/grants"))
+            .bearer_auth(SERVICE_TOKEN)
+            .json(&json!({ "instance": instance, "reports": reports }))
+            .send()
+            .await;
+        let Ok(response) = sent else { return grants };
+        let Ok(answer) = response.json::<Value>().await else { return grants };
+        for (result, (grant, granted, _)) in answer["results"].as_array().unwrap().iter().zip(&mut grants) {
+            assert_eq!(result["status"], 200, "{result}");
+            *grant = Some(id(&result["body"]));
+            *granted = result["body"]["granted_total"].as_i64().unwrap();
+        }
+    }
+}
+
+/// The service is killed mid-load and restarted; the gateways then send their last reports again,
+/// closing their grants. Whatever the kill interrupted, each account is charged exactly the use the
+/// gateways reported, once: nothing lost, nothing twice.
+async fn sigkill_mid_reports_charges_each_credit_once(db: Db) {
+    const ACCOUNTS: usize = 20;
+    const FUNDS: i64 = 1_000_000;
+    let svc = Service::start(&db);
+    for i in 0..ACCOUNTS {
+        svc.funded_account(&format!("k{i}"), FUNDS).await;
+    }
+    let gateways: Vec<_> =
+        (0..3).map(|g| tokio::spawn(report_until_killed(svc.base.clone(), format!("gw-{g}"), ACCOUNTS))).collect();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    svc.signal("KILL");
+    let mut last = Vec::new();
+    for gateway in gateways {
+        last.push(gateway.await.unwrap());
+    }
+    drop(svc);
+    let svc = Service::start(&db);
+    let mut reported = [0; ACCOUNTS];
+    for (g, known) in last.iter().enumerate() {
+        let closes: Vec<Value> = known
+            .iter()
+            .enumerate()
+            .map(|(i, (grant, _, used))| {
+                reported[i] += used;
+                with(report(&format!("k{i}"), grant.as_deref(), *used, 0), json!({ "close": true }))
+            })
+            .collect();
+        for (status, body) in grants(&svc, &format!("gw-{g}"), closes).await {
+            // A grant the gateway never heard of was opened (its answer lost) at 0 used; one it
+            // knows is still live (lifetime 60 s): both close at what was reported.
+            assert_eq!(status, 200, "{body}");
+        }
+    }
+    assert!(reported.iter().sum::<i64>() > 0, "nothing was spent before the kill");
+    for (i, used) in reported.iter().enumerate() {
+        let account = format!("k{i}");
+        let charged: i64 = svc.transactions(&account).await.iter().filter_map(|r| r["charged"].as_i64()).sum();
+        assert_eq!(charged, *used, "{account}");
+        assert_eq!(svc.balance(&account).await, (FUNDS - used, 0), "{account}");
+        check_holds(&svc, &db, &account).await;
+    }
 }
