@@ -233,6 +233,30 @@ impl Credits {
         }
     }
 
+    /// `POST /v1/batch`: commits and releases in one call, each with its own result. Written by
+    /// hand: the service's reservation ids need no escaping, and serde's derive would cost the
+    /// module more.
+    pub fn settle_batch<'a>(&self, settlements: impl Iterator<Item = &'a Settlement>) -> Callout {
+        let mut body = String::from("{\"operations\":[");
+        for (i, settlement) in settlements.enumerate() {
+            if i > 0 {
+                body.push(',');
+            }
+            match settlement {
+                Settlement::Commit { reservation_id, amount } => body.push_str(&format!(
+                    "{{\"op\":\"commit\",\"reservation_id\":\"{reservation_id}\",\"amount\":{amount}}}"
+                )),
+                Settlement::Release { reservation_id } => {
+                    body.push_str(&format!("{{\"op\":\"release\",\"reservation_id\":\"{reservation_id}\"}}"))
+                }
+                // Never batched: a reclaim reads the reservation its answer carries.
+                Settlement::Reclaim { .. } => {}
+            }
+        }
+        body.push_str("]}");
+        self.call("/v1/batch".to_owned(), body, self.timeout_ms)
+    }
+
     /// `POST /v1/grants`: the process's usage reports and grant requests, many accounts at once.
     pub fn grant_call(&self, body: Vec<u8>) -> Callout {
         Callout { body, ..self.call("/v1/grants".to_owned(), String::new(), self.timeout_ms) }
@@ -369,6 +393,21 @@ impl fmt::Display for Settlement {
 struct Granted {
     reservation_id: String,
     balance: u64,
+}
+
+#[derive(Deserialize)]
+struct BatchAnswer {
+    results: Vec<BatchResult>,
+}
+
+#[derive(Deserialize)]
+struct BatchResult {
+    status: u16,
+}
+
+/// Each operation's status in the answer to `POST /v1/batch`, in order.
+pub fn batch_statuses(body: &[u8]) -> Option<Vec<u16>> {
+    serde_json::from_slice::<BatchAnswer>(body).ok().map(|a| a.results.into_iter().map(|r| r.status).collect())
 }
 
 /// The reservation id and balance of a 201 (or a repeated request's 200).
