@@ -120,7 +120,7 @@ compose-demo: wasm cli grpcio ## the demo in containers (docker compose, docker-
 
 # The e2e suites that drive the filter run again against the native build (TOLLGATE_BUILD=native);
 # tests/native_abi.rs checks the module's symbols against the pinned Envoy in the first run.
-NATIVE_SUITES := request_checks auth rate_limits credits pipeline routes_and_headers metrics bad_config grpc
+NATIVE_SUITES := request_checks auth rate_limits credits grants pipeline routes_and_headers metrics bad_config grpc
 
 test: wasm native native-probe envoy grpcio oci test-tools ## the whole suite: unit tests and end-to-end tests against a real Envoy, wasm and native
 	@# Not --all-targets: that would also run the benchmark, which is `make bench`'s.

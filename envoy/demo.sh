@@ -79,13 +79,13 @@ demo.Echo on :8001, the credit service on :8081 (account "demo" holds 20 credits
   # the demo API key: the upstream sees the caller as x-tollgate-* headers and never the key; the call costs 1 credit (→ 200, "x-tollgate-account": "demo", "x-tollgate-auth-method": "api_key", x-credits-charged: 1, x-credits-remaining: 19, x-ratelimit-remaining)
   curl -i -H 'x-api-key: tg_demo_key_not_for_production' $g/api/items
 
-  # a signed demo JWT (made with: $cli token …): the same caller, on the pro tier (→ 200, "x-tollgate-auth-method": "jwt", "x-tollgate-tier": "pro", x-credits-remaining: 18)
-  curl -i -H 'authorization: Bearer $token' $g/api/items
+  # a second later the gateway holds a grant for the account: this call, a signed demo JWT (made with: $cli token …) for the same caller on the pro tier, is paid from it with no callout (→ 200, "x-tollgate-auth-method": "jwt", "x-tollgate-tier": "pro", x-credits-charged: 1)
+  sleep 1; curl -i -H 'authorization: Bearer $token' $g/api/items
 
-  # 50 units of work at 1 credit each, with 18 left: 402, and the upstream never sees it (→ 402, "required":50, "balance":18, urn:tollgate:problem:insufficient-credits)
+  # 50 units of work at 1 credit each, with 18 left: more than the grant holds, so it is billed per request, and the credit service says 402; the upstream never sees it (→ 402, "required":50, urn:tollgate:problem:insufficient-credits)
   curl -i -H 'x-units: 50' -H 'x-api-key: tg_demo_key_not_for_production' $g/api/items
 
-  # gRPC, with a real gRPC client (grpcio, raw bytes): the demo API key calls demo.Echo/Say; 1 credit, charged on grpc-status 0 and told in the trailing metadata (→ 0, message: hello, x-credits-charged: 1, x-credits-remaining: 17, x-ratelimit-remaining)
+  # gRPC, with a real gRPC client (grpcio, raw bytes): the demo API key calls demo.Echo/Say; 1 credit, charged on grpc-status 0 and told in the trailing metadata (→ 0, message: hello, x-credits-charged: 1, x-ratelimit-remaining)
   .venv/bin/python envoy/grpc_client.py ${g#http://} /demo.Echo/Say -H 'x-api-key: tg_demo_key_not_for_production'
 
   # gRPC without a credential: the gRPC status UNAUTHENTICATED with a short grpc-message, never a JSON document (→ 16, unauthenticated, grpc-message: this route requires authentication, !{)
@@ -109,8 +109,11 @@ demo.Echo on :8001, the credit service on :8081 (account "demo" holds 20 credits
   # a content type the route does not accept for POST (→ 415, urn:tollgate:problem:unsupported-media-type)
   curl -i -H 'content-type: text/xml' -d '<x/>' $g/auth/signup
 
-  # what was spent, in the credit service's ledger (→ 200, "kind":"reserve", "kind":"commit")
-  curl -i -H 'authorization: Bearer demo-admin-token-not-for-production' http://127.0.0.1:8081/v1/accounts/demo/transactions
+  # what was spent, in the credit service's ledger: the first call's reservation and commit, the grant's hold and the gateway's report of what it spent from it, a second apart (→ 200, "kind":"reserve", "kind":"commit", "kind":"grant", "kind":"grant_use")
+  sleep 1; curl -i -H 'authorization: Bearer demo-admin-token-not-for-production' http://127.0.0.1:8081/v1/accounts/demo/transactions
+
+  # and per policy and hour, however it was billed (→ 200, "policy":"api", "credits":2)
+  curl -i -H 'authorization: Bearer demo-admin-token-not-for-production' http://127.0.0.1:8081/v1/accounts/demo/usage
 
   # the filter's counters in Envoy's stats (→ 200, tollgate_requests_allowed, tollgate_requests_denied_402)
   curl -i http://127.0.0.1:9901/stats/prometheus

@@ -9,6 +9,7 @@ use std::fmt;
 use serde::Deserialize;
 
 use crate::common::{header_name, ConfigError, Secret};
+use crate::grants::{GrantPolicy, RawGrants};
 use crate::host::Callout;
 
 /// `credits`: where the credit service is and how to call it.
@@ -34,6 +35,9 @@ pub struct RawCredits {
     /// credit service's `--reservation-ttl-seconds`.
     #[serde(default = "default_retry_seconds")]
     pub retry_seconds: u64,
+    /// How credit grants are sized, reported and kept (policies in `grant` mode).
+    #[serde(default)]
+    pub grants: RawGrants,
 }
 
 fn default_timeout_ms() -> u64 {
@@ -66,6 +70,23 @@ pub struct RawPolicyCredits {
     /// other status, a reset, or a client that leaves gives the reservation back.
     #[serde(default = "default_bill_statuses")]
     pub bill_statuses: Vec<BilledStatus>,
+    /// `grant` (default): paid from a quota the credit service granted this Envoy ahead of time,
+    /// with no callout per request. `per_request`: every request reserves with the credit
+    /// service and waits for its answer.
+    #[serde(default)]
+    pub mode: CreditMode,
+}
+
+/// How a billed policy's requests are paid.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[cfg_attr(not(target_arch = "wasm32"), derive(schemars::JsonSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum CreditMode {
+    /// From the account's grant; per request only when the grant cannot pay.
+    #[default]
+    Grant,
+    /// A reservation per request, committed or released on its response.
+    PerRequest,
 }
 
 /// A status, or a class of them, that a billed policy charges for.
@@ -121,6 +142,7 @@ pub struct Credits {
     timeout_ms: u64,
     pub actual_cost_header: Option<String>,
     pub retry_seconds: u64,
+    pub grants: GrantPolicy,
 }
 
 /// A policy's validated `credits`.
@@ -130,6 +152,7 @@ pub struct PolicyCredits {
     multiplier_header: Option<String>,
     max_multiplier: u64,
     pub on_failure: FailurePolicy,
+    pub mode: CreditMode,
     timeout_ms: Option<u64>,
     /// Billed statuses as ranges, e.g. 200..=299.
     bill_statuses: Vec<std::ops::RangeInclusive<u16>>,
@@ -177,6 +200,7 @@ impl Credits {
             timeout_ms: raw.timeout_ms,
             actual_cost_header,
             retry_seconds: raw.retry_seconds,
+            grants: GrantPolicy::build(&raw.grants)?,
         })
     }
 
@@ -207,6 +231,35 @@ impl Credits {
             }
             Settlement::Reclaim { reserve } => Callout { timeout_ms: self.timeout_ms, ..reserve.clone() },
         }
+    }
+
+    /// `POST /v1/batch`: commits and releases in one call, each with its own result. Written by
+    /// hand: the service's reservation ids need no escaping, and serde's derive would cost the
+    /// module more.
+    pub fn settle_batch<'a>(&self, settlements: impl Iterator<Item = &'a Settlement>) -> Callout {
+        let mut body = String::from("{\"operations\":[");
+        for (i, settlement) in settlements.enumerate() {
+            if i > 0 {
+                body.push(',');
+            }
+            match settlement {
+                Settlement::Commit { reservation_id, amount } => body.push_str(&format!(
+                    "{{\"op\":\"commit\",\"reservation_id\":\"{reservation_id}\",\"amount\":{amount}}}"
+                )),
+                Settlement::Release { reservation_id } => {
+                    body.push_str(&format!("{{\"op\":\"release\",\"reservation_id\":\"{reservation_id}\"}}"))
+                }
+                // Never batched: a reclaim reads the reservation its answer carries.
+                Settlement::Reclaim { .. } => {}
+            }
+        }
+        body.push_str("]}");
+        self.call("/v1/batch".to_owned(), body, self.timeout_ms)
+    }
+
+    /// `POST /v1/grants`: the process's usage reports and grant requests, many accounts at once.
+    pub fn grant_call(&self, body: Vec<u8>) -> Callout {
+        Callout { body, ..self.call("/v1/grants".to_owned(), String::new(), self.timeout_ms) }
     }
 
     fn call(&self, path: String, body: String, timeout_ms: u64) -> Callout {
@@ -272,6 +325,7 @@ impl PolicyCredits {
             multiplier_header,
             max_multiplier: raw.max_multiplier,
             on_failure: raw.on_failure,
+            mode: raw.mode,
             timeout_ms: raw.timeout_ms,
             bill_statuses,
         })
@@ -341,6 +395,21 @@ struct Granted {
     balance: u64,
 }
 
+#[derive(Deserialize)]
+struct BatchAnswer {
+    results: Vec<BatchResult>,
+}
+
+#[derive(Deserialize)]
+struct BatchResult {
+    status: u16,
+}
+
+/// Each operation's status in the answer to `POST /v1/batch`, in order.
+pub fn batch_statuses(body: &[u8]) -> Option<Vec<u16>> {
+    serde_json::from_slice::<BatchAnswer>(body).ok().map(|a| a.results.into_iter().map(|r| r.status).collect())
+}
+
 /// The reservation id and balance of a 201 (or a repeated request's 200).
 pub fn granted_id(body: &[u8]) -> Option<(String, u64)> {
     serde_json::from_slice::<Granted>(body).ok().map(|g| (g.reservation_id, g.balance))
@@ -371,16 +440,15 @@ pub fn reservation(answer: Option<(u16, Vec<u8>)>, amount: u64) -> Result<Reserv
     }
 }
 
-/// What the client is told of the charge: `X-Credits-Charged` and `X-Credits-Remaining`.
-pub fn response_headers(reservation: &Reservation, charged: u64) -> [(&'static str, String); 2] {
-    let remaining = reservation.balance.saturating_add(reservation.amount - charged.min(reservation.amount));
-    [("x-credits-charged", charged.to_string()), ("x-credits-remaining", remaining.to_string())]
+/// What the client is told is left (`X-Credits-Remaining`) once a reservation is settled.
+pub fn remaining(reservation: &Reservation, charged: u64) -> u64 {
+    reservation.balance.saturating_add(reservation.amount - charged.min(reservation.amount))
 }
 
-/// How much to commit for a 2xx: the upstream's report if it gave a valid one, never more than
-/// reserved; the whole reservation otherwise.
-pub fn charge(reservation: &Reservation, reported: Option<&str>) -> u64 {
-    reported.and_then(|v| v.trim().parse::<u64>().ok()).map_or(reservation.amount, |n| n.min(reservation.amount))
+/// How much a billed response costs of the `held` amount: the upstream's report if it gave a
+/// valid one, never more than held; all of it otherwise.
+pub fn charge(held: u64, reported: Option<&str>) -> u64 {
+    reported.and_then(|v| v.trim().parse::<u64>().ok()).map_or(held, |n| n.min(held))
 }
 
 #[cfg(test)]
@@ -465,10 +533,10 @@ mod tests {
     #[test]
     fn the_charge_is_the_report_capped_at_the_reservation() {
         let r = Reservation { id: "res_1".into(), amount: 10, balance: 90 };
-        assert_eq!(charge(&r, None), 10);
-        assert_eq!(charge(&r, Some(" 4 ")), 4);
-        assert_eq!(charge(&r, Some("25")), 10);
-        assert_eq!(charge(&r, Some("lots")), 10);
-        assert_eq!(response_headers(&r, 4).map(|(_, v)| v), ["4", "96"]);
+        assert_eq!(charge(r.amount, None), 10);
+        assert_eq!(charge(r.amount, Some(" 4 ")), 4);
+        assert_eq!(charge(r.amount, Some("25")), 10);
+        assert_eq!(charge(r.amount, Some("lots")), 10);
+        assert_eq!(remaining(&r, 4), 96);
     }
 }

@@ -10,6 +10,7 @@ pub mod checks;
 pub mod common;
 pub mod config;
 pub mod credits;
+pub mod grants;
 pub mod grpc;
 pub mod headers;
 pub mod host;
@@ -102,6 +103,8 @@ enum Step {
 enum Billing {
     /// Not billed, or already settled.
     None,
+    /// Paid from its account's grant, in flight until the response.
+    Granted(grants::Spend),
     Reserved(Reservation),
     /// The credit service could not answer and the policy lets the request through unbilled.
     Unbilled,
@@ -283,14 +286,24 @@ impl Stream {
         self.queue_settlement(host, Settlement::Reclaim { reserve });
     }
 
-    /// Commits `charge`, or releases when `None`; once per stream.
-    fn settle(&mut self, host: &mut dyn StreamHost, charge: Option<u64>) {
-        let Billing::Reserved(reservation) = std::mem::replace(&mut self.billing, Billing::None) else { return };
+    /// Commits `charge`, or releases when `None`; once per stream. Answers what the client is told
+    /// is left of a grant's view of the balance.
+    fn settle(&mut self, host: &mut dyn StreamHost, charge: Option<u64>) -> Option<u64> {
+        let reservation = match std::mem::replace(&mut self.billing, Billing::None) {
+            Billing::Reserved(reservation) => reservation,
+            Billing::Granted(spend) => {
+                let grants = self.worker.grants.as_ref()?.try_borrow().ok()?;
+                let policy = self.policy.as_ref().map_or("", |p| p.name.as_str());
+                return Some(grants.spend(host, &spend, policy, charge));
+            }
+            Billing::None | Billing::Unbilled => return None,
+        };
         let settlement = match charge {
             Some(amount) => Settlement::Commit { reservation_id: reservation.id, amount },
             None => Settlement::Release { reservation_id: reservation.id },
         };
         self.queue_settlement(host, settlement);
+        None
     }
 
     /// The root context sends settlements, so that their answers, and any retry, do not depend on
@@ -599,7 +612,8 @@ mod tests {
         format!(
             r#"{{
             "policies": {{"api": {{"access": "authenticated",
-                "credits": {{"cost": 5, "multiplier_header": "x-units", "on_failure": "{on_failure}"}}}}}},
+                "credits": {{"cost": 5, "multiplier_header": "x-units", "on_failure": "{on_failure}",
+                    "mode": "per_request"}}}}}},
             "routes": [{{"prefix": "/api", "policy": "api"}}],
             "credits": {{"cluster": "credits", "service_token": "s3cret", "actual_cost_header": "x-cost"}},
             "auth": {{"api_keys": {{"keys": [{{"id": "k1", "sha256": "{}", "account": "acme"}}]}}}}
@@ -630,6 +644,44 @@ mod tests {
         let credits = stream.config.credits.as_ref().unwrap();
         stream.worker.settler.borrow_mut().send_due(host, credits);
         host.sent_calls.clone()
+    }
+
+    #[test]
+    fn a_request_the_grant_pays_goes_on_at_once_and_is_spent_on_its_response() {
+        let config = billed_config("deny").replace(r#""mode": "per_request""#, r#""mode": "grant""#);
+        let mut host = FakeHost::request("GET", "/api/items", &[("x-api-key", "key-one")]);
+        let (mut first, flow) = run_with(&config, &mut host, true);
+        assert_eq!(flow, Flow::Pause, "no grant yet: the first request reserves");
+        assert_eq!(host.sent_calls[0].path, "/v1/reservations");
+        first.on_done(&mut host);
+        // The root context asks for the grant at once; the service grants 100.
+        let worker = Rc::clone(&first.worker);
+        worker.flush_grants(&mut host, &first.config);
+        let report = host.sent_calls.last().unwrap().clone();
+        assert_eq!(report.path, "/v1/grants");
+        let token = u32::try_from(host.sent_calls.len()).unwrap();
+        worker.grant_answer(
+            &mut host,
+            token,
+            answer(
+                200,
+                r#"{"results": [{"status": 200, "body": {"grant_id": "gr_1",
+            "granted_total": 100, "used_total": 0, "lifetime_seconds": 60, "final": false, "balance": 500}}]}"#,
+            ),
+        );
+
+        let calls = host.sent_calls.len();
+        let mut stream = Stream::new(Rc::clone(&first.config), Rc::clone(&worker));
+        // The first stream removed the key it used.
+        host.request = FakeHost::request("GET", "/api/items", &[("x-api-key", "key-one")]).request;
+        assert_eq!(stream.on_request_headers(&mut host, true), Flow::Continue, "paid from the grant");
+        host.response = vec![(":status".into(), "200".into()), ("x-cost".into(), "4".into())];
+        stream.on_response_headers(&mut host);
+        let header = |name: &str| host.response.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone());
+        assert_eq!(header("x-credits-charged").as_deref(), Some("4"));
+        assert_eq!(header("x-credits-remaining").as_deref(), Some("496"));
+        stream.on_done(&mut host);
+        assert_eq!(host.sent_calls.len(), calls, "no callout for a request the grant paid");
     }
 
     #[test]

@@ -8,7 +8,8 @@ use crate::auth::{self, AuthError, BodyCheck, Identity, RequestCredentials, Sign
 use crate::body;
 use crate::checks::{self, BodyCounter};
 use crate::common::Method;
-use crate::credits::{self, CreditError, FailurePolicy};
+use crate::credits::{self, CreditError, CreditMode, FailurePolicy};
+use crate::grants::Take;
 use crate::grpc;
 use crate::headers;
 use crate::host::{Callout, StreamHost, NANOS_PER_MS, NANOS_PER_SECOND};
@@ -234,6 +235,13 @@ fn reserve_credits(
     let amount = billing.amount(&stream.request)?;
     if !credits::billable_account(&identity.account) {
         return Err(CreditError::Refused.into());
+    }
+    if let (CreditMode::Grant, Some(Ok(grants))) = (billing.mode, stream.worker.grants.as_ref().map(|g| g.try_borrow()))
+    {
+        if let Take::Granted(spend) = grants.take(host, &identity.account, amount) {
+            stream.billing = Billing::Granted(spend);
+            return Ok(Step::Admitted);
+        }
     }
     let key = stream.worker.reservation_key(&stream.request_id);
     let call = credits.reserve(billing, &policy.name, &identity.account, amount, &key);

@@ -1,8 +1,9 @@
 //! Step 7, on the response headers: security headers, the rate-limit window, and the bill —
-//! committed on a billed outcome (what the upstream reports, never more than was held), released
-//! otherwise. An HTTP response's outcome is its status; a gRPC call's is its `grpc-status`, which
-//! a call that streams a response sends in the trailers, so such a call settles there (or, if the
-//! stream ends without them, is released by `Stream::on_done`).
+//! charged on a billed outcome (what the upstream reports, never more than was held), given back
+//! otherwise: to the credit service for a reservation, to the grant for a request a grant paid.
+//! An HTTP response's outcome is its status; a gRPC call's is its `grpc-status`, which a call that
+//! streams a response sends in the trailers, so such a call settles there (or, if the stream ends
+//! without them, is given back by `Stream::on_done`).
 
 use crate::credits::{self, PolicyCredits};
 use crate::grpc;
@@ -45,25 +46,27 @@ pub(crate) fn headers(stream: &mut Stream, host: &mut dyn StreamHost) {
     }
     // The upstream's usage report is for the gateway only, billed or not.
     let usage_header = stream.config.credits.as_ref().and_then(|c| c.actual_cost_header.as_deref());
-    // Reading a header costs a hostcall, so only a reservation, which needs them, reads.
-    let reported = match (&stream.billing, usage_header) {
-        (Billing::Reserved(_), Some(name)) => host.response_header(name),
+    // Reading a header costs a hostcall, so only a bill, which needs them, reads.
+    let reported = match (held(&stream.billing), usage_header) {
+        (Some(_), Some(name)) => host.response_header(name),
         _ => None,
     };
     if let Some(name) = usage_header {
         host.remove_response_header(name);
     }
-    match &stream.billing {
-        Billing::Reserved(_) => match outcome(stream, host) {
-            Some(outcome) => settle(stream, host, outcome, reported.as_deref(), false),
-            None => {
-                if let Some(call) = &mut stream.grpc {
-                    call.reported = reported;
-                }
+    if held(&stream.billing).is_none() {
+        if matches!(stream.billing, Billing::Unbilled) {
+            host.set_response_header("x-credits-charged", "0");
+        }
+        return;
+    }
+    match outcome(stream, host) {
+        Some(outcome) => settle(stream, host, outcome, reported.as_deref(), false),
+        None => {
+            if let Some(call) = &mut stream.grpc {
+                call.reported = reported;
             }
-        },
-        Billing::Unbilled => host.set_response_header("x-credits-charged", "0"),
-        Billing::None => {}
+        }
     }
 }
 
@@ -71,7 +74,7 @@ pub(crate) fn headers(stream: &mut Stream, host: &mut dyn StreamHost) {
 /// billing headers go to the client here, as trailing metadata.
 pub(crate) fn trailers(stream: &mut Stream, host: &mut dyn StreamHost) {
     let usage_header = stream.config.credits.as_ref().and_then(|c| c.actual_cost_header.as_deref());
-    let (Billing::Reserved(_), Some(call)) = (&stream.billing, &mut stream.grpc) else {
+    let (Some(_), Some(call)) = (held(&stream.billing), &mut stream.grpc) else {
         if let Some(name) = usage_header {
             host.remove_response_trailer(name);
         }
@@ -84,6 +87,15 @@ pub(crate) fn trailers(stream: &mut Stream, host: &mut dyn StreamHost) {
     }
     let status = host.response_trailer("grpc-status").and_then(|s| grpc::status(&s));
     settle(stream, host, Outcome::Grpc(status), reported.as_deref(), true);
+}
+
+/// What a bill holds: a reservation's amount, or what a grant paid; `None` when nothing is billed.
+fn held(billing: &Billing) -> Option<u64> {
+    match billing {
+        Billing::Reserved(reservation) => Some(reservation.amount),
+        Billing::Granted(spend) => Some(spend.amount),
+        Billing::None | Billing::Unbilled => None,
+    }
 }
 
 /// The outcome the response headers tell; `None` for a gRPC call whose status is still to come
@@ -101,16 +113,22 @@ fn outcome(stream: &Stream, host: &dyn StreamHost) -> Option<Outcome> {
     }
 }
 
-/// Commits or releases on `outcome`, and tells the client in the headers or the trailers.
+/// Charges or gives back on `outcome`, and tells the client in the headers or the trailers.
 fn settle(stream: &mut Stream, host: &mut dyn StreamHost, outcome: Outcome, reported: Option<&str>, trailers: bool) {
-    let Billing::Reserved(reservation) = &stream.billing else { return };
+    let Some(held) = held(&stream.billing) else { return };
     let served = stream.policy.as_ref().and_then(|p| p.credits.as_ref()).is_some_and(|c| billed(c, outcome));
-    let charge = if served { credits::charge(reservation, reported) } else { 0 };
-    for (name, value) in credits::response_headers(reservation, charge) {
-        match trailers {
-            true => host.set_response_trailer(name, &value),
-            false => host.set_response_header(name, &value),
-        }
+    let charge = if served { credits::charge(held, reported) } else { 0 };
+    let remaining = match &stream.billing {
+        Billing::Reserved(reservation) => Some(credits::remaining(reservation, charge)),
+        _ => None,
+    };
+    let remaining = stream.settle(host, served.then_some(charge)).or(remaining);
+    let mut tell = |name: &str, value: &str| match trailers {
+        true => host.set_response_trailer(name, value),
+        false => host.set_response_header(name, value),
+    };
+    tell("x-credits-charged", &charge.to_string());
+    if let Some(remaining) = remaining {
+        tell("x-credits-remaining", &remaining.to_string());
     }
-    stream.settle(host, served.then_some(charge));
 }

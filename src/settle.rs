@@ -5,7 +5,8 @@
 //! `credits.retry_seconds` runs out.
 //!
 //! The queue is bounded and ordered by when each job is due, so a slow credit service costs a
-//! wake-up only the jobs that are due, and a dead one cannot grow a worker's memory.
+//! wake-up only the jobs that are due, and a dead one cannot grow a worker's memory. Commits and
+//! releases due together go in one call to the service's batch endpoint, each with its own result.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -19,6 +20,9 @@ use crate::metrics::Metric;
 /// logged: its hold then ends at the credit service's expiry, and a commit dropped is an
 /// under-charge, never an over-charge. At ~200 bytes a job, 4 MB at most.
 pub const MAX_JOBS: usize = 20_000;
+
+/// The most operations the credit service takes in one batch.
+const MAX_BATCH: usize = 1000;
 
 #[derive(Debug)]
 struct Job {
@@ -58,7 +62,10 @@ impl Ord for Waiting {
 /// One worker's commits and releases: waiting to be sent (now, or for a retry), or in flight.
 #[derive(Debug, Default)]
 pub struct Settler {
-    in_flight: HashMap<u32, Job>,
+    /// By callout token: one job, or the jobs of one batch in the order sent.
+    in_flight: HashMap<u32, Vec<Job>>,
+    /// Jobs in `in_flight`, all batches counted.
+    flying: usize,
     waiting: BinaryHeap<Reverse<Waiting>>,
     queued: u64,
 }
@@ -79,7 +86,7 @@ impl Settler {
     /// Queues a commit or release; the root context sends it on `send_due`.
     pub fn queue(&mut self, host: &mut dyn Host, settlement: Settlement) {
         let now = host.now_nanos();
-        if self.waiting.len() + self.in_flight.len() >= MAX_JOBS {
+        if self.waiting.len() + self.flying >= MAX_JOBS {
             host.count(Metric::CreditSettlementsDropped, 1);
             log::error!("tollgate: {settlement} dropped: {MAX_JOBS} settlements already queued");
             return;
@@ -92,17 +99,28 @@ impl Settler {
         self.waiting.push(Reverse(Waiting { due, order: self.queued, job }));
     }
 
-    fn dispatch(&mut self, host: &mut dyn Host, credits: &Credits, mut job: Job) {
-        job.attempts += 1;
-        job.sent = host.now_nanos();
+    /// Sends `jobs` in one callout: alone, or as a batch of commits and releases.
+    fn dispatch(&mut self, host: &mut dyn Host, credits: &Credits, mut jobs: Vec<Job>) {
+        let now = host.now_nanos();
+        for job in &mut jobs {
+            job.attempts += 1;
+            job.sent = now;
+        }
+        let call = match jobs.as_slice() {
+            [job] => credits.settle(&job.settlement),
+            _ => credits.settle_batch(jobs.iter().map(|job| &job.settlement)),
+        };
         host.count(Metric::CreditCallouts, 1);
-        match host.http_call(&credits.settle(&job.settlement)) {
+        match host.http_call(&call) {
             Some(token) => {
-                self.in_flight.insert(token, job);
+                self.flying += jobs.len();
+                self.in_flight.insert(token, jobs);
             }
             None => {
                 host.count(Metric::CreditCalloutFailures, 1);
-                self.retry_later(host, credits, job);
+                for job in jobs {
+                    self.retry_later(host, credits, job);
+                }
             }
         }
     }
@@ -111,7 +129,7 @@ impl Settler {
     /// streams queue on their worker thread, and the main thread, which outlives them, sends.
     pub fn hand_over(&mut self, root: &mut Settler) {
         for Reverse(Waiting { due, job, .. }) in std::mem::take(&mut self.waiting).into_vec() {
-            if root.waiting.len() + root.in_flight.len() >= MAX_JOBS {
+            if root.waiting.len() + root.flying >= MAX_JOBS {
                 log::error!("tollgate: {} dropped: {MAX_JOBS} settlements already queued", job.settlement);
                 continue;
             }
@@ -132,9 +150,36 @@ impl Settler {
         token: u32,
         answer: Option<(u16, Vec<u8>)>,
     ) -> Answer {
-        let Some(job) = self.in_flight.remove(&token) else { return Answer::NotOurs };
-        let elapsed = host.now_nanos().saturating_sub(job.sent) / NANOS_PER_MS;
+        let Some(jobs) = self.in_flight.remove(&token) else { return Answer::NotOurs };
+        self.flying -= jobs.len();
+        let elapsed = host.now_nanos().saturating_sub(jobs.first().map_or(0, |job| job.sent)) / NANOS_PER_MS;
         host.count(Metric::CreditCalloutMilliseconds, elapsed);
+        if jobs.len() == 1 {
+            let mut jobs = jobs;
+            return match jobs.pop() {
+                Some(job) => self.settled(host, credits, job, answer),
+                None => Answer::Done,
+            };
+        }
+        // A batch: each operation's own status. No answer, or one that is not the batch's,
+        // retries every job of it.
+        let statuses = match &answer {
+            Some((200, body)) => credits::batch_statuses(body).filter(|s| s.len() == jobs.len()),
+            _ => None,
+        };
+        let mut outcome = Answer::Done;
+        for (i, job) in jobs.into_iter().enumerate() {
+            let answer = statuses.as_ref().map(|statuses| (statuses[i], Vec::new()));
+            match self.settled(host, credits, job, answer) {
+                Answer::Done => {}
+                other => outcome = other,
+            }
+        }
+        outcome
+    }
+
+    /// What one job's answer means for it.
+    fn settled(&mut self, host: &mut dyn Host, credits: &Credits, job: Job, answer: Option<(u16, Vec<u8>)>) -> Answer {
         let status = answer.as_ref().map(|(status, _)| *status);
         match (&job.settlement, answer) {
             (Settlement::Reclaim { .. }, Some((200 | 201, body))) => match credits::granted_id(&body) {
@@ -185,12 +230,24 @@ impl Settler {
     /// calls this when a stream wakes it, and on every tick.
     pub fn send_due(&mut self, host: &mut dyn Host, credits: &Credits) {
         let now = host.now_nanos();
+        let mut batch = Vec::new();
         while self.waiting.peek().is_some_and(|Reverse(w)| w.due <= now) {
             let Some(Reverse(Waiting { job, .. })) = self.waiting.pop() else { break };
             if job.attempts > 0 {
                 host.count(Metric::CreditRetries, 1);
             }
-            self.dispatch(host, credits, job);
+            // A reclaim reads the reservation the service answers: it goes alone.
+            if matches!(job.settlement, Settlement::Reclaim { .. }) {
+                self.dispatch(host, credits, vec![job]);
+                continue;
+            }
+            batch.push(job);
+            if batch.len() == MAX_BATCH {
+                self.dispatch(host, credits, std::mem::take(&mut batch));
+            }
+        }
+        if !batch.is_empty() {
+            self.dispatch(host, credits, batch);
         }
     }
 }
@@ -258,6 +315,40 @@ mod tests {
         settler.send_due(&mut host, &credits);
         assert_eq!(settler.on_answer(&mut host, &credits, 3, status(200)), Answer::Done);
         assert_eq!(host.metric(Metric::CreditRetries), 2);
+    }
+
+    #[test]
+    fn settlements_due_together_go_in_one_batch_and_each_gets_its_own_answer() {
+        let (credits, mut host, mut settler) = (credits(), FakeHost::default(), Settler::default());
+        settler.queue(&mut host, commit("res_1"));
+        settler.queue(&mut host, Settlement::Release { reservation_id: "res_2".to_owned() });
+        settler.queue(&mut host, commit("res_3"));
+        settler.send_due(&mut host, &credits);
+        assert_eq!(host.sent_calls.len(), 1, "one call for three");
+        assert_eq!(host.sent_calls[0].path, "/v1/batch");
+        let body: serde_json::Value = serde_json::from_slice(&host.sent_calls[0].body).unwrap();
+        assert_eq!(
+            body,
+            serde_json::json!({"operations": [
+                {"op": "commit", "reservation_id": "res_1", "amount": 5},
+                {"op": "release", "reservation_id": "res_2"},
+                {"op": "commit", "reservation_id": "res_3", "amount": 5}]})
+        );
+        let results = br#"{"results": [{"status": 200, "body": {}}, {"status": 409, "body": {}},
+            {"status": 503, "body": {}}]}"#;
+        assert_eq!(settler.on_answer(&mut host, &credits, 1, Some((200, results.to_vec()))), Answer::Retrying);
+        host.now += 2;
+        settler.send_due(&mut host, &credits);
+        assert_eq!(host.sent_calls.len(), 2);
+        assert_eq!(host.sent_calls[1].path, "/v1/reservations/res_3/commit", "only the one that failed, alone");
+
+        settler.queue(&mut host, commit("res_4"));
+        settler.queue(&mut host, commit("res_5"));
+        settler.send_due(&mut host, &credits);
+        assert_eq!(settler.on_answer(&mut host, &credits, 3, None), Answer::Retrying);
+        host.now += 2;
+        settler.send_due(&mut host, &credits);
+        assert_eq!(host.sent_calls.last().unwrap().path, "/v1/batch", "a batch with no answer is retried whole");
     }
 
     #[test]

@@ -24,7 +24,13 @@ const SECRET_KEY: &str = "tollgate.secret";
 /// configures a plugin on its main thread (the configuration canary) before any worker does, so
 /// the workers, and every later configuration, read the one it wrote.
 pub fn secret(host: &mut dyn Host) -> [u8; 16] {
-    if let Some(key) = stored_secret(host) {
+    process_random(host, SECRET_KEY)
+}
+
+/// 128 random bits made once per process and kept in shared data under `name`: the first VM to
+/// ask makes them, every later one reads them.
+pub fn process_random(host: &mut dyn Host, name: &str) -> [u8; 16] {
+    if let Some(key) = stored(host, name) {
         return key;
     }
     // RandomState is seeded from the OS (WASI random_get in Envoy); two outputs of the one keyed
@@ -33,13 +39,13 @@ pub fn secret(host: &mut dyn Host) -> [u8; 16] {
     let mut key = [0u8; 16];
     key[..8].copy_from_slice(&random.hash_one(0u8).to_le_bytes());
     key[8..].copy_from_slice(&random.hash_one(1u8).to_le_bytes());
-    host.shared_set(SECRET_KEY, &key);
+    host.shared_set(name, &key);
     // Read back: if another VM wrote between the read and the write, both now use the last one.
-    stored_secret(host).unwrap_or(key)
+    stored(host, name).unwrap_or(key)
 }
 
-fn stored_secret(host: &dyn Host) -> Option<[u8; 16]> {
-    host.shared_get(SECRET_KEY).and_then(|(value, _)| value.try_into().ok())
+fn stored(host: &dyn Host, name: &str) -> Option<[u8; 16]> {
+    host.shared_get(name).and_then(|(value, _)| value.try_into().ok())
 }
 
 /// One store: `count` entries named `<prefix>.<n>`.

@@ -6,6 +6,8 @@ use std::hash::{BuildHasher, RandomState};
 
 use crate::auth::{AuthState, ReplayCache};
 use crate::config::Config;
+use crate::credits::CreditMode;
+use crate::grants::Grants;
 use crate::host::Host;
 use crate::ratelimit::Table;
 use crate::replay::SeenSignatures;
@@ -25,6 +27,8 @@ pub struct Worker {
     pub seen_signatures: SeenSignatures,
     /// Commits and releases in flight or waiting for a retry; the root context answers them.
     pub settler: RefCell<Settler>,
+    /// The process's credit grants; `None` when no billed policy is paid from grants.
+    pub grants: Option<RefCell<Grants>>,
     /// Random per VM (hex), so the reservation ids and queue names this worker makes are its own.
     id: String,
     reservations: Cell<u64>,
@@ -36,12 +40,22 @@ impl Worker {
     pub fn new(config: &Config, host: &mut dyn Host) -> Worker {
         let replays = config.auth.signatures().map_or_else(|| ReplayCache::new(0), |s| s.replay_cache());
         let secret = slots::secret(host);
+        let granting = config
+            .routes
+            .policy_names()
+            .filter_map(|name| config.routes.policy(name))
+            .any(|policy| policy.credits.as_ref().is_some_and(|credits| credits.mode == CreditMode::Grant));
+        let grants = match &config.credits {
+            Some(credits) if granting => Some(RefCell::new(Grants::open(&credits.grants, secret, host))),
+            _ => None,
+        };
         Worker {
             auth: AuthState::new(&config.auth),
             rate_table: config.rate_limits.as_ref().map(|limits| Table::open(limits.layout(), secret, host)),
             replays: RefCell::new(replays),
             seen_signatures: SeenSignatures::new(secret),
             settler: RefCell::new(Settler::default()),
+            grants,
             // RandomState is seeded from the OS (WASI random_get in Envoy).
             id: format!("{:016x}", RandomState::new().hash_one(0u8)),
             reservations: Cell::new(0),
@@ -51,6 +65,28 @@ impl Worker {
     /// Unique to this VM: names what belongs to it among the process's shared data and queues.
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// The root context's part in grants, on its timer or when a stream woke it: report and top up
+    /// when the process's turn is due.
+    pub fn flush_grants(&self, host: &mut dyn Host, config: &Config) {
+        if let (Some(credits), Some(Ok(mut grants))) =
+            (&config.credits, self.grants.as_ref().map(RefCell::try_borrow_mut))
+        {
+            grants.flush(host, credits);
+        }
+    }
+
+    /// Whether callout `token` is a grant report of this worker's.
+    pub fn is_grant_report(&self, token: u32) -> bool {
+        self.grants.as_ref().and_then(|g| g.try_borrow().ok()).is_some_and(|g| g.is_waiting_for(token))
+    }
+
+    /// The credit service's answer to a grant report.
+    pub fn grant_answer(&self, host: &mut dyn Host, token: u32, answer: Option<(u16, Vec<u8>)>) {
+        if let Some(Ok(mut grants)) = self.grants.as_ref().map(RefCell::try_borrow_mut) {
+            grants.on_answer(host, token, answer);
+        }
     }
 
     /// A reservation's idempotency key: the request id for the ledger's reader, and a suffix

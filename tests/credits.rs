@@ -1,5 +1,7 @@
-//! Credits through a real Envoy, the real credit service on a SQLite file, and a recording
-//! upstream: what is charged, what is not, under concurrency, and across a credit service crash.
+//! Per-request credits through a real Envoy, the real credit service on a SQLite file, and a
+//! recording upstream: what is charged, what is not, under concurrency, and across a credit
+//! service crash. Grants have their own suite (`grants.rs`); per-request billing is also what a
+//! grant falls back to.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "test code")]
 
 mod harness;
@@ -23,7 +25,7 @@ fn plugin_config(accounts: &[&str]) -> String {
         .map(|a| json!({"id": format!("key-{a}"), "sha256": sha256(&format!("key-{a}")), "account": a}))
         .collect();
     let billed = |extra: serde_json::Value| {
-        let mut credits = json!({"cost": COST});
+        let mut credits = json!({"cost": COST, "mode": "per_request"});
         credits.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
         json!({"access": "authenticated", "credits": credits})
     };

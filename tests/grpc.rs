@@ -74,16 +74,17 @@ fn sha256(key: &str) -> String {
     hmac_sha256::Hash::hash(key.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The `rpc` policy bills `demo.Echo`, limited to `per_minute` calls per route; `/rest` takes no
-/// gRPC. API key `key-<account>` for each account.
-fn plugin_config(accounts: &[&str], per_minute: u64) -> String {
+/// The `rpc` policy bills `demo.Echo` in `mode` (`per_request`: a reservation per call, whose
+/// ledger rows a test can count; `grant`), limited to `per_minute` calls per route; `/rest` takes
+/// no gRPC. API key `key-<account>` for each account.
+fn plugin_config(accounts: &[&str], per_minute: u64, mode: &str) -> String {
     let keys: Vec<_> = accounts
         .iter()
         .map(|a| json!({"id": format!("key-{a}"), "sha256": sha256(&format!("key-{a}")), "account": a}))
         .collect();
     json!({
         "policies": {
-            "rpc": {"access": "authenticated", "grpc": true, "credits": {"cost": COST},
+            "rpc": {"access": "authenticated", "grpc": true, "credits": {"cost": COST, "mode": mode},
                     "rate_limit": {"tiers": false, "route": {"per_minute": per_minute}}},
             "rest": {"access": "public"}
         },
@@ -93,7 +94,8 @@ fn plugin_config(accounts: &[&str], per_minute: u64) -> String {
         ],
         "credits": {
             "cluster": "credits", "service_token": SERVICE_TOKEN, "timeout_ms": 500,
-            "actual_cost_header": "x-actual-cost", "retry_seconds": 60
+            "actual_cost_header": "x-actual-cost", "retry_seconds": 60,
+            "grants": {"lifetime_seconds": 4, "flush_seconds": 1, "idle_seconds": 2, "min_grant": 50}
         },
         "auth": {"api_keys": {"keys": keys}}
     })
@@ -107,6 +109,10 @@ struct Setup {
 }
 
 fn setup(accounts: &[(&str, u64)], per_minute: u64) -> Setup {
+    setup_in(accounts, per_minute, "per_request")
+}
+
+fn setup_in(accounts: &[(&str, u64)], per_minute: u64, mode: &str) -> Setup {
     let credits = CreditService::start();
     for (account, balance) in accounts {
         credits.create_account(account, *balance);
@@ -115,7 +121,7 @@ fn setup(accounts: &[(&str, u64)], per_minute: u64) -> Setup {
     let port = upstream.port;
     let names: Vec<&str> = accounts.iter().map(|(a, _)| *a).collect();
     let gw = Gateway::start(GatewayOptions {
-        plugin_config: Some(plugin_config(&names, per_minute)),
+        plugin_config: Some(plugin_config(&names, per_minute, mode)),
         credit_port: Some(credits.port()),
         // The shipped config's `grpc` cluster (HTTP/2 to the upstream), pointed at this test's.
         mutate: Some(Box::new(move |config: &mut Value| {
@@ -281,4 +287,29 @@ fn a_server_streaming_call_is_allowed_and_charged_once() {
     assert_eq!(reply.trailing("x-credits-charged"), Some("5"));
     assert_eq!(settled(&s.credits, "acme"), 95);
     assert_eq!(kinds(&s.credits, "acme"), ["topup", "reserve", "commit"], "one charge for the whole stream");
+}
+
+#[test]
+fn calls_a_grant_pays_are_spent_on_grpc_status_as_well() {
+    let s = setup_in(&[("acme", 100)], 100, "grant");
+    // The first call has no grant yet: it reserves, and the gateway asks for a grant.
+    assert_eq!(call(&s.gw, SAY, false, &["x-api-key: key-acme"]).code(), 0);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !kinds(&s.credits, "acme").iter().any(|k| k == "grant") {
+        assert!(Instant::now() < deadline, "no grant: {:?}", kinds(&s.credits, "acme"));
+        thread::sleep(Duration::from_millis(50));
+    }
+    let reply = call(&s.gw, SAY, false, &["x-api-key: key-acme", "x-upstream-status: 13"]);
+    assert_eq!((reply.code(), reply.trailing("x-credits-charged")), (13, Some("0")), "{}", reply.0);
+    let reply = call(&s.gw, COUNT, true, &["x-api-key: key-acme"]);
+    assert_eq!((reply.code(), reply.trailing("x-credits-charged")), (0, Some("5")), "{}", reply.0);
+    // Idle, the grant is reported and given back: two calls served, two charged.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while s.credits.balance("acme").1 > 0 {
+        assert!(Instant::now() < deadline, "still held: {:?}", kinds(&s.credits, "acme"));
+        thread::sleep(Duration::from_millis(100));
+    }
+    let kinds = kinds(&s.credits, "acme");
+    assert_eq!(s.credits.balance("acme").0, 100 - 2 * COST, "{kinds:?}");
+    assert_eq!(kinds.iter().filter(|k| *k == "reserve").count(), 1, "only the first call reserved: {kinds:?}");
 }

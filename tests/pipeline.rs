@@ -42,8 +42,10 @@ fn signature(method: &str, path: &str, timestamp: u64, body: &[u8]) -> String {
 }
 
 fn plugin_config(credits: bool) -> String {
-    let mut billed = json!({"access": "authenticated", "credits": {"cost": 5}});
-    let mut signed = json!({"access": "authenticated", "signature": true, "credits": {"cost": 5}});
+    // Per request: the phase that waits for the credit service is what these tests are about.
+    let cost = json!({"cost": 5, "mode": "per_request"});
+    let mut billed = json!({"access": "authenticated", "credits": cost});
+    let mut signed = json!({"access": "authenticated", "signature": true, "credits": cost});
     if !credits {
         billed.as_object_mut().unwrap().remove("credits");
         signed.as_object_mut().unwrap().remove("credits");

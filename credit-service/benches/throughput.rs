@@ -1,7 +1,8 @@
 //! `cargo bench -p tollgate-credit --bench throughput`: the release binary on a fresh SQLite file and on a
 //! fresh PostgreSQL database, each driven by concurrent clients doing what the gateway does per billed
 //! request (reserve, then commit), then by a few clients sending `POST /v1/batch` with 1,000 operations
-//! each. Prints the results and writes `build/bench-credit.md`.
+//! each, then by a few gateways reporting on their grants for 1,000 accounts per `POST /v1/grants`.
+//! Prints the results and writes `build/bench-credit.md`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "benchmark driver")]
 
 #[path = "../tests/common/mod.rs"]
@@ -22,6 +23,10 @@ const BATCH: usize = 1000;
 const WARMUP: Duration = Duration::from_secs(1);
 const RUN: Duration = Duration::from_secs(10);
 const BATCH_RUN: Duration = Duration::from_secs(5);
+/// Gateway instances reporting at once, and the accounts each reports on per call (all of them
+/// share the same accounts, as gateways in front of one API do).
+const GATEWAYS: usize = 4;
+const GRANT_ACCOUNTS: usize = 1000;
 const INITIAL: i64 = 1_000_000_000;
 /// Linux reports process CPU time in clock ticks of 1/100 s.
 const TICK: Duration = Duration::from_millis(10);
@@ -32,6 +37,8 @@ struct Figures {
     pairs: Run,
     /// Operations sent `BATCH` at a time through `POST /v1/batch`.
     batched: Run,
+    /// Grant reports sent `GRANT_ACCOUNTS` at a time through `POST /v1/grants`.
+    grants: Run,
 }
 
 struct Run {
@@ -91,12 +98,17 @@ async fn main() {
         println!("{backend:<10} pairs    {}", pairs.line("pair"));
         let batched = measure(&svc, || batches(&svc, BATCH_RUN)).await;
         println!("{backend:<10} batched  {}", batched.line("op"));
+        for i in 0..GRANT_ACCOUNTS {
+            svc.funded_account(&format!("g{i}"), INITIAL).await;
+        }
+        let grants = measure(&svc, || grants(&svc, BATCH_RUN)).await;
+        println!("{backend:<10} grants   {}", grants.line("report"));
         // Each pair charged 2 of the 3 it held; nothing may be left held or lost under load.
         if warmup.errors + pairs.errors + batched.errors == 0 {
             let spent = 2 * i64::try_from(warmup.done + pairs.done + batched.done / 2).unwrap();
             assert_eq!(svc.balance("bench").await, (INITIAL - spent, 0));
         }
-        results.push(Figures { backend, pairs, batched });
+        results.push(Figures { backend, pairs, batched, grants });
     }
     let report = report(&results);
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../build/bench-credit.md");
@@ -192,6 +204,48 @@ async fn batches(svc: &Service, length: Duration) -> (usize, usize, Vec<Duration
             let committed = answer["results"].as_array().unwrap().iter().filter(|r| r["status"] == 200).count();
             errors += commits.len() - committed;
             done += commits.len() + committed;
+        }
+        (done, errors, latencies)
+    })
+    .await
+}
+
+/// `GATEWAYS` instances, each reporting on its grant for every one of `GRANT_ACCOUNTS` accounts
+/// per call, in a loop for `length`: each report spends 5 more credits of its grant and wants 100
+/// beyond what it spent, as a gateway's flush does; returns reports answered 200, others, and each
+/// call's latency.
+async fn grants(svc: &Service, length: Duration) -> (usize, usize, Vec<Duration>) {
+    clients(svc, GATEWAYS, length, |mut conn, client, run, deadline| async move {
+        let (mut latencies, mut errors, mut done) = (Vec::new(), 0, 0);
+        let mut held: Vec<(Option<String>, i64, i64)> = vec![(None, 0, 0); GRANT_ACCOUNTS];
+        while Instant::now() < deadline {
+            let reports: Vec<String> = held
+                .iter_mut()
+                .enumerate()
+                .map(|(i, (grant, granted, used))| {
+                    *used = (*used + 5).min(*granted);
+                    let grant = grant.as_ref().map_or("null".to_owned(), |id| format!(r#""{id}""#));
+                    format!(
+                        r#"{{"account":"g{i}","grant_id":{grant},"used_total":{used},"usage":{{"api":{{"credits":{used},"requests":{used}}}}},"want_total":{},"min_grant":10,"max_grant":1000}}"#,
+                        *used + 100
+                    )
+                })
+                .collect();
+            let body = format!(r#"{{"instance":"bench-{run}-{client}","reports":[{}]}}"#, reports.join(","));
+            let started = Instant::now();
+            let (status, answer) = conn.post("/v1/grants", &body).await;
+            latencies.push(started.elapsed());
+            assert_eq!(status, 200, "{answer}");
+            let answer: serde_json::Value = serde_json::from_str(&answer).unwrap();
+            for (result, (grant, granted, _)) in answer["results"].as_array().unwrap().iter().zip(&mut held) {
+                if result["status"] == 200 {
+                    *grant = Some(result["body"]["grant_id"].as_str().unwrap().to_owned());
+                    *granted = result["body"]["granted_total"].as_i64().unwrap();
+                    done += 1;
+                } else {
+                    errors += 1;
+                }
+            }
         }
         (done, errors, latencies)
     })
@@ -311,17 +365,23 @@ fn report(results: &[Figures]) -> String {
          of warm-up; latency is the pair's.\n\
          - **batched**: {BATCH_CLIENTS} clients, each sending `POST /v1/batch` with {BATCH} reservations, then \
          one with {BATCH} commits of them, for {} s; a row counts operations, latency is one batch call's.\n\
+         - **grants**: {GATEWAYS} gateway instances, each sending `POST /v1/grants` with one report for each of \
+         the same {GRANT_ACCOUNTS} accounts (cumulative use up 5, want 100 more, usage under one policy), for \
+         {} s; a row counts reports, latency is one call's.\n\
          - CPU is user + system time over the run: the service's process, and every `postgres` process \
          on the machine (PostgreSQL only).\n",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         RUN.as_secs(),
         WARMUP.as_secs(),
         BATCH_RUN.as_secs(),
+        BATCH_RUN.as_secs(),
     );
     md.push_str("| backend | load | throughput | p50 latency | p99 latency | service CPU | database CPU | errors |\n");
     md.push_str("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n");
     for f in results {
-        for (load, run, unit) in [("pairs", &f.pairs, "pair"), ("batched", &f.batched, "op")] {
+        for (load, run, unit) in
+            [("pairs", &f.pairs, "pair"), ("batched", &f.batched, "op"), ("grants", &f.grants, "report")]
+        {
             let _ = writeln!(md, "| {} | {load} | {} |", f.backend, run.cells(unit).join(" | "));
         }
     }

@@ -1,5 +1,6 @@
 //! The HTTP API: routes, bearer-token roles, request validation, JSON in and out.
 
+use std::collections::BTreeMap;
 use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
@@ -17,7 +18,7 @@ use serde_json::Value;
 use subtle::ConstantTimeEq;
 
 use crate::error::{AppError, LedgerError};
-use crate::ledger::{Op, Outcome, MAX_AMOUNT};
+use crate::ledger::{now_ms, GrantAnswer, Op, Outcome, Report, Usage, MAX_AMOUNT, MAX_BALANCE};
 use crate::store::Ledger;
 
 /// Request bodies are a few short fields; anything larger is a mistake or an attack.
@@ -25,6 +26,18 @@ const MAX_BODY: usize = 16 * 1024;
 /// The most operations one `POST /v1/batch` may carry, and the body that can hold them.
 const MAX_BATCH: usize = 1000;
 const MAX_BATCH_BODY: usize = 1024 * 1024;
+/// `POST /v1/grants`: reports per call, and a body that holds them with a few policies each.
+const MAX_REPORTS: usize = 1000;
+const MAX_GRANTS_BODY: usize = 4 * 1024 * 1024;
+/// Policies one report may carry usage for: a gateway has a handful.
+const MAX_POLICIES: usize = 32;
+const DEFAULT_LIFETIME_SECONDS: i64 = 60;
+const MAX_LIFETIME_SECONDS: i64 = 3600;
+const HOUR_MS: i64 = 3_600_000;
+const DAY_MS: i64 = 24 * HOUR_MS;
+/// The widest usage query, in buckets: a month of hours, a year of days.
+const MAX_HOURS: i64 = 31 * 24;
+const MAX_DAYS: i64 = 366;
 /// The longest request id, route or reference kept.
 const MAX_TEXT: usize = 256;
 const MAX_ACCOUNT_ID: usize = 128;
@@ -57,7 +70,9 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/v1/reservations", post(reserve))
         .route("/v1/reservations/{id}/commit", post(commit))
         .route("/v1/reservations/{id}/release", post(release))
+        .route("/v1/accounts/{id}/usage", get(usage))
         .route("/v1/batch", post(batch).layer(DefaultBodyLimit::max(MAX_BATCH_BODY)))
+        .route("/v1/grants", post(grants).layer(DefaultBodyLimit::max(MAX_GRANTS_BODY)))
         .fallback(|| async { AppError::NoRoute })
         .method_not_allowed_fallback(|| async { AppError::MethodNotAllowed })
         // A client that hangs up drops its handler, harmlessly: a write it queued is finished by
@@ -72,11 +87,11 @@ pub fn app(state: Arc<AppState>) -> Router {
 /// request is looked at, or echoed back, before the caller is known.
 struct Caller<R>(PhantomData<R>);
 
-/// The gateway: reservations, commit, release.
+/// The gateway: reservations, commit, release, grants.
 struct Service;
 /// Operators: accounts, top-ups, the journal.
 struct Admin;
-/// Either of them: reading a balance.
+/// Either of them: reading a balance or usage.
 struct AnyRole;
 
 trait Role {
@@ -295,6 +310,11 @@ struct EntryView {
     reservation_id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     reference: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    grant_id: Option<String>,
+    /// `grant_use` rows: the credits of the grant's hold they charged.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    charged: Option<i64>,
     /// RFC 3339, UTC, milliseconds.
     created_at: String,
 }
@@ -366,6 +386,135 @@ enum Answer {
     Reserved(Reserved),
     Committed(Committed),
     Released(Released),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GrantsRequest {
+    instance: String,
+    reports: Vec<ReportRequest>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReportRequest {
+    account: String,
+    #[serde(default)]
+    grant_id: Option<String>,
+    used_total: i64,
+    #[serde(default)]
+    usage: BTreeMap<String, UsageRequest>,
+    want_total: i64,
+    min_grant: i64,
+    max_grant: i64,
+    #[serde(default)]
+    lifetime_seconds: Option<i64>,
+    #[serde(default)]
+    close: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UsageRequest {
+    credits: i64,
+    requests: i64,
+}
+
+#[derive(Serialize)]
+struct GrantsResponse {
+    results: Vec<GrantResult>,
+}
+
+#[derive(Serialize)]
+struct GrantResult {
+    status: u16,
+    body: GrantBody,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum GrantBody {
+    Grant(GrantView),
+    Problem(Value),
+}
+
+#[derive(Serialize)]
+struct GrantView {
+    grant_id: String,
+    granted_total: i64,
+    used_total: i64,
+    lifetime_seconds: i64,
+    #[serde(rename = "final")]
+    last: bool,
+    balance: i64,
+    available: i64,
+}
+
+impl From<GrantAnswer> for GrantView {
+    fn from(a: GrantAnswer) -> Self {
+        Self {
+            grant_id: a.grant_id,
+            granted_total: a.granted_total,
+            used_total: a.used_total,
+            lifetime_seconds: a.lifetime_ms / 1000,
+            last: a.last,
+            balance: a.balance,
+            available: a.available,
+        }
+    }
+}
+
+#[derive(Deserialize, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+enum Granularity {
+    Hour,
+    Day,
+}
+
+impl Granularity {
+    fn millis(self) -> i64 {
+        match self {
+            Self::Hour => HOUR_MS,
+            Self::Day => DAY_MS,
+        }
+    }
+
+    fn most_buckets(self) -> i64 {
+        match self {
+            Self::Hour => MAX_HOURS,
+            Self::Day => MAX_DAYS,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Hour => "hour",
+            Self::Day => "day",
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UsageQuery {
+    from: Option<i64>,
+    to: Option<i64>,
+    granularity: Option<Granularity>,
+}
+
+#[derive(Serialize)]
+struct UsageView {
+    account: String,
+    granularity: &'static str,
+    usage: Vec<UsageBucket>,
+}
+
+#[derive(Serialize)]
+struct UsageBucket {
+    policy: String,
+    start: i64,
+    credits: i64,
+    requests: i64,
 }
 
 /// 201 for what this call created, 200 for what an earlier call did.
@@ -444,6 +593,8 @@ async fn transactions(
             balance_after: e.balance_after,
             reservation_id: e.reservation_id,
             reference: e.reference,
+            grant_id: e.grant_id,
+            charged: e.charged,
             created_at: rfc3339(e.created_at_ms),
         })
         .collect();
@@ -510,6 +661,136 @@ async fn batch(
         })
         .collect();
     Ok((StatusCode::OK, Json(BatchResponse { results })))
+}
+
+/// One gateway's reports on its grants, many accounts at once, in one group commit; each report
+/// answered on its own (a refused one is an RFC 9457 problem, as the grants contract has it). The
+/// call itself fails only when the token or the envelope is wrong.
+async fn grants(
+    _: Caller<Service>,
+    State(s): St,
+    Body(req): Body<GrantsRequest, MAX_GRANTS_BODY>,
+) -> Reply<GrantsResponse> {
+    if req.reports.is_empty() || req.reports.len() > MAX_REPORTS {
+        return Err(AppError::InvalidField { field: "reports", reason: "must hold 1 to 1000 reports" });
+    }
+    let instance = account_id(req.instance).map_err(|_| AppError::InvalidField {
+        field: "instance",
+        reason: "must be 1 to 128 characters of A-Z a-z 0-9 . _ : @ -",
+    })?;
+    let mut checked = Vec::with_capacity(req.reports.len());
+    let mut ops = Vec::with_capacity(req.reports.len());
+    for report in req.reports {
+        match report_op(&instance, report) {
+            Ok(op) => {
+                ops.push(op);
+                checked.push(None);
+            }
+            Err(refused) => checked.push(Some(refused)),
+        }
+    }
+    let mut outcomes = s.ledger.submit(ops).await.into_iter();
+    let results = checked
+        .into_iter()
+        .map(|refused| {
+            let answered = match refused {
+                Some(refused) => Err(refused),
+                None => match outcomes.next().unwrap_or(Err(LedgerError::WriterGone)) {
+                    Ok(Outcome::Grant(answer)) => Ok(answer),
+                    Ok(other) => Err(unexpected(other)),
+                    Err(e) => Err(e.into()),
+                },
+            };
+            match answered {
+                Ok(answer) => GrantResult { status: 200, body: GrantBody::Grant(answer.into()) },
+                Err(refused) => {
+                    let (status, body) = refused.problem();
+                    GrantResult { status: status.as_u16(), body: GrantBody::Problem(body) }
+                }
+            }
+        })
+        .collect();
+    Ok((StatusCode::OK, Json(GrantsResponse { results })))
+}
+
+fn report_op(instance: &str, req: ReportRequest) -> Result<Op, AppError> {
+    let total = |field: &'static str, value: i64| {
+        if (0..=MAX_BALANCE).contains(&value) {
+            Ok(value)
+        } else {
+            Err(AppError::InvalidField { field, reason: "must be a whole number from 0 to 10^15" })
+        }
+    };
+    let lifetime = req.lifetime_seconds.unwrap_or(DEFAULT_LIFETIME_SECONDS);
+    if !(1..=MAX_LIFETIME_SECONDS).contains(&lifetime) {
+        return Err(AppError::InvalidField { field: "lifetime_seconds", reason: "must be from 1 to 3600" });
+    }
+    let min_grant = amount("min_grant", req.min_grant)?;
+    let max_grant = amount("max_grant", req.max_grant)?;
+    if max_grant < min_grant {
+        return Err(AppError::InvalidField { field: "max_grant", reason: "must be at least min_grant" });
+    }
+    if req.usage.len() > MAX_POLICIES {
+        return Err(AppError::InvalidField { field: "usage", reason: "must name at most 32 policies" });
+    }
+    let mut usage = BTreeMap::new();
+    for (policy, u) in req.usage {
+        let u = Usage { credits: total("usage.credits", u.credits)?, requests: total("usage.requests", u.requests)? };
+        usage.insert(text("usage", policy)?, u);
+    }
+    Ok(Op::Report(Report {
+        account: account_id(req.account)?,
+        instance: instance.to_owned(),
+        grant: req.grant_id.map(grant_id).transpose()?,
+        used_total: total("used_total", req.used_total)?,
+        usage,
+        want_total: total("want_total", req.want_total)?,
+        min_grant,
+        max_grant,
+        lifetime_ms: lifetime * 1000,
+        close: req.close,
+    }))
+}
+
+/// A grant id that can be ours; any other names no live grant, which is what the gateway is told.
+fn grant_id(id: String) -> Result<String, AppError> {
+    let ours = id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    if ours {
+        Ok(id)
+    } else {
+        Err(LedgerError::GrantEnded(Some(id)).into())
+    }
+}
+
+/// What an account spent, per policy and hour or day, over a time range widened to whole buckets.
+async fn usage(
+    _: Caller<AnyRole>,
+    State(s): St,
+    AccountId(id): AccountId,
+    query: Result<Query<UsageQuery>, QueryRejection>,
+) -> Reply<UsageView> {
+    let Query(query) = query.map_err(|rejection| AppError::InvalidQuery(rejection.body_text()))?;
+    let granularity = query.granularity.unwrap_or(Granularity::Hour);
+    let bucket = granularity.millis();
+    let to = query.to.unwrap_or_else(now_ms);
+    let from = query.from.unwrap_or(to - DAY_MS);
+    if !(0..=MAX_BALANCE).contains(&from) || !(0..=MAX_BALANCE).contains(&to) {
+        return Err(AppError::InvalidField { field: "from", reason: "from and to must be unix times in ms" });
+    }
+    // Whole buckets: the first one holding `from`, up to the one holding the last ms before `to`.
+    let (first, end) = (from - from % bucket, (to + bucket - 1) / bucket * bucket);
+    if to <= from || (end - first) / bucket > granularity.most_buckets() {
+        return Err(AppError::InvalidField {
+            field: "to",
+            reason: "must be after from, at most 31 days of hours or 366 days of days later",
+        });
+    }
+    let rows = s.ledger.usage(&id, first, end, bucket).await?;
+    let usage = rows
+        .into_iter()
+        .map(|r| UsageBucket { policy: r.policy, start: r.start, credits: r.credits, requests: r.requests })
+        .collect();
+    Ok((StatusCode::OK, Json(UsageView { account: id, granularity: granularity.name(), usage })))
 }
 
 fn reserve_op(req: ReserveRequest) -> Result<Op, AppError> {

@@ -22,6 +22,9 @@ pub enum LedgerError {
     AmountExceedsReservation { amount: i64, reserved: i64 },
     #[error("the top-up would take the account's credits over {max}")]
     BalanceLimit { max: i64 },
+    /// Closed, expired, unknown, or another caller's: the gateway opens a fresh grant.
+    #[error("{}", match .0 { Some(id) => format!("grant {id:?} is no longer live; open a new one"), None => "there is no live grant to close".to_owned() })]
+    GrantEnded(Option<String>),
     /// Carries the scheme only: the rest of a URL may hold a password.
     #[error("--database must be sqlite://PATH, sqlite:PATH or postgres://… (got a {0:?} URL)")]
     UnsupportedUrl(String),
@@ -80,12 +83,10 @@ impl AppError {
         }
     }
 
-    /// The status and the JSON body `{error, message, …}` this error answers with, alone or as one
-    /// result in a batch. Server errors are logged here, with the details the body leaves out.
-    pub fn parts(&self) -> (StatusCode, Value) {
-        let (status, code) = self.status_and_code();
-        let message = if status.is_server_error() {
-            // The details (SQL, host names, paths) go to the log, never to the caller.
+    /// What the caller is told. Server errors are logged here, with the details the message
+    /// leaves out (SQL, host names, paths).
+    fn message(&self, status: StatusCode, code: &str) -> String {
+        if status.is_server_error() {
             log::error!("{code}: {self}");
             match status {
                 StatusCode::SERVICE_UNAVAILABLE => "the ledger is unavailable; retry later".to_owned(),
@@ -93,7 +94,14 @@ impl AppError {
             }
         } else {
             self.to_string()
-        };
+        }
+    }
+
+    /// The status and the JSON body `{error, message, …}` this error answers with, alone or as one
+    /// result in a batch.
+    pub fn parts(&self) -> (StatusCode, Value) {
+        let (status, code) = self.status_and_code();
+        let message = self.message(status, code);
         let mut body = json!({ "error": code, "message": message });
         match &self {
             Self::Ledger(LedgerError::InsufficientCredits { balance, required }) => {
@@ -104,6 +112,21 @@ impl AppError {
             }
             _ => {}
         }
+        (status, body)
+    }
+
+    /// The status and the RFC 9457 body `{type, title, status, detail}` of one report's result in
+    /// `POST /v1/grants`, as the grants contract has it (the filter's own problem types share the
+    /// `urn:tollgate:problem:` prefix). The `type` slug is the stable code with dashes.
+    pub fn problem(&self) -> (StatusCode, Value) {
+        let (status, code) = self.status_and_code();
+        let detail = self.message(status, code);
+        let body = json!({
+            "type": format!("urn:tollgate:problem:{}", code.replace('_', "-")),
+            "title": status.canonical_reason().unwrap_or("Error"),
+            "status": status.as_u16(),
+            "detail": detail,
+        });
         (status, body)
     }
 }
@@ -118,6 +141,7 @@ fn ledger_status(e: &LedgerError) -> (StatusCode, &'static str) {
         L::ReservationCommitted => (StatusCode::CONFLICT, "reservation_committed"),
         L::AmountExceedsReservation { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "amount_exceeds_reservation"),
         L::BalanceLimit { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "balance_limit"),
+        L::GrantEnded(_) => (StatusCode::CONFLICT, "grant_ended"),
         L::Batch(inner) => ledger_status(inner),
         L::Database(db) if is_unavailable(db) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
         L::Sqlite(db) if sqlite_unavailable(db) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),

@@ -21,7 +21,7 @@ use crate::app::{app, AppState};
 use crate::error::LedgerError;
 use crate::store::Ledger;
 
-/// tollgate's credit service: accounts, top-ups and per-request reservations over HTTP/JSON,
+/// tollgate's credit service: accounts, top-ups, per-request reservations and gateway grants over HTTP/JSON,
 /// kept in a SQLite file or a PostgreSQL database.
 ///
 /// Once it listens it prints one line to stdout, `listening on ADDR:PORT`; logs go to stderr
@@ -52,7 +52,7 @@ struct Cli {
           value_parser = clap::value_parser!(u64).range(1..=86_400 * 365))]
     reservation_ttl_seconds: u64,
 
-    /// How often the sweeper looks for expired reservations.
+    /// How often the sweeper looks for expired reservations and grants.
     #[arg(long, value_name = "SECONDS", env = "TOLLGATE_CREDIT_SWEEP_INTERVAL_SECONDS", default_value_t = 5,
           value_parser = clap::value_parser!(u64).range(1..=86_400))]
     sweep_interval_seconds: u64,
@@ -136,7 +136,8 @@ async fn run(cli: Cli) -> Result<(), StartError> {
     Ok(())
 }
 
-/// Releases reservations older than `ttl`, every `interval`, until told to stop.
+/// Releases reservations older than `ttl` and settles grants nobody reported on for twice their
+/// lifetime, every `interval`, until told to stop.
 async fn sweep(state: Arc<AppState>, ttl: Duration, interval: Duration, mut stop: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -150,6 +151,11 @@ async fn sweep(state: Arc<AppState>, ttl: Duration, interval: Duration, mut stop
             Ok(0) => {}
             Ok(n) => log::info!("expired {n} reservation(s) held longer than {}s", ttl.as_secs()),
             // The database may be back by the next tick; nothing is lost by waiting.
+            Err(e) => log::warn!("sweeper: {e}"),
+        }
+        match state.ledger.expire_grants(SystemTime::now()).await {
+            Ok(0) => {}
+            Ok(n) => log::info!("settled {n} grant(s) nobody reported on for twice their lifetime"),
             Err(e) => log::warn!("sweeper: {e}"),
         }
     }

@@ -16,10 +16,12 @@ use sqlx::{Postgres, Row, Transaction};
 use tokio::sync::mpsc;
 
 use crate::error::LedgerError;
+use crate::journal_kinds;
 use crate::ledger::{
-    apply, now_ms, Account, Changes, Dialect, Entry, Keys, Op, Outcome, Reservation, Snapshot, State, MIGRATIONS,
+    apply, now_ms, Account, Changes, Dialect, Entry, Grant, GrantStatus, Keys, Op, Outcome, Reservation, Snapshot,
+    State, Usage, UsageRow, MIGRATIONS,
 };
-use crate::store::{reservation_id, Batch, Job};
+use crate::store::{new_id, Batch, Job};
 
 type Result<T> = std::result::Result<T, LedgerError>;
 
@@ -32,6 +34,11 @@ const DIALECT: Dialect = Dialect {
     drop_foreign_keys: "ALTER TABLE ledger DROP CONSTRAINT ledger_account_id_fkey, \
                         DROP CONSTRAINT ledger_reservation_id_fkey; \
                         ALTER TABLE reservations DROP CONSTRAINT reservations_account_id_fkey;",
+    grant_journal: concat!(
+        "ALTER TABLE ledger DROP CONSTRAINT ledger_kind_check, ADD CONSTRAINT ledger_kind_check CHECK (kind IN (",
+        journal_kinds!(),
+        ")), ADD COLUMN grant_id TEXT, ADD COLUMN charged BIGINT;"
+    ),
 };
 
 /// Connects, migrates and starts the writer task on `jobs`.
@@ -90,7 +97,7 @@ async fn run(pool: &PgPool, ops: Vec<Op>) -> Result<Vec<Result<Outcome>>> {
     let mut tx = pool.begin().await?;
     let now = now_ms();
     let snapshot = load(&mut tx, Keys::of(&ops), now).await?;
-    let decided = apply(ops, snapshot, &mut reservation_id);
+    let decided = apply(ops, snapshot, now, &mut new_id);
     let ids = store(&mut tx, &decided.changes, now).await?;
     tx.commit().await?;
     decided.resolve(&ids)
@@ -179,13 +186,67 @@ async fn load(tx: &mut Transaction<'static, Postgres>, keys: Keys, now: i64) -> 
             snapshot.references.insert((row.try_get(0)?, row.try_get(1)?), (row.try_get(2)?, row.try_get(3)?));
         }
     }
+    if !keys.grants.is_empty() || !keys.grant_accounts.is_empty() {
+        load_grants(tx, &keys, &mut snapshot).await?;
+    }
     Ok(snapshot)
+}
+
+/// The grants named by id and the live grants of the reports' accounts, with their usage per
+/// policy: one round trip for each.
+async fn load_grants(tx: &mut Transaction<'static, Postgres>, keys: &Keys, snapshot: &mut Snapshot) -> Result<()> {
+    let ids: Vec<&str> = keys.grants.iter().map(String::as_str).collect();
+    let accounts: Vec<&str> = keys.grant_accounts.iter().map(String::as_str).collect();
+    let rows = sqlx::query(
+        "SELECT id, account_id, instance, granted_total, used_total, lifetime_ms, status, rate, created_at, \
+                last_report_at, expires_at \
+         FROM grants WHERE id = ANY($1) OR (account_id = ANY($2) AND status = 'live')",
+    )
+    .bind(&ids)
+    .bind(&accounts)
+    .fetch_all(&mut **tx)
+    .await?;
+    for row in rows {
+        let status: String = row.try_get(6)?;
+        let grant = Grant {
+            id: row.try_get(0)?,
+            account: row.try_get(1)?,
+            instance: row.try_get(2)?,
+            granted_total: row.try_get(3)?,
+            used_total: row.try_get(4)?,
+            lifetime_ms: row.try_get(5)?,
+            status: GrantStatus::parse(&status)?,
+            rate: row.try_get(7)?,
+            created_at: row.try_get(8)?,
+            last_report_at: row.try_get(9)?,
+            expires_at: row.try_get(10)?,
+        };
+        // Only grants of accounts this transaction holds locked: no other instance changes them
+        // until it commits.
+        if snapshot.accounts.contains_key(&grant.account) {
+            snapshot.grants.insert(grant.id.clone(), grant);
+        }
+    }
+    if snapshot.grants.is_empty() {
+        return Ok(());
+    }
+    let loaded: Vec<&str> = snapshot.grants.keys().map(String::as_str).collect();
+    let rows = sqlx::query("SELECT grant_id, policy, credits, requests FROM grant_usage WHERE grant_id = ANY($1)")
+        .bind(&loaded)
+        .fetch_all(&mut **tx)
+        .await?;
+    for row in rows {
+        let usage = Usage { credits: row.try_get(2)?, requests: row.try_get(3)? };
+        snapshot.grant_usage.insert((row.try_get(0)?, row.try_get(1)?), usage);
+    }
+    Ok(())
 }
 
 /// Writes a batch's changes in one statement, one data-modifying part per table and kind of change
 /// (`Changes` holds each row once, as none of the parts sees another's rows); returns the journal
 /// ids, one per row, in order.
 async fn store(tx: &mut Transaction<'static, Postgres>, changes: &Changes, now: i64) -> Result<Vec<i64>> {
+    store_grants(tx, changes, now).await?;
     if changes.accounts.is_empty() && changes.journal.is_empty() {
         return Ok(Vec::new());
     }
@@ -205,10 +266,13 @@ async fn store(tx: &mut Transaction<'static, Postgres>, changes: &Changes, now: 
          reservations_settled AS ( \
              UPDATE reservations AS r SET state = u.state, charged = u.charged, settled_at = $18 \
              FROM UNNEST($11::text[], $12::text[], $13::int8[]) AS u(id, state, charged) WHERE r.id = u.id) \
-         INSERT INTO ledger (account_id, kind, amount, balance_after, reservation_id, reference, created_at) \
-         SELECT account_id, kind, amount, balance_after, reservation_id, reference, $18 \
-         FROM UNNEST($14::text[], $15::text[], $16::int8[], $17::int8[], $19::text[], $20::text[]) WITH ORDINALITY \
-         AS u(account_id, kind, amount, balance_after, reservation_id, reference, n) ORDER BY n RETURNING id",
+         INSERT INTO ledger (account_id, kind, amount, balance_after, reservation_id, reference, created_at, \
+                             grant_id, charged) \
+         SELECT account_id, kind, amount, balance_after, reservation_id, reference, $18, grant_id, charged \
+         FROM UNNEST($14::text[], $15::text[], $16::int8[], $17::int8[], $19::text[], $20::text[], $21::text[], \
+                     $22::int8[]) WITH ORDINALITY \
+         AS u(account_id, kind, amount, balance_after, reservation_id, reference, grant_id, charged, n) \
+         ORDER BY n RETURNING id",
     )
     .bind(a.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>())
     .bind(a.iter().map(|(_, a)| a.balance).collect::<Vec<_>>())
@@ -230,10 +294,94 @@ async fn store(tx: &mut Transaction<'static, Postgres>, changes: &Changes, now: 
     .bind(now)
     .bind(j.iter().map(|r| r.reservation.as_deref()).collect::<Vec<_>>())
     .bind(j.iter().map(|r| r.reference.as_deref()).collect::<Vec<_>>())
+    .bind(j.iter().map(|r| r.grant.as_deref()).collect::<Vec<_>>())
+    .bind(j.iter().map(|r| r.charged).collect::<Vec<_>>())
     .fetch_all(&mut **tx)
     .await?;
     ids.sort_unstable();
     Ok(ids)
+}
+
+/// Grants, their usage per policy and the usage analytics, a statement each when the batch has any.
+/// Changed grants are written before new ones, in a statement of their own: a batch may end a grant
+/// and open the next of the same (account, instance), and the live grant's unique index must see
+/// the first one ended.
+async fn store_grants(tx: &mut Transaction<'static, Postgres>, changes: &Changes, now: i64) -> Result<()> {
+    let (changed, made): (Vec<&Grant>, Vec<&Grant>) = {
+        let (made, changed): (Vec<_>, Vec<_>) = changes.grants.iter().partition(|(_, made)| *made);
+        (changed.into_iter().map(|(g, _)| g).collect(), made.into_iter().map(|(g, _)| g).collect())
+    };
+    let settled_at = |g: &Grant| (g.status != GrantStatus::Live).then_some(now);
+    if !changed.is_empty() {
+        sqlx::query(
+            "UPDATE grants AS g SET granted_total = u.granted_total, used_total = u.used_total, \
+                 lifetime_ms = u.lifetime_ms, status = u.status, rate = u.rate, last_report_at = u.last_report_at, \
+                 expires_at = u.expires_at, settled_at = u.settled_at \
+             FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::int8[], $5::text[], $6::int8[], $7::int8[], \
+                         $8::int8[], $9::int8[]) \
+             AS u(id, granted_total, used_total, lifetime_ms, status, rate, last_report_at, expires_at, settled_at) \
+             WHERE g.id = u.id",
+        )
+        .bind(changed.iter().map(|g| g.id.as_str()).collect::<Vec<_>>())
+        .bind(changed.iter().map(|g| g.granted_total).collect::<Vec<_>>())
+        .bind(changed.iter().map(|g| g.used_total).collect::<Vec<_>>())
+        .bind(changed.iter().map(|g| g.lifetime_ms).collect::<Vec<_>>())
+        .bind(changed.iter().map(|g| g.status.as_str()).collect::<Vec<_>>())
+        .bind(changed.iter().map(|g| g.rate).collect::<Vec<_>>())
+        .bind(changed.iter().map(|g| g.last_report_at).collect::<Vec<_>>())
+        .bind(changed.iter().map(|g| g.expires_at).collect::<Vec<_>>())
+        .bind(changed.iter().map(|g| settled_at(g)).collect::<Vec<_>>())
+        .execute(&mut **tx)
+        .await?;
+    }
+    if !made.is_empty() {
+        sqlx::query(
+            "INSERT INTO grants (id, account_id, instance, granted_total, used_total, lifetime_ms, status, rate, \
+                                 created_at, last_report_at, expires_at, settled_at) \
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int8[], $5::int8[], $6::int8[], \
+                                  $7::text[], $8::int8[], $9::int8[], $10::int8[], $11::int8[], $12::int8[])",
+        )
+        .bind(made.iter().map(|g| g.id.as_str()).collect::<Vec<_>>())
+        .bind(made.iter().map(|g| g.account.as_str()).collect::<Vec<_>>())
+        .bind(made.iter().map(|g| g.instance.as_str()).collect::<Vec<_>>())
+        .bind(made.iter().map(|g| g.granted_total).collect::<Vec<_>>())
+        .bind(made.iter().map(|g| g.used_total).collect::<Vec<_>>())
+        .bind(made.iter().map(|g| g.lifetime_ms).collect::<Vec<_>>())
+        .bind(made.iter().map(|g| g.status.as_str()).collect::<Vec<_>>())
+        .bind(made.iter().map(|g| g.rate).collect::<Vec<_>>())
+        .bind(made.iter().map(|g| g.created_at).collect::<Vec<_>>())
+        .bind(made.iter().map(|g| g.last_report_at).collect::<Vec<_>>())
+        .bind(made.iter().map(|g| g.expires_at).collect::<Vec<_>>())
+        .bind(made.iter().map(|g| settled_at(g)).collect::<Vec<_>>())
+        .execute(&mut **tx)
+        .await?;
+    }
+    if !changes.grant_usage.is_empty() || !changes.usage.is_empty() {
+        let (gu, u) = (&changes.grant_usage, &changes.usage);
+        sqlx::query(
+            "WITH grant_usage_changed AS ( \
+                 INSERT INTO grant_usage (grant_id, policy, credits, requests) \
+                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::int8[]) \
+                 ON CONFLICT (grant_id, policy) \
+                 DO UPDATE SET credits = EXCLUDED.credits, requests = EXCLUDED.requests) \
+             INSERT INTO usage AS s (account_id, policy, hour, credits, requests) \
+             SELECT * FROM UNNEST($5::text[], $6::text[], $7::int8[], $8::int8[], $9::int8[]) \
+             ON CONFLICT (account_id, policy, hour) \
+             DO UPDATE SET credits = s.credits + EXCLUDED.credits, requests = s.requests + EXCLUDED.requests",
+        )
+        .bind(gu.iter().map(|(g, _, _)| g.as_str()).collect::<Vec<_>>())
+        .bind(gu.iter().map(|(_, p, _)| p.as_str()).collect::<Vec<_>>())
+        .bind(gu.iter().map(|(_, _, u)| u.credits).collect::<Vec<_>>())
+        .bind(gu.iter().map(|(_, _, u)| u.requests).collect::<Vec<_>>())
+        .bind(u.iter().map(|(a, _, _, _)| a.as_str()).collect::<Vec<_>>())
+        .bind(u.iter().map(|(_, p, _, _)| p.as_str()).collect::<Vec<_>>())
+        .bind(u.iter().map(|(_, _, h, _)| *h).collect::<Vec<_>>())
+        .bind(u.iter().map(|(_, _, _, u)| u.credits).collect::<Vec<_>>())
+        .bind(u.iter().map(|(_, _, _, u)| u.requests).collect::<Vec<_>>())
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
 }
 
 /// Reads that need no transaction, on the shared pool.
@@ -252,7 +400,8 @@ impl Reader {
 
     pub async fn transactions(&self, id: &str, after: i64, limit: i64) -> Result<Vec<Entry>> {
         let rows = sqlx::query(
-            "SELECT id, kind, amount, balance_after, reservation_id, reference, created_at FROM ledger \
+            "SELECT id, kind, amount, balance_after, reservation_id, reference, created_at, grant_id, charged \
+                 FROM ledger \
              WHERE account_id = $1 AND id > $2 ORDER BY id LIMIT $3",
         )
         .bind(id)
@@ -270,6 +419,8 @@ impl Reader {
                     reservation_id: r.try_get(4)?,
                     reference: r.try_get(5)?,
                     created_at_ms: r.try_get(6)?,
+                    grant_id: r.try_get(7)?,
+                    charged: r.try_get(8)?,
                 })
             })
             .collect()
@@ -284,5 +435,46 @@ impl Reader {
         .bind(limit)
         .fetch_all(&self.0)
         .await?)
+    }
+
+    /// `(account, id)` of live grants with no report for twice their lifetime as of `now` (ms).
+    pub async fn overdue_grants(&self, now: i64, limit: i64) -> Result<Vec<(String, String)>> {
+        let rows = sqlx::query(
+            "SELECT account_id, id FROM grants WHERE status = 'live' AND expires_at <= $1 \
+             AND last_report_at + 2 * lifetime_ms <= $1 ORDER BY expires_at LIMIT $2",
+        )
+        .bind(now)
+        .bind(limit)
+        .fetch_all(&self.0)
+        .await?;
+        rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).collect()
+    }
+
+    pub async fn usage(&self, id: &str, from: i64, to: i64, bucket_ms: i64) -> Result<Vec<UsageRow>> {
+        let rows = sqlx::query(
+            "SELECT policy, start, SUM(credits)::int8, SUM(requests)::int8 FROM ( \
+                 SELECT policy, hour / $4 * $4 AS start, credits, requests FROM usage \
+                 WHERE account_id = $1 AND hour >= $2 AND hour < $3 \
+                 UNION ALL \
+                 SELECT route, settled_at / $4 * $4, charged, 1 FROM reservations \
+                 WHERE account_id = $1 AND state = 'committed' AND settled_at >= $2 AND settled_at < $3) AS u \
+             GROUP BY policy, start ORDER BY start, policy",
+        )
+        .bind(id)
+        .bind(from)
+        .bind(to)
+        .bind(bucket_ms)
+        .fetch_all(&self.0)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(UsageRow {
+                    policy: r.try_get(0)?,
+                    start: r.try_get(1)?,
+                    credits: r.try_get(2)?,
+                    requests: r.try_get(3)?,
+                })
+            })
+            .collect()
     }
 }

@@ -14,15 +14,68 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use tokio::sync::mpsc;
 
 use crate::error::LedgerError;
-use crate::ledger::{apply, now_ms, Account, Changes, Dialect, Entry, Keys, Reservation, Snapshot, State, MIGRATIONS};
-use crate::store::{reservation_id, Batch, Job};
+use crate::journal_kinds;
+use crate::ledger::{
+    apply, now_ms, Account, Changes, Dialect, Entry, Grant, GrantStatus, Keys, Reservation, Snapshot, State, Usage,
+    UsageRow, MIGRATIONS,
+};
+use crate::store::{new_id, Batch, Job};
 
 type Result<T> = std::result::Result<T, LedgerError>;
 
 /// Read connections kept open; more may open under load, and close after.
 const IDLE_READERS: usize = 4;
 
-const DIALECT: Dialect = Dialect { id: "INTEGER PRIMARY KEY AUTOINCREMENT", drop_foreign_keys: "" };
+const DIALECT: Dialect = Dialect {
+    id: "INTEGER PRIMARY KEY AUTOINCREMENT",
+    drop_foreign_keys: "",
+    // SQLite cannot change a CHECK in place: the journal is copied into a new table, ids kept
+    // (AUTOINCREMENT carries on from the highest).
+    grant_journal: concat!(
+        "CREATE TABLE ledger_v3 (
+    id             INTEGER PRIMARY KEY AUTOINCREMENT,
+    account_id     TEXT NOT NULL REFERENCES accounts (id),
+    kind           TEXT NOT NULL CHECK (kind IN (",
+        journal_kinds!(),
+        ")),
+    amount         BIGINT NOT NULL,
+    balance_after  BIGINT NOT NULL,
+    reservation_id TEXT REFERENCES reservations (id),
+    reference      TEXT,
+    created_at     BIGINT NOT NULL,
+    grant_id       TEXT REFERENCES grants (id),
+    charged        BIGINT
+);
+INSERT INTO ledger_v3 (id, account_id, kind, amount, balance_after, reservation_id, reference, created_at)
+    SELECT id, account_id, kind, amount, balance_after, reservation_id, reference, created_at FROM ledger;
+DROP TABLE ledger;
+ALTER TABLE ledger_v3 RENAME TO ledger;
+CREATE UNIQUE INDEX ledger_topup_reference ON ledger (account_id, reference) WHERE kind = 'topup';
+CREATE INDEX ledger_by_account ON ledger (account_id, id);"
+    ),
+};
+
+/// The columns `grant_row` reads, in order.
+const GRANT_COLUMNS: &str = "id, account_id, instance, granted_total, used_total, lifetime_ms, status, rate, \
+                             created_at, last_report_at, expires_at";
+
+fn grant_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(Grant, String)> {
+    let status: String = r.get(6)?;
+    let grant = Grant {
+        id: r.get(0)?,
+        account: r.get(1)?,
+        instance: r.get(2)?,
+        granted_total: r.get(3)?,
+        used_total: r.get(4)?,
+        lifetime_ms: r.get(5)?,
+        status: GrantStatus::Live,
+        rate: r.get(7)?,
+        created_at: r.get(8)?,
+        last_report_at: r.get(9)?,
+        expires_at: r.get(10)?,
+    };
+    Ok((grant, status))
+}
 
 /// Opens the file (creating it), migrates it and starts the writer thread on `jobs`.
 pub async fn open(path: &str, jobs: mpsc::Receiver<Job>) -> Result<Reader> {
@@ -99,7 +152,7 @@ fn run(conn: &mut Connection, ops: Vec<crate::ledger::Op>) -> Result<Vec<Result<
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let now = now_ms();
     let snapshot = load(&tx, Keys::of(&ops), now)?;
-    let decided = apply(ops, snapshot, &mut reservation_id);
+    let decided = apply(ops, snapshot, now, &mut new_id);
     let ids = store(&tx, &decided.changes, now)?;
     tx.commit()?;
     decided.resolve(&ids)
@@ -154,7 +207,42 @@ fn load(conn: &Connection, keys: Keys, now: i64) -> Result<Snapshot> {
         }
     }
     snapshot.accounts = found;
+    load_grants(conn, &keys.grants, &keys.grant_accounts, &mut snapshot)?;
     Ok(snapshot)
+}
+
+/// The grants named by id and the live grants of the given accounts, with their usage per policy.
+fn load_grants(
+    conn: &Connection,
+    ids: &std::collections::BTreeSet<String>,
+    accounts: &std::collections::BTreeSet<String>,
+    snapshot: &mut Snapshot,
+) -> Result<()> {
+    let mut found = Vec::new();
+    let mut by_id = conn.prepare_cached(&format!("SELECT {GRANT_COLUMNS} FROM grants WHERE id = ?1"))?;
+    for id in ids {
+        found.extend(by_id.query_row([id], grant_row).optional()?);
+    }
+    let mut live =
+        conn.prepare_cached(&format!("SELECT {GRANT_COLUMNS} FROM grants WHERE account_id = ?1 AND status = 'live'"))?;
+    for account in accounts {
+        for row in live.query_map([account], grant_row)? {
+            found.push(row?);
+        }
+    }
+    let mut usage = conn.prepare_cached("SELECT policy, credits, requests FROM grant_usage WHERE grant_id = ?1")?;
+    for (mut grant, status) in found {
+        if snapshot.grants.contains_key(&grant.id) {
+            continue;
+        }
+        grant.status = GrantStatus::parse(&status)?;
+        for row in usage.query_map([&grant.id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))? {
+            let (policy, credits, requests): (String, i64, i64) = row?;
+            snapshot.grant_usage.insert((grant.id.clone(), policy), Usage { credits, requests });
+        }
+        snapshot.grants.insert(grant.id.clone(), grant);
+    }
+    Ok(())
 }
 
 /// Writes a batch's changes; returns the journal ids, one per row, in order.
@@ -186,9 +274,10 @@ fn store(conn: &Connection, changes: &Changes, now: i64) -> Result<Vec<i64>> {
     for s in &changes.settlements {
         settle.execute(params![s.id, s.state.as_str(), s.charged, now])?;
     }
+    store_grants(conn, changes, now)?;
     let mut append = conn.prepare_cached(
-        "INSERT INTO ledger (account_id, kind, amount, balance_after, reservation_id, reference, created_at) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        "INSERT INTO ledger (account_id, kind, amount, balance_after, reservation_id, reference, created_at, \
+         grant_id, charged) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
     )?;
     let mut ids = Vec::with_capacity(changes.journal.len());
     for row in &changes.journal {
@@ -199,11 +288,73 @@ fn store(conn: &Connection, changes: &Changes, now: i64) -> Result<Vec<i64>> {
             row.balance_after,
             row.reservation,
             row.reference,
-            now
+            now,
+            row.grant,
+            row.charged
         ])?;
         ids.push(conn.last_insert_rowid());
     }
     Ok(ids)
+}
+
+/// Grants, their usage per policy, and the usage analytics. Changed grants are written before new
+/// ones: a batch may end a grant and open the next of the same (account, instance), and the live
+/// grant's unique index must see the first one ended.
+fn store_grants(conn: &Connection, changes: &Changes, now: i64) -> Result<()> {
+    let mut update = conn.prepare_cached(
+        "UPDATE grants SET granted_total = ?2, used_total = ?3, lifetime_ms = ?4, status = ?5, rate = ?6, \
+         last_report_at = ?7, expires_at = ?8, settled_at = ?9 WHERE id = ?1",
+    )?;
+    for (g, _) in changes.grants.iter().filter(|(_, made)| !made) {
+        let settled_at = (g.status != GrantStatus::Live).then_some(now);
+        update.execute(params![
+            g.id,
+            g.granted_total,
+            g.used_total,
+            g.lifetime_ms,
+            g.status.as_str(),
+            g.rate,
+            g.last_report_at,
+            g.expires_at,
+            settled_at
+        ])?;
+    }
+    let mut insert = conn.prepare_cached(&format!(
+        "INSERT INTO grants ({GRANT_COLUMNS}, settled_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
+    ))?;
+    for (g, _) in changes.grants.iter().filter(|(_, made)| *made) {
+        let settled_at = (g.status != GrantStatus::Live).then_some(now);
+        insert.execute(params![
+            g.id,
+            g.account,
+            g.instance,
+            g.granted_total,
+            g.used_total,
+            g.lifetime_ms,
+            g.status.as_str(),
+            g.rate,
+            g.created_at,
+            g.last_report_at,
+            g.expires_at,
+            settled_at
+        ])?;
+    }
+    let mut grant_usage = conn.prepare_cached(
+        "INSERT INTO grant_usage (grant_id, policy, credits, requests) VALUES (?1, ?2, ?3, ?4) \
+         ON CONFLICT (grant_id, policy) DO UPDATE SET credits = excluded.credits, requests = excluded.requests",
+    )?;
+    for (grant, policy, u) in &changes.grant_usage {
+        grant_usage.execute(params![grant, policy, u.credits, u.requests])?;
+    }
+    let mut usage = conn.prepare_cached(
+        "INSERT INTO usage (account_id, policy, hour, credits, requests) VALUES (?1, ?2, ?3, ?4, ?5) \
+         ON CONFLICT (account_id, policy, hour) \
+         DO UPDATE SET credits = usage.credits + excluded.credits, requests = usage.requests + excluded.requests",
+    )?;
+    for (account, policy, hour, u) in &changes.usage {
+        usage.execute(params![account, policy, hour, u.credits, u.requests])?;
+    }
+    Ok(())
 }
 
 struct Readers {
@@ -258,7 +409,8 @@ impl Reader {
         let id = id.to_owned();
         self.with(move |conn| {
             conn.prepare_cached(
-                "SELECT id, kind, amount, balance_after, reservation_id, reference, created_at FROM ledger \
+                "SELECT id, kind, amount, balance_after, reservation_id, reference, created_at, grant_id, charged \
+                 FROM ledger \
                  WHERE account_id = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
             )?
             .query_map(params![id, after, limit], |r| {
@@ -270,6 +422,8 @@ impl Reader {
                     reservation_id: r.get(4)?,
                     reference: r.get(5)?,
                     created_at_ms: r.get(6)?,
+                    grant_id: r.get(7)?,
+                    charged: r.get(8)?,
                 })
             })?
             .collect()
@@ -284,6 +438,39 @@ impl Reader {
                 "SELECT id FROM reservations WHERE state = 'held' AND created_at < ?1 ORDER BY created_at LIMIT ?2",
             )?
             .query_map(params![cutoff, limit], |r| r.get(0))?
+            .collect()
+        })
+        .await
+    }
+
+    /// `(account, id)` of live grants with no report for twice their lifetime as of `now` (ms).
+    pub async fn overdue_grants(&self, now: i64, limit: i64) -> Result<Vec<(String, String)>> {
+        self.with(move |conn| {
+            conn.prepare_cached(
+                "SELECT account_id, id FROM grants WHERE status = 'live' AND expires_at <= ?1 \
+                 AND last_report_at + 2 * lifetime_ms <= ?1 ORDER BY expires_at LIMIT ?2",
+            )?
+            .query_map(params![now, limit], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect()
+        })
+        .await
+    }
+
+    pub async fn usage(&self, id: &str, from: i64, to: i64, bucket_ms: i64) -> Result<Vec<UsageRow>> {
+        let id = id.to_owned();
+        self.with(move |conn| {
+            conn.prepare_cached(
+                "SELECT policy, start, SUM(credits), SUM(requests) FROM ( \
+                     SELECT policy, hour / ?4 * ?4 AS start, credits, requests FROM usage \
+                     WHERE account_id = ?1 AND hour >= ?2 AND hour < ?3 \
+                     UNION ALL \
+                     SELECT route, settled_at / ?4 * ?4, charged, 1 FROM reservations \
+                     WHERE account_id = ?1 AND state = 'committed' AND settled_at >= ?2 AND settled_at < ?3) \
+                 GROUP BY policy, start ORDER BY start, policy",
+            )?
+            .query_map(params![id, from, to, bucket_ms], |r| {
+                Ok(UsageRow { policy: r.get(0)?, start: r.get(1)?, credits: r.get(2)?, requests: r.get(3)? })
+            })?
             .collect()
         })
         .await

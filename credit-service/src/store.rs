@@ -14,7 +14,7 @@ use std::time::SystemTime;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::LedgerError;
-use crate::ledger::{millis, Account, Entry, Op, Outcome};
+use crate::ledger::{millis, Account, Entry, Op, Outcome, UsageRow};
 use crate::{postgres, sqlite};
 
 type Result<T> = std::result::Result<T, LedgerError>;
@@ -181,14 +181,49 @@ impl Ledger {
             }
         }
     }
+
+    /// Settles grants nobody reported on for twice their lifetime, as of `now`; returns how many.
+    pub async fn expire_grants(&self, now: SystemTime) -> Result<usize> {
+        const BATCH: i64 = 500;
+        let now = millis(now);
+        let mut expired = 0;
+        loop {
+            let overdue = match &self.reader {
+                Reader::Sqlite(r) => r.overdue_grants(now, BATCH).await?,
+                Reader::Postgres(r) => r.overdue_grants(now, BATCH).await?,
+            };
+            let full = overdue.len() >= BATCH as usize;
+            let ops = overdue.into_iter().map(|(account, grant)| Op::ExpireGrant { account, grant }).collect();
+            for result in self.submit(ops).await {
+                // GrantExpired(false): reported on or closed since the look-up.
+                if matches!(result?, Outcome::GrantExpired(true)) {
+                    expired += 1;
+                }
+            }
+            if !full {
+                return Ok(expired);
+            }
+        }
+    }
+
+    /// Credits and requests of one account per policy and bucket of `bucket_ms`, for buckets from
+    /// `from` to before `to` (ms, both multiples of `bucket_ms`): what grants reported, and the
+    /// committed per-request reservations under their route.
+    pub async fn usage(&self, id: &str, from: i64, to: i64, bucket_ms: i64) -> Result<Vec<UsageRow>> {
+        self.account(id).await?;
+        match &self.reader {
+            Reader::Sqlite(r) => r.usage(id, from, to, bucket_ms).await,
+            Reader::Postgres(r) => r.usage(id, from, to, bucket_ms).await,
+        }
+    }
 }
 
-/// A new reservation's id: unguessable (74 random bits), so one gateway cannot settle another's,
-/// and ordered by time. Random ids put each new reservation on a random page of the primary-key
-/// index, so a batch of N dirtied about N pages, each written to the WAL at commit; the profile
-/// showed the writer spending a fifth of its time in those writes.
-pub fn reservation_id() -> String {
-    format!("res_{}", uuid::Uuid::now_v7().simple())
+/// A new reservation's (`res`) or grant's (`gr`) id: unguessable (74 random bits), so one gateway
+/// cannot settle another's, and ordered by time. Random ids put each new reservation on a random
+/// page of the primary-key index, so a batch of N dirtied about N pages, each written to the WAL at
+/// commit; the profile showed the writer spending a fifth of its time in those writes.
+pub fn new_id(prefix: &str) -> String {
+    format!("{prefix}_{}", uuid::Uuid::now_v7().simple())
 }
 
 #[derive(Debug, PartialEq, Eq)]

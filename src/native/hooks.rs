@@ -326,6 +326,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_config_scheduled(
         if let Some(credits) = &local.config.credits {
             plugin.settler.lock().unwrap_or_else(PoisonError::into_inner).send_due(&mut main, credits);
         }
+        local.worker.flush_grants(&mut main, &local.config);
     })
 }
 
@@ -349,6 +350,10 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_config_http_callout_done(
         // SAFETY: Envoy's arrays, valid for this hook.
         let answer = unsafe { host::call_answer(result, headers, headers_size, chunks, chunks_size) };
         let mut main = MainEnvoy { plugin };
+        if local.worker.is_grant_report(token) {
+            local.worker.grant_answer(&mut main, token, answer);
+            return;
+        }
         if let Some(credits) = &local.config.credits {
             let mut settler = plugin.settler.lock().unwrap_or_else(PoisonError::into_inner);
             if settler.is_waiting_for(token) {

@@ -34,10 +34,12 @@ struct Configured {
 }
 
 impl Configured {
+    /// Settlements due, and the process's grant report when its turn is due.
     fn send_settlements(&self) {
         if let (Some(credits), Ok(mut settler)) = (&self.config.credits, self.worker.settler.try_borrow_mut()) {
             settler.send_due(&mut WasmHost, credits);
         }
+        self.worker.flush_grants(&mut WasmHost, &self.config);
     }
 }
 
@@ -46,6 +48,10 @@ impl Context for Root {
         let mut host = WasmHost;
         let Some(state) = &mut self.state else { return };
         let answer = host::call_answer(body_size);
+        if state.worker.is_grant_report(token_id) {
+            state.worker.grant_answer(&mut host, token_id, answer);
+            return;
+        }
         if let (Some(credits), Ok(mut settler)) = (&state.config.credits, state.worker.settler.try_borrow_mut()) {
             if settler.is_waiting_for(token_id) {
                 settler.on_answer(&mut host, credits, token_id, answer);

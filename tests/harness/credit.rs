@@ -88,6 +88,11 @@ impl CreditService {
         (body["balance"].as_u64().unwrap(), body["held"].as_u64().unwrap())
     }
 
+    /// What the account spent per policy and hour (`GET /v1/accounts/{id}/usage`).
+    pub fn usage(&self, account: &str) -> Value {
+        self.call("GET", &format!("/v1/accounts/{account}/usage"), None).json()
+    }
+
     /// The account's ledger rows, oldest first.
     pub fn transactions(&self, account: &str) -> Vec<Value> {
         let mut all: Vec<Value> = Vec::new();

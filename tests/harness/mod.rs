@@ -297,6 +297,12 @@ impl Gateway {
         }
     }
 
+    /// SIGKILL to Envoy, as a crash or a lost machine: nothing it held in memory is reported.
+    pub fn kill(&mut self) {
+        let _ = self.envoy.kill();
+        let _ = self.envoy.wait();
+    }
+
     /// The gateway listener's port.
     pub fn port(&self) -> u16 {
         let named = self.listeners.iter().find(|(name, _)| name == GATEWAY_LISTENER);
