@@ -103,7 +103,8 @@ Envoy admin on :9901; the sample upstream and the credit service (account "demo"
 answer only inside the compose network. Logs: ${compose[*]} -f $file -p $project logs. Try:
 
 TXT
-  printf '%s\n' "$entries" | sed "s#^  curl \(.*\)http://127\.0\.0\.1:8081/#  $run \1http://credit:8081/#"
+  printf '%s\n' "$entries" |
+    sed "s#^  \(sleep [0-9]*; \)\{0,1\}curl \(.*\)http://127\.0\.0\.1:8081/#  \1$run \2http://credit:8081/#"
 }
 
 if $only_walkthrough; then

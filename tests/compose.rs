@@ -356,7 +356,10 @@ fn compose_demo_prints_the_native_walkthrough_with_the_ledger_read_inside_the_ne
         if !pair[0].trim().starts_with("# ") {
             continue;
         }
+        // A command may wait first (`sleep 1; curl …`, for the gateway's grant report to land).
         let command = pair[1].trim();
+        let command =
+            command.split_once("; ").filter(|(wait, _)| wait.starts_with("sleep ")).map_or(command, |(_, c)| c);
         assert!(!command.contains(":8081") || command.contains("run --rm"), "{command}");
         assert!(!command.contains(":8000"), "{command}");
         if command.starts_with("podman-compose ") {
