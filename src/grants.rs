@@ -11,10 +11,18 @@
 //! Envoy killed mid-load over-charges nothing and under-counts at most what it spent since its
 //! last report.
 //!
+//! In the wasm build each worker also **leases** a slice of the grant (a sixteenth of it, at most
+//! half of what is left) into its own memory and pays requests from that with no hostcall at all;
+//! its root context moves what it spent into shared data every second, before the process's
+//! report, and gives an idle lease back. Shared data costs a wasm VM thousands of instructions a
+//! call; the native build's is plain memory, so its requests take from the shared grant directly
+//! (its workers have no timer to sync a lease with).
+//!
 //! An account is billed per request, exactly as without grants, whenever its grant cannot pay: no
 //! table entry free, the grant not open yet, spent, expired (the service unreachable for a
 //! lifetime), or final (the service's answer near the end of the balance, so 402 stays exact).
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 
 use std::fmt::Write;
@@ -24,7 +32,7 @@ use serde::Deserialize;
 use crate::common::ConfigError;
 use crate::host::{Host, NANOS_PER_SECOND};
 use crate::metrics::Metric;
-use crate::slots::{self, Slot, SlotStore, Step};
+use crate::slots::{self, Applied, Slot, SlotStore, Step};
 
 /// `credits.grants`: how grants are sized, reported and kept.
 #[derive(Debug, Deserialize)]
@@ -183,7 +191,12 @@ impl Entry {
     /// What the client is told is left: the balance the service last saw, less what this process
     /// spent or holds since.
     fn remaining(&self) -> u64 {
-        self.balance.saturating_sub(self.used.saturating_sub(self.reported) + self.in_flight)
+        self.spent_view().saturating_sub(self.in_flight)
+    }
+
+    /// The balance the service last saw, less what this process spent since.
+    fn spent_view(&self) -> u64 {
+        self.balance.saturating_sub(self.used.saturating_sub(self.reported))
     }
 
     fn encode(&self) -> Vec<u8> {
@@ -251,6 +264,17 @@ impl Entry {
     }
 }
 
+/// Adds spending to cumulative per-policy usage.
+fn add_usage(usage: &mut Vec<(String, u64, u64)>, policy: &str, credits: u64, requests: u64) {
+    match usage.iter_mut().find(|(p, _, _)| p == policy) {
+        Some((_, c, r)) => {
+            *c += credits;
+            *r += requests;
+        }
+        None => usage.push((policy.to_owned(), credits, requests)),
+    }
+}
+
 /// Account ids and policy names are at most 128 bytes, grant ids the service's: all fit a byte.
 fn put_text(out: &mut Vec<u8>, text: &str) {
     let bytes = &text.as_bytes()[..text.len().min(255)];
@@ -294,6 +318,28 @@ pub struct Spend {
     slot: u32,
     account: String,
     pub amount: u64,
+    /// Paid from this worker's lease, not from the shared entry.
+    leased: bool,
+}
+
+/// The slice of an account's grant one worker holds, to pay requests with no hostcall. The shared
+/// entry counts all of it as in flight until the worker's next sync.
+#[derive(Debug, Default)]
+struct Lease {
+    slot: u32,
+    /// Leased and not taken by a request.
+    held: u64,
+    /// Taken by requests whose response has not come.
+    in_flight: u64,
+    /// Spent since the last sync, in all and per policy.
+    used: u64,
+    usage: Vec<(String, u64, u64)>,
+    /// The grant's deadline as of the last sync.
+    expires: u64,
+    /// What the client is told is left, as of the last sync, less what was spent here since.
+    view: u64,
+    /// A request took from it since the last sync.
+    busy: bool,
 }
 
 /// The grants one worker spends from and, from its root context, reports on.
@@ -305,6 +351,9 @@ pub struct Grants {
     instance: String,
     /// Reports sent and not yet answered, by callout token.
     sent: HashMap<u32, Sent>,
+    /// Whether this worker leases slices of grants (the wasm build), and its leases by account.
+    leasing: bool,
+    leases: RefCell<HashMap<String, Lease>>,
 }
 
 /// One report call in flight: when it was sent, and what each report said.
@@ -349,7 +398,7 @@ struct Granted {
 impl Grants {
     /// Opens the process's grant table, creating its slots once per process and size (as the
     /// rate-limit table does), and the process's instance id.
-    pub fn open(policy: &GrantPolicy, secret: [u8; 16], host: &mut dyn Host) -> Grants {
+    pub fn open(policy: &GrantPolicy, secret: [u8; 16], leasing: bool, host: &mut dyn Host) -> Grants {
         let store = SlotStore::new("tollgate.grant", policy.accounts, secret);
         let marker = policy.accounts.to_le_bytes();
         if host.shared_get(LAYOUT_KEY).is_none_or(|(value, _)| value != marker) {
@@ -361,7 +410,14 @@ impl Grants {
         }
         let id = slots::process_random(host, INSTANCE_KEY);
         let instance = format!("gw-{}", id[..8].iter().map(|b| format!("{b:02x}")).collect::<String>());
-        Grants { policy: policy.clone(), store, instance, sent: HashMap::new() }
+        Grants {
+            policy: policy.clone(),
+            store,
+            instance,
+            sent: HashMap::new(),
+            leasing,
+            leases: RefCell::new(HashMap::new()),
+        }
     }
 
     pub fn instance(&self) -> &str {
@@ -387,8 +443,12 @@ impl Grants {
     /// (or none yet) is asked for now rather than at the next report, by one worker at a time.
     pub fn take(&self, host: &mut dyn Host, account: &str, amount: u64) -> Take {
         let now = host.now_nanos();
+        if let Some(spend) = self.take_leased(account, amount, now) {
+            return Take::Granted(spend);
+        }
         let (first, second) = self.locate(account);
         let mut ask = false;
+        let mut lease = None;
         let applied = self.store.update(host, |host| {
             ask = false;
             let (slot, found) = match self.read(host, first) {
@@ -410,9 +470,15 @@ impl Grants {
             let existing = found.is_some();
             let mut entry = found.unwrap_or_else(|| Entry { account: account.to_owned(), ..Entry::default() });
             let live = !entry.grant_id.is_empty() && now < entry.expires;
+            lease = None;
             let result = if live && entry.left() >= amount {
-                entry.in_flight += amount;
-                Take::Granted(Spend { slot: slot.index, account: account.to_owned(), amount })
+                // A slice for this worker's later requests too, leaving the other workers most.
+                let slice = if self.leasing { (entry.size / 16).min(entry.left() / 2).max(amount) } else { amount };
+                entry.in_flight += slice;
+                if self.leasing {
+                    lease = Some((slice - amount, entry.expires, entry.spent_view()));
+                }
+                Take::Granted(Spend { slot: slot.index, account: account.to_owned(), amount, leased: self.leasing })
             } else {
                 Take::PerRequest
             };
@@ -435,16 +501,52 @@ impl Grants {
             Ok(applied) => applied.value,
             Err(_) => Take::PerRequest,
         };
+        if let (Take::Granted(spend), Some((held, expires, view))) = (&take, lease) {
+            let mut leases = self.leases.borrow_mut();
+            let lease = leases.entry(account.to_owned()).or_default();
+            lease.slot = spend.slot;
+            lease.held += held;
+            lease.in_flight += amount;
+            lease.expires = expires;
+            lease.view = view.saturating_sub(lease.used);
+            lease.busy = true;
+        }
         if ask {
             self.hurry(host);
         }
         take
     }
 
+    /// Pays from this worker's lease, when it holds enough of a grant still live.
+    fn take_leased(&self, account: &str, amount: u64, now: u64) -> Option<Spend> {
+        let mut leases = self.leases.try_borrow_mut().ok()?;
+        let lease = leases.get_mut(account)?;
+        if now >= lease.expires || lease.held < amount {
+            return None;
+        }
+        lease.held -= amount;
+        lease.in_flight += amount;
+        lease.busy = true;
+        Some(Spend { slot: lease.slot, account: account.to_owned(), amount, leased: true })
+    }
+
     /// Settles a request paid from the grant: `charge` spent (its response was billed), or
-    /// nothing (anything else); the rest goes back to the grant. Answers what the client is told
-    /// is left.
+    /// nothing (anything else); the rest goes back to the grant, or to the lease it came from.
+    /// Answers what the client is told is left.
     pub fn spend(&self, host: &mut dyn Host, spend: &Spend, policy: &str, charge: Option<u64>) -> u64 {
+        if spend.leased {
+            let Ok(mut leases) = self.leases.try_borrow_mut() else { return 0 };
+            let Some(lease) = leases.get_mut(&spend.account) else { return 0 };
+            lease.in_flight = lease.in_flight.saturating_sub(spend.amount);
+            let billed = charge.map(|c| c.min(spend.amount));
+            lease.held += spend.amount - billed.unwrap_or(0);
+            if let Some(charge) = billed {
+                lease.used += charge;
+                lease.view = lease.view.saturating_sub(charge);
+                add_usage(&mut lease.usage, policy, charge, 1);
+            }
+            return lease.view.saturating_sub(lease.in_flight);
+        }
         let applied = self.store.update(host, |host| {
             let (slot, Some(mut entry)) = self.read(host, spend.slot) else { return Step::Done(0) };
             if entry.account != spend.account {
@@ -454,13 +556,7 @@ impl Grants {
             if let Some(charge) = charge {
                 let charge = charge.min(spend.amount);
                 entry.used += charge;
-                match entry.usage.iter_mut().find(|(p, _, _)| p == policy) {
-                    Some((_, credits, requests)) => {
-                        *credits += charge;
-                        *requests += 1;
-                    }
-                    None => entry.usage.push((policy.to_owned(), charge, 1)),
-                }
+                add_usage(&mut entry.usage, policy, charge, 1);
             }
             Step::Write { slot, value: entry.encode(), result: entry.remaining() }
         });
@@ -473,6 +569,49 @@ impl Grants {
                 0
             }
         }
+    }
+
+    /// From this worker's root context, every second, before any report: moves what each lease
+    /// spent into the shared entry, refreshes the lease's deadline, and gives back the slice of a
+    /// lease no request used since the last sync.
+    pub fn sync(&self, host: &mut dyn Host) {
+        let Ok(mut leases) = self.leases.try_borrow_mut() else { return };
+        let now = host.now_nanos();
+        leases.retain(|account, lease| {
+            let synced = self.store.update(host, |host| {
+                let (slot, Some(mut entry)) = self.read(host, lease.slot) else { return Step::Done(None) };
+                if entry.account != *account {
+                    return Step::Done(None);
+                }
+                let returned = if lease.busy { 0 } else { lease.held };
+                entry.used += lease.used;
+                entry.in_flight = entry.in_flight.saturating_sub(lease.used + returned);
+                for (policy, credits, requests) in &lease.usage {
+                    add_usage(&mut entry.usage, policy, *credits, *requests);
+                }
+                if lease.busy {
+                    entry.last_spent = now;
+                }
+                let refreshed = (returned, entry.expires, entry.spent_view());
+                Step::Write { slot, value: entry.encode(), result: Some(refreshed) }
+            });
+            match synced {
+                Ok(Applied { value: Some((returned, expires, view)), .. }) => {
+                    lease.held -= returned;
+                    lease.used = 0;
+                    lease.usage.clear();
+                    lease.expires = expires;
+                    lease.view = view;
+                    lease.busy = false;
+                    lease.held + lease.in_flight > 0
+                }
+                // The entry is gone or another account's: what the lease spent cannot be
+                // reported, an under-count.
+                Ok(_) => false,
+                // Contended: the next second tries again.
+                Err(_) => true,
+            }
+        });
     }
 
     /// Tells the root contexts a grant wants topping up before the next report is due.
@@ -663,7 +802,7 @@ mod tests {
 
     fn grants(host: &mut FakeHost) -> Grants {
         let policy = GrantPolicy::build(&RawGrants { accounts: 8, min_grant: 10, ..RawGrants::default() }).unwrap();
-        Grants::open(&policy, [7; 16], host)
+        Grants::open(&policy, [7; 16], false, host)
     }
 
     fn granted(grant_id: &str, granted: u64, used: u64, last: bool) -> serde_json::Value {
@@ -799,7 +938,7 @@ mod tests {
     fn a_full_table_bills_per_request_and_drops_no_grant() {
         let mut host = FakeHost::default();
         let policy = GrantPolicy::build(&RawGrants { accounts: 1, ..RawGrants::default() }).unwrap();
-        let g = Grants::open(&policy, [7; 16], &mut host);
+        let g = Grants::open(&policy, [7; 16], false, &mut host);
         assert_eq!(g.take(&mut host, "acme", 1), Take::PerRequest);
         assert_eq!(g.take(&mut host, "globex", 1), Take::PerRequest);
         let (slot, entry) = g.read(&host, 0);
@@ -820,6 +959,32 @@ mod tests {
         assert_eq!(g.take(&mut host, "acme", 1), Take::PerRequest);
         g.flush(&mut host, &credits());
         assert_eq!(last_report(&host)["reports"][0]["grant_id"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn a_worker_pays_from_its_lease_with_no_hostcall_and_syncs_it_every_second() {
+        let mut host = FakeHost::default();
+        let policy = GrantPolicy::build(&RawGrants { accounts: 8, min_grant: 10, ..RawGrants::default() }).unwrap();
+        let mut g = Grants::open(&policy, [7; 16], true, &mut host);
+        opened(&mut host, &mut g, 160);
+        let Take::Granted(first) = g.take(&mut host, "acme", 5) else { panic!("the grant pays") };
+        let shared = host.shared.clone();
+        let Take::Granted(second) = g.take(&mut host, "acme", 5) else { panic!("the lease pays") };
+        assert!(second.leased, "a sixteenth of 160 leased: 5 for the first request, 5 held");
+        assert_eq!(g.spend(&mut host, &first, "api", Some(5)), 1000 - 5 - 5);
+        g.spend(&mut host, &second, "api", None);
+        assert_eq!(host.shared, shared, "the second request and both responses wrote no shared data");
+
+        g.sync(&mut host);
+        let entry = |host: &FakeHost| {
+            let (a, b) = g.locate("acme");
+            g.read(host, a).1.or_else(|| g.read(host, b).1).unwrap()
+        };
+        assert_eq!((entry(&host).used, entry(&host).in_flight), (5, 5), "spent moved; the idle-free slice stays");
+        assert_eq!(entry(&host).usage, [("api".to_owned(), 5, 1)]);
+        g.sync(&mut host);
+        assert_eq!(entry(&host).in_flight, 0, "a lease no request used since the last sync is given back");
+        assert!(g.leases.borrow().is_empty());
     }
 
     #[test]
