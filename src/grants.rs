@@ -149,6 +149,12 @@ const FLUSH_KEY: &str = "tollgate.grant.flush";
 /// Bumped by a request that wants a top-up before the next report is due.
 const URGENT_KEY: &str = "tollgate.grant.urgent";
 const INSTANCE_KEY: &str = "tollgate.grant.instance";
+/// The slots that hold an entry, so a report reads those and not the whole table: a hostcall per
+/// slot a second is what a busy VM notices.
+const INDEX_KEY: &str = "tollgate.grant.index";
+/// Every this many reports the whole table is read, for an entry the index missed (an index
+/// update that kept losing races).
+const FULL_SCAN_EVERY: u64 = 60;
 /// Marks the encoding of an entry; anything else reads as a free slot.
 const ENCODING: u8 = 1;
 
@@ -264,6 +270,12 @@ impl Entry {
     }
 }
 
+/// The slots the index says hold an entry.
+fn indexed(host: &dyn Host) -> Vec<u32> {
+    let value = host.shared_get(INDEX_KEY).map(|(value, _)| value).unwrap_or_default();
+    value.chunks_exact(4).filter_map(|c| c.try_into().ok()).map(u32::from_le_bytes).collect()
+}
+
 /// Adds spending to cumulative per-policy usage.
 fn add_usage(usage: &mut Vec<(String, u64, u64)>, policy: &str, credits: u64, requests: u64) {
     match usage.iter_mut().find(|(p, _, _)| p == policy) {
@@ -351,6 +363,8 @@ pub struct Grants {
     instance: String,
     /// Reports sent and not yet answered, by callout token.
     sent: HashMap<u32, Sent>,
+    /// Reports this worker sent, for the occasional full scan.
+    flushes: u64,
     /// Whether this worker leases slices of grants (the wasm build), and its leases by account.
     leasing: bool,
     leases: RefCell<HashMap<String, Lease>>,
@@ -403,10 +417,14 @@ impl Grants {
         let marker = policy.accounts.to_le_bytes();
         if host.shared_get(LAYOUT_KEY).is_none_or(|(value, _)| value != marker) {
             store.fill(host, &[]);
+            host.shared_set(INDEX_KEY, &[]);
             host.shared_set(LAYOUT_KEY, &marker);
         }
         if host.shared_get(FLUSH_KEY).is_none() {
             host.shared_set(FLUSH_KEY, &[0; 16]);
+        }
+        if host.shared_get(INDEX_KEY).is_none() {
+            host.shared_set(INDEX_KEY, &[]);
         }
         let id = slots::process_random(host, INSTANCE_KEY);
         let instance = format!("gw-{}", id[..8].iter().map(|b| format!("{b:02x}")).collect::<String>());
@@ -415,6 +433,7 @@ impl Grants {
             store,
             instance,
             sent: HashMap::new(),
+            flushes: 0,
             leasing,
             leases: RefCell::new(HashMap::new()),
         }
@@ -449,6 +468,7 @@ impl Grants {
         let (first, second) = self.locate(account);
         let mut ask = false;
         let mut lease = None;
+        let mut created = None;
         let applied = self.store.update(host, |host| {
             ask = false;
             let (slot, found) = match self.read(host, first) {
@@ -495,12 +515,16 @@ impl Grants {
             if result == Take::PerRequest && !ask && existing && fresh {
                 return Step::Done(result);
             }
+            created = (!existing).then_some(slot.index);
             Step::Write { slot, value: entry.encode(), result }
         });
         let take = match applied {
             Ok(applied) => applied.value,
             Err(_) => Take::PerRequest,
         };
+        if let Some(slot) = created {
+            self.index(host, slot, true);
+        }
         if let (Take::Granted(spend), Some((held, expires, view))) = (&take, lease) {
             let mut leases = self.leases.borrow_mut();
             let lease = leases.entry(account.to_owned()).or_default();
@@ -614,6 +638,32 @@ impl Grants {
         });
     }
 
+    /// Adds `slot` to the index of slots in use, or (`add: false`) removes it if it is still free.
+    fn index(&self, host: &mut dyn Host, slot: u32, add: bool) {
+        for _ in 0..slots::MAX_ATTEMPTS {
+            let (value, version) = host.shared_get(INDEX_KEY).unwrap_or_default();
+            let mut slots: Vec<u32> =
+                value.chunks_exact(4).filter_map(|c| c.try_into().ok()).map(u32::from_le_bytes).collect();
+            let at = slots.iter().position(|s| *s == slot);
+            match (add, at) {
+                (true, Some(_)) | (false, None) => return,
+                (true, None) => slots.push(slot),
+                (false, Some(at)) => {
+                    // A newcomer may have taken the slot since it was freed.
+                    if self.read(host, slot).1.is_some() {
+                        return;
+                    }
+                    slots.swap_remove(at);
+                }
+            }
+            let value: Vec<u8> = slots.iter().flat_map(|s| s.to_le_bytes()).collect();
+            if host.shared_swap(INDEX_KEY, &value, Some(version)) {
+                return;
+            }
+        }
+        log::warn!("tollgate: the grant index stayed contended; the next full scan finds slot {slot}");
+    }
+
     /// Tells the root contexts a grant wants topping up before the next report is due.
     fn hurry(&self, host: &mut dyn Host) {
         let seq = host.shared_get(URGENT_KEY).and_then(|(v, _)| v.try_into().ok()).map_or(0, u64::from_le_bytes);
@@ -629,8 +679,13 @@ impl Grants {
         if !self.claim_flush(host, now) {
             return 0;
         }
+        self.flushes += 1;
+        let slots = match self.flushes % FULL_SCAN_EVERY {
+            1 => (0..self.store.count()).collect(),
+            _ => indexed(host),
+        };
         let mut reports: Vec<(u32, Entry)> = Vec::new();
-        for index in 0..self.store.count() {
+        for index in slots {
             let (_, Some(entry)) = self.read(host, index) else { continue };
             if self.wants_report(&entry, now) {
                 reports.push((index, entry));
@@ -742,20 +797,20 @@ impl Grants {
     fn apply(&self, host: &mut dyn Host, sent_at: u64, report: &Sent1, result: Result1) {
         let granted = (result.status == 200 && !result.body.grant_id.is_empty()).then_some(result.body);
         let outcome = self.store.update(host, |host| {
-            let (slot, Some(mut entry)) = self.read(host, report.slot) else { return Step::Done(()) };
+            let (slot, Some(mut entry)) = self.read(host, report.slot) else { return Step::Done(false) };
             if entry.account != report.account {
-                return Step::Done(());
+                return Step::Done(false);
             }
             match (&granted, result.status) {
                 (Some(g), _) if report.close && entry.in_flight == 0 && entry.used == report.used.min(g.used_total) => {
                     // Given back with nothing spent since: the slot is free again.
-                    return Step::Write { slot, value: Vec::new(), result: () };
+                    return Step::Write { slot, value: Vec::new(), result: true };
                 }
                 (Some(g), _) => {
                     if g.grant_id != entry.grant_id {
                         // A grant this entry did not know: only an open's answer may start one.
                         if !entry.grant_id.is_empty() {
-                            return Step::Done(());
+                            return Step::Done(false);
                         }
                         entry.grant_id = g.grant_id.clone();
                     }
@@ -787,8 +842,11 @@ impl Grants {
                 }
                 (None, _) => {}
             }
-            Step::Write { slot, value: entry.encode(), result: () }
+            Step::Write { slot, value: entry.encode(), result: false }
         });
+        if let Ok(Applied { value: true, .. }) = outcome {
+            self.index(host, report.slot, false);
+        }
         if outcome.is_err() {
             log::warn!("tollgate: the grant of {} stayed contended; its report is applied next time", report.account);
         }
@@ -985,6 +1043,29 @@ mod tests {
         g.sync(&mut host);
         assert_eq!(entry(&host).in_flight, 0, "a lease no request used since the last sync is given back");
         assert!(g.leases.borrow().is_empty());
+    }
+
+    #[test]
+    fn a_report_reads_only_the_slots_in_use() {
+        let mut host = FakeHost::default();
+        let mut g = grants(&mut host);
+        opened(&mut host, &mut g, 100);
+        let (a, b) = g.locate("acme");
+        let slot = if g.read(&host, a).1.is_some() { a } else { b };
+        assert_eq!(indexed(&host), [slot]);
+        // An entry the index missed is still found by the full scan.
+        let stray = (0..8).find(|s| *s != slot).unwrap();
+        let entry = Entry { account: "globex".into(), asked: 1, ..Entry::default() };
+        host.shared_set(&format!("tollgate.grant.{stray}"), &entry.encode());
+        let reported = |host: &FakeHost| last_report(host)["reports"].as_array().unwrap().len();
+        for _ in 1..FULL_SCAN_EVERY {
+            host.nanos += NANOS_PER_SECOND;
+            g.flush(&mut host, &credits());
+        }
+        assert_eq!(reported(&host), 1, "acme only");
+        host.nanos += NANOS_PER_SECOND;
+        g.flush(&mut host, &credits());
+        assert_eq!(reported(&host), 2, "the full scan finds globex");
     }
 
     #[test]
