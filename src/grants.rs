@@ -11,10 +11,18 @@
 //! Envoy killed mid-load over-charges nothing and under-counts at most what it spent since its
 //! last report.
 //!
+//! In the wasm build each worker also **leases** a slice of the grant (a sixteenth of it, at most
+//! half of what is left) into its own memory and pays requests from that with no hostcall at all;
+//! its root context moves what it spent into shared data every second, before the process's
+//! report, and gives an idle lease back. Shared data costs a wasm VM thousands of instructions a
+//! call; the native build's is plain memory, so its requests take from the shared grant directly
+//! (its workers have no timer to sync a lease with).
+//!
 //! An account is billed per request, exactly as without grants, whenever its grant cannot pay: no
 //! table entry free, the grant not open yet, spent, expired (the service unreachable for a
 //! lifetime), or final (the service's answer near the end of the balance, so 402 stays exact).
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 
 use std::fmt::Write;
@@ -24,7 +32,7 @@ use serde::Deserialize;
 use crate::common::ConfigError;
 use crate::host::{Host, NANOS_PER_SECOND};
 use crate::metrics::Metric;
-use crate::slots::{self, Slot, SlotStore, Step};
+use crate::slots::{self, Applied, Slot, SlotStore, Step};
 
 /// `credits.grants`: how grants are sized, reported and kept.
 #[derive(Debug, Deserialize)]
@@ -141,6 +149,12 @@ const FLUSH_KEY: &str = "tollgate.grant.flush";
 /// Bumped by a request that wants a top-up before the next report is due.
 const URGENT_KEY: &str = "tollgate.grant.urgent";
 const INSTANCE_KEY: &str = "tollgate.grant.instance";
+/// The slots that hold an entry, so a report reads those and not the whole table: a hostcall per
+/// slot a second is what a busy VM notices.
+const INDEX_KEY: &str = "tollgate.grant.index";
+/// Every this many reports the whole table is read, for an entry the index missed (an index
+/// update that kept losing races).
+const FULL_SCAN_EVERY: u64 = 60;
 /// Marks the encoding of an entry; anything else reads as a free slot.
 const ENCODING: u8 = 1;
 
@@ -183,7 +197,12 @@ impl Entry {
     /// What the client is told is left: the balance the service last saw, less what this process
     /// spent or holds since.
     fn remaining(&self) -> u64 {
-        self.balance.saturating_sub(self.used.saturating_sub(self.reported) + self.in_flight)
+        self.spent_view().saturating_sub(self.in_flight)
+    }
+
+    /// The balance the service last saw, less what this process spent since.
+    fn spent_view(&self) -> u64 {
+        self.balance.saturating_sub(self.used.saturating_sub(self.reported))
     }
 
     fn encode(&self) -> Vec<u8> {
@@ -251,6 +270,23 @@ impl Entry {
     }
 }
 
+/// The slots the index says hold an entry.
+fn indexed(host: &dyn Host) -> Vec<u32> {
+    let value = host.shared_get(INDEX_KEY).map(|(value, _)| value).unwrap_or_default();
+    value.chunks_exact(4).filter_map(|c| c.try_into().ok()).map(u32::from_le_bytes).collect()
+}
+
+/// Adds spending to cumulative per-policy usage.
+fn add_usage(usage: &mut Vec<(String, u64, u64)>, policy: &str, credits: u64, requests: u64) {
+    match usage.iter_mut().find(|(p, _, _)| p == policy) {
+        Some((_, c, r)) => {
+            *c += credits;
+            *r += requests;
+        }
+        None => usage.push((policy.to_owned(), credits, requests)),
+    }
+}
+
 /// Account ids and policy names are at most 128 bytes, grant ids the service's: all fit a byte.
 fn put_text(out: &mut Vec<u8>, text: &str) {
     let bytes = &text.as_bytes()[..text.len().min(255)];
@@ -294,6 +330,28 @@ pub struct Spend {
     slot: u32,
     account: String,
     pub amount: u64,
+    /// Paid from this worker's lease, not from the shared entry.
+    leased: bool,
+}
+
+/// The slice of an account's grant one worker holds, to pay requests with no hostcall. The shared
+/// entry counts all of it as in flight until the worker's next sync.
+#[derive(Debug, Default)]
+struct Lease {
+    slot: u32,
+    /// Leased and not taken by a request.
+    held: u64,
+    /// Taken by requests whose response has not come.
+    in_flight: u64,
+    /// Spent since the last sync, in all and per policy.
+    used: u64,
+    usage: Vec<(String, u64, u64)>,
+    /// The grant's deadline as of the last sync.
+    expires: u64,
+    /// What the client is told is left, as of the last sync, less what was spent here since.
+    view: u64,
+    /// A request took from it since the last sync.
+    busy: bool,
 }
 
 /// The grants one worker spends from and, from its root context, reports on.
@@ -305,6 +363,11 @@ pub struct Grants {
     instance: String,
     /// Reports sent and not yet answered, by callout token.
     sent: HashMap<u32, Sent>,
+    /// Reports this worker sent, for the occasional full scan.
+    flushes: u64,
+    /// Whether this worker leases slices of grants (the wasm build), and its leases by account.
+    leasing: bool,
+    leases: RefCell<HashMap<String, Lease>>,
 }
 
 /// One report call in flight: when it was sent, and what each report said.
@@ -349,19 +412,31 @@ struct Granted {
 impl Grants {
     /// Opens the process's grant table, creating its slots once per process and size (as the
     /// rate-limit table does), and the process's instance id.
-    pub fn open(policy: &GrantPolicy, secret: [u8; 16], host: &mut dyn Host) -> Grants {
+    pub fn open(policy: &GrantPolicy, secret: [u8; 16], leasing: bool, host: &mut dyn Host) -> Grants {
         let store = SlotStore::new("tollgate.grant", policy.accounts, secret);
         let marker = policy.accounts.to_le_bytes();
         if host.shared_get(LAYOUT_KEY).is_none_or(|(value, _)| value != marker) {
             store.fill(host, &[]);
+            host.shared_set(INDEX_KEY, &[]);
             host.shared_set(LAYOUT_KEY, &marker);
         }
         if host.shared_get(FLUSH_KEY).is_none() {
             host.shared_set(FLUSH_KEY, &[0; 16]);
         }
+        if host.shared_get(INDEX_KEY).is_none() {
+            host.shared_set(INDEX_KEY, &[]);
+        }
         let id = slots::process_random(host, INSTANCE_KEY);
         let instance = format!("gw-{}", id[..8].iter().map(|b| format!("{b:02x}")).collect::<String>());
-        Grants { policy: policy.clone(), store, instance, sent: HashMap::new() }
+        Grants {
+            policy: policy.clone(),
+            store,
+            instance,
+            sent: HashMap::new(),
+            flushes: 0,
+            leasing,
+            leases: RefCell::new(HashMap::new()),
+        }
     }
 
     pub fn instance(&self) -> &str {
@@ -387,8 +462,13 @@ impl Grants {
     /// (or none yet) is asked for now rather than at the next report, by one worker at a time.
     pub fn take(&self, host: &mut dyn Host, account: &str, amount: u64) -> Take {
         let now = host.now_nanos();
+        if let Some(spend) = self.take_leased(account, amount, now) {
+            return Take::Granted(spend);
+        }
         let (first, second) = self.locate(account);
         let mut ask = false;
+        let mut lease = None;
+        let mut created = None;
         let applied = self.store.update(host, |host| {
             ask = false;
             let (slot, found) = match self.read(host, first) {
@@ -410,9 +490,15 @@ impl Grants {
             let existing = found.is_some();
             let mut entry = found.unwrap_or_else(|| Entry { account: account.to_owned(), ..Entry::default() });
             let live = !entry.grant_id.is_empty() && now < entry.expires;
+            lease = None;
             let result = if live && entry.left() >= amount {
-                entry.in_flight += amount;
-                Take::Granted(Spend { slot: slot.index, account: account.to_owned(), amount })
+                // A slice for this worker's later requests too, leaving the other workers most.
+                let slice = if self.leasing { (entry.size / 16).min(entry.left() / 2).max(amount) } else { amount };
+                entry.in_flight += slice;
+                if self.leasing {
+                    lease = Some((slice - amount, entry.expires, entry.spent_view()));
+                }
+                Take::Granted(Spend { slot: slot.index, account: account.to_owned(), amount, leased: self.leasing })
             } else {
                 Take::PerRequest
             };
@@ -429,22 +515,62 @@ impl Grants {
             if result == Take::PerRequest && !ask && existing && fresh {
                 return Step::Done(result);
             }
+            created = (!existing).then_some(slot.index);
             Step::Write { slot, value: entry.encode(), result }
         });
         let take = match applied {
             Ok(applied) => applied.value,
             Err(_) => Take::PerRequest,
         };
+        if let Some(slot) = created {
+            self.index(host, slot, true);
+        }
+        if let (Take::Granted(spend), Some((held, expires, view))) = (&take, lease) {
+            let mut leases = self.leases.borrow_mut();
+            let lease = leases.entry(account.to_owned()).or_default();
+            lease.slot = spend.slot;
+            lease.held += held;
+            lease.in_flight += amount;
+            lease.expires = expires;
+            lease.view = view.saturating_sub(lease.used);
+            lease.busy = true;
+        }
         if ask {
             self.hurry(host);
         }
         take
     }
 
+    /// Pays from this worker's lease, when it holds enough of a grant still live.
+    fn take_leased(&self, account: &str, amount: u64, now: u64) -> Option<Spend> {
+        let mut leases = self.leases.try_borrow_mut().ok()?;
+        let lease = leases.get_mut(account)?;
+        if now >= lease.expires || lease.held < amount {
+            return None;
+        }
+        lease.held -= amount;
+        lease.in_flight += amount;
+        lease.busy = true;
+        Some(Spend { slot: lease.slot, account: account.to_owned(), amount, leased: true })
+    }
+
     /// Settles a request paid from the grant: `charge` spent (its response was billed), or
-    /// nothing (anything else); the rest goes back to the grant. Answers what the client is told
-    /// is left.
+    /// nothing (anything else); the rest goes back to the grant, or to the lease it came from.
+    /// Answers what the client is told is left.
     pub fn spend(&self, host: &mut dyn Host, spend: &Spend, policy: &str, charge: Option<u64>) -> u64 {
+        if spend.leased {
+            let Ok(mut leases) = self.leases.try_borrow_mut() else { return 0 };
+            let Some(lease) = leases.get_mut(&spend.account) else { return 0 };
+            lease.in_flight = lease.in_flight.saturating_sub(spend.amount);
+            let billed = charge.map(|c| c.min(spend.amount));
+            lease.held += spend.amount - billed.unwrap_or(0);
+            if let Some(charge) = billed {
+                lease.used += charge;
+                lease.view = lease.view.saturating_sub(charge);
+                add_usage(&mut lease.usage, policy, charge, 1);
+            }
+            return lease.view.saturating_sub(lease.in_flight);
+        }
         let applied = self.store.update(host, |host| {
             let (slot, Some(mut entry)) = self.read(host, spend.slot) else { return Step::Done(0) };
             if entry.account != spend.account {
@@ -454,13 +580,7 @@ impl Grants {
             if let Some(charge) = charge {
                 let charge = charge.min(spend.amount);
                 entry.used += charge;
-                match entry.usage.iter_mut().find(|(p, _, _)| p == policy) {
-                    Some((_, credits, requests)) => {
-                        *credits += charge;
-                        *requests += 1;
-                    }
-                    None => entry.usage.push((policy.to_owned(), charge, 1)),
-                }
+                add_usage(&mut entry.usage, policy, charge, 1);
             }
             Step::Write { slot, value: entry.encode(), result: entry.remaining() }
         });
@@ -473,6 +593,75 @@ impl Grants {
                 0
             }
         }
+    }
+
+    /// From this worker's root context, every second, before any report: moves what each lease
+    /// spent into the shared entry, refreshes the lease's deadline, and gives back the slice of a
+    /// lease no request used since the last sync.
+    pub fn sync(&self, host: &mut dyn Host) {
+        let Ok(mut leases) = self.leases.try_borrow_mut() else { return };
+        let now = host.now_nanos();
+        leases.retain(|account, lease| {
+            let synced = self.store.update(host, |host| {
+                let (slot, Some(mut entry)) = self.read(host, lease.slot) else { return Step::Done(None) };
+                if entry.account != *account {
+                    return Step::Done(None);
+                }
+                let returned = if lease.busy { 0 } else { lease.held };
+                entry.used += lease.used;
+                entry.in_flight = entry.in_flight.saturating_sub(lease.used + returned);
+                for (policy, credits, requests) in &lease.usage {
+                    add_usage(&mut entry.usage, policy, *credits, *requests);
+                }
+                if lease.busy {
+                    entry.last_spent = now;
+                }
+                let refreshed = (returned, entry.expires, entry.spent_view());
+                Step::Write { slot, value: entry.encode(), result: Some(refreshed) }
+            });
+            match synced {
+                Ok(Applied { value: Some((returned, expires, view)), .. }) => {
+                    lease.held -= returned;
+                    lease.used = 0;
+                    lease.usage.clear();
+                    lease.expires = expires;
+                    lease.view = view;
+                    lease.busy = false;
+                    lease.held + lease.in_flight > 0
+                }
+                // The entry is gone or another account's: what the lease spent cannot be
+                // reported, an under-count.
+                Ok(_) => false,
+                // Contended: the next second tries again.
+                Err(_) => true,
+            }
+        });
+    }
+
+    /// Adds `slot` to the index of slots in use, or (`add: false`) removes it if it is still free.
+    fn index(&self, host: &mut dyn Host, slot: u32, add: bool) {
+        for _ in 0..slots::MAX_ATTEMPTS {
+            let (value, version) = host.shared_get(INDEX_KEY).unwrap_or_default();
+            let mut slots: Vec<u32> =
+                value.chunks_exact(4).filter_map(|c| c.try_into().ok()).map(u32::from_le_bytes).collect();
+            let at = slots.iter().position(|s| *s == slot);
+            match (add, at) {
+                (true, Some(_)) | (false, None) => return,
+                (true, None) => slots.push(slot),
+                (false, Some(at)) => {
+                    // A newcomer may have taken the slot since it was freed.
+                    if self.read(host, slot).1.is_some() {
+                        return;
+                    }
+                    slots.swap_remove(at);
+                }
+            }
+            let value: Vec<u8> = slots.iter().flat_map(|s| s.to_le_bytes()).collect();
+            if host.shared_swap(INDEX_KEY, &value, Some(version)) {
+                return;
+            }
+        }
+        log::warn!("tollgate: the grant index stayed contended; the next full scan finds slot {slot}");
     }
 
     /// Tells the root contexts a grant wants topping up before the next report is due.
@@ -490,8 +679,13 @@ impl Grants {
         if !self.claim_flush(host, now) {
             return 0;
         }
+        self.flushes += 1;
+        let slots = match self.flushes % FULL_SCAN_EVERY {
+            1 => (0..self.store.count()).collect(),
+            _ => indexed(host),
+        };
         let mut reports: Vec<(u32, Entry)> = Vec::new();
-        for index in 0..self.store.count() {
+        for index in slots {
             let (_, Some(entry)) = self.read(host, index) else { continue };
             if self.wants_report(&entry, now) {
                 reports.push((index, entry));
@@ -603,20 +797,20 @@ impl Grants {
     fn apply(&self, host: &mut dyn Host, sent_at: u64, report: &Sent1, result: Result1) {
         let granted = (result.status == 200 && !result.body.grant_id.is_empty()).then_some(result.body);
         let outcome = self.store.update(host, |host| {
-            let (slot, Some(mut entry)) = self.read(host, report.slot) else { return Step::Done(()) };
+            let (slot, Some(mut entry)) = self.read(host, report.slot) else { return Step::Done(false) };
             if entry.account != report.account {
-                return Step::Done(());
+                return Step::Done(false);
             }
             match (&granted, result.status) {
                 (Some(g), _) if report.close && entry.in_flight == 0 && entry.used == report.used.min(g.used_total) => {
                     // Given back with nothing spent since: the slot is free again.
-                    return Step::Write { slot, value: Vec::new(), result: () };
+                    return Step::Write { slot, value: Vec::new(), result: true };
                 }
                 (Some(g), _) => {
                     if g.grant_id != entry.grant_id {
                         // A grant this entry did not know: only an open's answer may start one.
                         if !entry.grant_id.is_empty() {
-                            return Step::Done(());
+                            return Step::Done(false);
                         }
                         entry.grant_id = g.grant_id.clone();
                     }
@@ -648,8 +842,11 @@ impl Grants {
                 }
                 (None, _) => {}
             }
-            Step::Write { slot, value: entry.encode(), result: () }
+            Step::Write { slot, value: entry.encode(), result: false }
         });
+        if let Ok(Applied { value: true, .. }) = outcome {
+            self.index(host, report.slot, false);
+        }
         if outcome.is_err() {
             log::warn!("tollgate: the grant of {} stayed contended; its report is applied next time", report.account);
         }
@@ -663,7 +860,7 @@ mod tests {
 
     fn grants(host: &mut FakeHost) -> Grants {
         let policy = GrantPolicy::build(&RawGrants { accounts: 8, min_grant: 10, ..RawGrants::default() }).unwrap();
-        Grants::open(&policy, [7; 16], host)
+        Grants::open(&policy, [7; 16], false, host)
     }
 
     fn granted(grant_id: &str, granted: u64, used: u64, last: bool) -> serde_json::Value {
@@ -799,7 +996,7 @@ mod tests {
     fn a_full_table_bills_per_request_and_drops_no_grant() {
         let mut host = FakeHost::default();
         let policy = GrantPolicy::build(&RawGrants { accounts: 1, ..RawGrants::default() }).unwrap();
-        let g = Grants::open(&policy, [7; 16], &mut host);
+        let g = Grants::open(&policy, [7; 16], false, &mut host);
         assert_eq!(g.take(&mut host, "acme", 1), Take::PerRequest);
         assert_eq!(g.take(&mut host, "globex", 1), Take::PerRequest);
         let (slot, entry) = g.read(&host, 0);
@@ -820,6 +1017,55 @@ mod tests {
         assert_eq!(g.take(&mut host, "acme", 1), Take::PerRequest);
         g.flush(&mut host, &credits());
         assert_eq!(last_report(&host)["reports"][0]["grant_id"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn a_worker_pays_from_its_lease_with_no_hostcall_and_syncs_it_every_second() {
+        let mut host = FakeHost::default();
+        let policy = GrantPolicy::build(&RawGrants { accounts: 8, min_grant: 10, ..RawGrants::default() }).unwrap();
+        let mut g = Grants::open(&policy, [7; 16], true, &mut host);
+        opened(&mut host, &mut g, 160);
+        let Take::Granted(first) = g.take(&mut host, "acme", 5) else { panic!("the grant pays") };
+        let shared = host.shared.clone();
+        let Take::Granted(second) = g.take(&mut host, "acme", 5) else { panic!("the lease pays") };
+        assert!(second.leased, "a sixteenth of 160 leased: 5 for the first request, 5 held");
+        assert_eq!(g.spend(&mut host, &first, "api", Some(5)), 1000 - 5 - 5);
+        g.spend(&mut host, &second, "api", None);
+        assert_eq!(host.shared, shared, "the second request and both responses wrote no shared data");
+
+        g.sync(&mut host);
+        let entry = |host: &FakeHost| {
+            let (a, b) = g.locate("acme");
+            g.read(host, a).1.or_else(|| g.read(host, b).1).unwrap()
+        };
+        assert_eq!((entry(&host).used, entry(&host).in_flight), (5, 5), "spent moved; the idle-free slice stays");
+        assert_eq!(entry(&host).usage, [("api".to_owned(), 5, 1)]);
+        g.sync(&mut host);
+        assert_eq!(entry(&host).in_flight, 0, "a lease no request used since the last sync is given back");
+        assert!(g.leases.borrow().is_empty());
+    }
+
+    #[test]
+    fn a_report_reads_only_the_slots_in_use() {
+        let mut host = FakeHost::default();
+        let mut g = grants(&mut host);
+        opened(&mut host, &mut g, 100);
+        let (a, b) = g.locate("acme");
+        let slot = if g.read(&host, a).1.is_some() { a } else { b };
+        assert_eq!(indexed(&host), [slot]);
+        // An entry the index missed is still found by the full scan.
+        let stray = (0..8).find(|s| *s != slot).unwrap();
+        let entry = Entry { account: "globex".into(), asked: 1, ..Entry::default() };
+        host.shared_set(&format!("tollgate.grant.{stray}"), &entry.encode());
+        let reported = |host: &FakeHost| last_report(host)["reports"].as_array().unwrap().len();
+        for _ in 1..FULL_SCAN_EVERY {
+            host.nanos += NANOS_PER_SECOND;
+            g.flush(&mut host, &credits());
+        }
+        assert_eq!(reported(&host), 1, "acme only");
+        host.nanos += NANOS_PER_SECOND;
+        g.flush(&mut host, &credits());
+        assert_eq!(reported(&host), 2, "the full scan finds globex");
     }
 
     #[test]

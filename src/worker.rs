@@ -46,7 +46,10 @@ impl Worker {
             .filter_map(|name| config.routes.policy(name))
             .any(|policy| policy.credits.as_ref().is_some_and(|credits| credits.mode == CreditMode::Grant));
         let grants = match &config.credits {
-            Some(credits) if granting => Some(RefCell::new(Grants::open(&credits.grants, secret, host))),
+            // Only a wasm worker has a timer to sync a lease with (see `grants`).
+            Some(credits) if granting => {
+                Some(RefCell::new(Grants::open(&credits.grants, secret, cfg!(target_arch = "wasm32"), host)))
+            }
             _ => None,
         };
         Worker {
@@ -73,6 +76,7 @@ impl Worker {
         if let (Some(credits), Some(Ok(mut grants))) =
             (&config.credits, self.grants.as_ref().map(RefCell::try_borrow_mut))
         {
+            grants.sync(host);
             grants.flush(host, credits);
         }
     }
