@@ -92,8 +92,10 @@ fn plugin_config(accounts: &[&str], per_minute: u64, mode: &str) -> String {
             {"prefix": "/demo.Echo", "policy": "rpc"},
             {"prefix": "/rest", "policy": "rest"}
         ],
+        // The tests start their Envoys, credit services and Python servers at once: a
+        // reservation gets time to answer, so that a slow one is not read as an outage.
         "credits": {
-            "cluster": "credits", "service_token": SERVICE_TOKEN, "timeout_ms": 500,
+            "cluster": "credits", "service_token": SERVICE_TOKEN, "timeout_ms": 2000,
             "actual_cost_header": "x-actual-cost", "retry_seconds": 60,
             "grants": {"lifetime_seconds": 4, "flush_seconds": 1, "idle_seconds": 2, "min_grant": 50}
         },
