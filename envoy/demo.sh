@@ -109,8 +109,8 @@ demo.Echo on :8001, the credit service on :8081 (account "demo" holds 20 credits
   # a content type the route does not accept for POST (→ 415, urn:tollgate:problem:unsupported-media-type)
   curl -i -H 'content-type: text/xml' -d '<x/>' $g/auth/signup
 
-  # what was spent, in the credit service's ledger: the first call's reservation and commit, the grant's hold and the gateway's report of what it spent from it, a second apart (→ 200, "kind":"reserve", "kind":"commit", "kind":"grant", "kind":"grant_use")
-  sleep 1; curl -i -H 'authorization: Bearer demo-admin-token-not-for-production' http://127.0.0.1:8081/v1/accounts/demo/transactions
+  # what was spent, in the credit service's ledger: the first call's reservation and commit, the grant's hold and the gateway's report of what it spent from it, which a worker syncs every second and the gateway reports every second (→ 200, "kind":"reserve", "kind":"commit", "kind":"grant", "kind":"grant_use")
+  sleep 2; curl -i -H 'authorization: Bearer demo-admin-token-not-for-production' http://127.0.0.1:8081/v1/accounts/demo/transactions
 
   # and per policy and hour, however it was billed (→ 200, "policy":"api", "credits":2)
   curl -i -H 'authorization: Bearer demo-admin-token-not-for-production' http://127.0.0.1:8081/v1/accounts/demo/usage
