@@ -577,3 +577,59 @@ fn a_token_that_never_expires_or_signed_with_a_published_hmac_key_is_refused() {
     assert_problem(&resp, 401, "invalid-credentials");
     assert!(resp.json()["detail"].as_str().unwrap().contains("exp"), "{}", resp.text());
 }
+
+/// `plugin_config(false)` with `edit` applied to its `auth` section.
+fn auth_config_with(edit: impl FnOnce(&mut Value)) -> String {
+    let mut config: Value = serde_json::from_str(&plugin_config(false)).unwrap();
+    edit(&mut config["auth"]);
+    config.to_string()
+}
+
+#[test]
+fn an_address_that_keeps_failing_is_refused_before_any_credential_is_verified() {
+    let config = auth_config_with(|auth| auth["failures"] = json!({"per_minute": 3}));
+    let gw = Gateway::start(GatewayOptions { plugin_config: Some(config), ..GatewayOptions::default() });
+    let attacker = std::net::Ipv4Addr::new(127, 0, 0, 7);
+    let mut bad = sign("RS256", standard());
+    bad.replace_range(bad.len() - 6.., "AAAAAA");
+    for _ in 0..3 {
+        assert_problem(&gw.send(bearer(&bad).sent_from(attacker)), 401, "invalid-credentials");
+    }
+    let resp = gw.send(bearer(&bad).sent_from(attacker));
+    assert_problem(&resp, 429, "rate-limited");
+    let retry_after: u64 = resp.header("retry-after").expect("429 without Retry-After").parse().unwrap();
+    assert!((1..=60).contains(&retry_after), "{retry_after}");
+    // Not even a good credential is looked at from there, so a flood costs no verification.
+    assert_problem(&gw.send(bearer(&sign("RS256", standard())).sent_from(attacker)), 429, "rate-limited");
+    let neighbour = std::net::Ipv4Addr::new(127, 0, 0, 8);
+    assert_eq!(gw.send(bearer(&sign("RS256", standard())).sent_from(neighbour)).status, 200);
+}
+
+#[test]
+fn a_token_without_kid_is_tried_against_a_few_keys_at_most() {
+    let keys: Vec<ES256KeyPair> = (0..5).map(|_| ES256KeyPair::generate()).collect();
+    let jwks: Vec<Value> = keys
+        .iter()
+        .map(|k| {
+            let mut jwk = ec_jwk("ES256", "P-256", k.public_key().public_key().to_bytes_uncompressed());
+            jwk.as_object_mut().unwrap().remove("kid");
+            jwk
+        })
+        .collect();
+    let token = keys[4].sign(standard()).unwrap();
+    for (cap, status) in [(None, 401), (Some(5), 200)] {
+        let config = auth_config_with(|auth| {
+            auth["jwt"]["providers"][0]["jwks"] = json!({"keys": jwks});
+            auth["jwt"]["providers"][0]["secrets"] = json!([]);
+            if let Some(cap) = cap {
+                auth["jwt"]["max_keys_without_kid"] = json!(cap);
+            }
+        });
+        let gw = Gateway::start(GatewayOptions { plugin_config: Some(config), ..GatewayOptions::default() });
+        let resp = gw.send(bearer(&token));
+        assert_eq!(resp.status, status, "cap {cap:?}: {}", resp.text());
+        if status == 401 {
+            assert!(resp.header("www-authenticate").unwrap().contains("names no key id"), "{:?}", resp.headers);
+        }
+    }
+}

@@ -283,17 +283,65 @@ impl RateLimits {
     fn caller_key(&self, caller: &Caller) -> String {
         match caller {
             Caller::Identity(identity) => format!("account:{}", identity.account),
-            Caller::Address(address) => {
-                let ip = address.and_then(parse_ip);
-                match ip {
-                    Some(IpAddr::V6(v6)) => format!("ip:{}/{}", mask(v6, self.ipv6_prefix), self.ipv6_prefix),
-                    Some(IpAddr::V4(v4)) => format!("ip:{v4}"),
-                    None => "ip:unknown".to_owned(),
-                }
-            }
+            Caller::Address(address) => address_key(*address, self.ipv6_prefix),
         }
     }
 }
+
+/// A client address as the slot hash takes it: IPv4 whole, IPv6 by network.
+fn address_key(address: Option<&str>, ipv6_prefix: u8) -> String {
+    match address.and_then(parse_ip) {
+        Some(IpAddr::V6(v6)) => format!("ip:{}/{ipv6_prefix}", mask(v6, ipv6_prefix)),
+        Some(IpAddr::V4(v4)) => format!("ip:{v4}"),
+        None => "ip:unknown".to_owned(),
+    }
+}
+
+/// Limits on something other than requests, per client address, in a table of their own:
+/// authentication failures. A request first asks whether the address has budget left (`admits`,
+/// which counts nothing), and only what failed is counted (`spend`).
+#[derive(Debug)]
+pub struct AddressBudget {
+    limits: Vec<Limit>,
+    layout: Layout,
+}
+
+impl AddressBudget {
+    /// `raw` validated at `path`; `label` names its windows in the `RateLimit` headers.
+    pub fn new(path: &str, raw: &RawLimits, label: &str, slots: u32) -> Result<AddressBudget, ConfigError> {
+        let limits = limits_of(path, raw, label, None)?;
+        if !(256..=4_194_304).contains(&slots) {
+            return Err(ConfigError { path: format!("{path}.slots"), message: "must be between 256 and 4194304".into() });
+        }
+        let windows = windows_digest(&BTreeMap::new(), None, &limits, &BTreeMap::new());
+        Ok(AddressBudget { limits, layout: Layout { slots, width: TIER_POSITIONS, windows } })
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// Refused when the address has spent its budget; counts nothing. `now` in nanoseconds.
+    pub fn admits(&self, table: &Table, host: &mut dyn Host, address: Option<&str>, now: u64) -> Result<(), Limited> {
+        let limits: Vec<&Limit> = self.limits.iter().collect();
+        let key = address_key(address, BUDGET_IPV6_PREFIX);
+        match table.update(host, key.as_bytes(), now, |tats| (decide(&limits, tats, now).0, None)) {
+            Ok(applied) => applied.value.map(drop),
+            Err(table::Contended) => Err(Limited::Contended),
+        }
+    }
+
+    /// Counts one against the address's budget.
+    pub fn spend(&self, table: &Table, host: &mut dyn Host, address: Option<&str>, now: u64) {
+        let limits: Vec<&Limit> = self.limits.iter().collect();
+        let key = address_key(address, BUDGET_IPV6_PREFIX);
+        // A lost race or a full budget counts nothing more: the next request is refused anyway.
+        let _ = table.update(host, key.as_bytes(), now, |tats| decide(&limits, tats, now));
+    }
+}
+
+/// An `AddressBudget` counts IPv6 clients per /64, the network one host is usually given.
+const BUDGET_IPV6_PREFIX: u8 = 64;
 
 /// What the stored TATs mean: every window's name, position, period, limit and capacity. Counts
 /// survive a config edit exactly when this digest (and the table's size) stays the same.
