@@ -633,3 +633,38 @@ fn a_token_without_kid_is_tried_against_a_few_keys_at_most() {
         }
     }
 }
+
+#[test]
+fn one_accounts_flood_of_signed_requests_does_not_lock_out_the_others() {
+    let config = auth_config_with(|auth| {
+        auth["signatures"]["replay_cache_entries"] = json!(2);
+        let secret = auth["signatures"]["secrets"][0]["secret"].clone();
+        auth["signatures"]["secrets"].as_array_mut().unwrap().push(json!({"account": "globex", "secret": secret}));
+        auth["api_keys"]["keys"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"id": "key-globex", "sha256": sha256("globex-key-123"), "account": "globex"}));
+    });
+    let gw = Gateway::start(GatewayOptions { plugin_config: Some(config), ..GatewayOptions::default() });
+    let body = br#"{"amount": 5}"#;
+    let ts = now();
+    let first = || signed("POST", "/signed/pay/0", ts, body, body);
+    assert_eq!(gw.send(first()).status, 200);
+    // Far more signatures than a worker remembers: none is refused for want of room.
+    for n in 1..8 {
+        let resp = gw.send(signed("POST", &format!("/signed/pay/{n}"), ts, body, body));
+        assert_eq!(resp.status, 200, "acme's request {n}: {}", resp.text());
+    }
+    let globex = Request::new("POST", "/signed/pay/g")
+        .header("x-api-key", "globex-key-123")
+        .header("content-type", "application/json")
+        .header("x-timestamp", ts.to_string())
+        .header("x-signature", signature("POST", "/signed/pay/g", ts, body))
+        .header("content-digest", content_digest(body))
+        .body(body.to_vec());
+    assert_eq!(gw.send(globex).status, 200, "another account's signed request");
+    // What a worker forgot, the process-wide record still refuses.
+    for _ in 0..4 {
+        assert_problem(&gw.send(first()), 401, "invalid-credentials");
+    }
+}
