@@ -134,6 +134,23 @@ fn tollgate_check_warns_about_a_config_that_relied_on_a_changed_default() {
     .unwrap();
     let (ok, output) = tollgate_check(&file);
     assert!(ok && output.contains("warning: $.auth.jwt.providers[0].required_claims is not set"), "{output}");
+    assert!(output.contains("warning: $.auth.failures is not set"), "{output}");
+
+    let file = dir.join("limits.json");
+    let limited = |extra: &str| {
+        format!(
+            r#"{{"policies": {{"open": {{"access": "public", "rate_limit": {{}}}}}},
+                "rate_limits": {{"anonymous": {{"per_minute": 5}}{extra}}},
+                "auth": {{"failures": null, "api_keys": {{"keys": []}}}}}}"#
+        )
+    };
+    for (extra, warned) in [("", true), (r#", "ipv6_network": null"#, false)] {
+        std::fs::write(&file, limited(extra)).unwrap();
+        let (ok, output) = tollgate_check(&file);
+        assert!(ok, "{output}");
+        assert_eq!(output.contains("warning: $.rate_limits.ipv6_network is not set"), warned, "{extra}: {output}");
+        assert!(!output.contains("auth.failures"), "set explicitly: {output}");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -177,6 +177,19 @@ fn changed_defaults(path: &str, config: &Value) -> Vec<String> {
             ));
         }
     }
+    let authenticates = config.pointer("/auth/jwt").is_some() || config.pointer("/auth/api_keys").is_some();
+    if authenticates && config.pointer("/auth/failures").is_none() {
+        warnings.push(format!(
+            "{path}.auth.failures is not set: failed authentications are now limited to 30 a minute per \
+             client address (then 429, before any credential is checked); set it to your budget, or null"
+        ));
+    }
+    if config.get("rate_limits").is_some() && config.pointer("/rate_limits/ipv6_network").is_none() {
+        warnings.push(format!(
+            "{path}.rate_limits.ipv6_network is not set: IPv6 clients are now also limited per /48, at 16 \
+             times each address limit; set it to your networks' size, or null"
+        ));
+    }
     let providers = config.pointer("/auth/jwt/providers").and_then(Value::as_array);
     for (i, provider) in providers.into_iter().flatten().enumerate() {
         if provider.get("required_claims").is_none() {
