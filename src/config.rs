@@ -133,7 +133,8 @@ impl Config {
 
         // Unmatched paths with no default policy are refused, under the default limits.
         let unmatched = Policy::unmatched(&context);
-        let routes = RouteTable::build(&raw.routes, raw.route_case, raw.default_policy.as_deref(), policies, unmatched)?;
+        let routes =
+            RouteTable::build(&raw.routes, raw.route_case, raw.default_policy.as_deref(), policies, unmatched)?;
         Ok(Config {
             routes,
             auth: Authenticator::try_from(&raw.auth)?,

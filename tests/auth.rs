@@ -115,14 +115,17 @@ fn plugin_config(remote: bool) -> String {
         "jwks": public_jwks(),
         "secrets": secrets,
         "sources": {"authorization": true, "cookie": "access_token", "query": "token"},
-        "claims": {"account": "account", "tier": "tier"}
+        "claims": {"account": "account", "tier": "tier"},
+        // Its tokens and the API keys name the same accounts on purpose (acme signs with both).
+        "account_prefix": ""
     })];
     if remote {
         providers.push(json!({
             "issuer": REMOTE_ISSUER,
             "audiences": ["api"],
             "remote_jwks": {"cluster": "jwks", "path": "/.well-known/jwks.json", "refresh_seconds": 3600, "timeout_ms": 1000},
-            "claims": {"account": "account"}
+            "claims": {"account": "account"},
+            "account_prefix": ""
         }));
     }
     let signing_secret = {
@@ -667,4 +670,22 @@ fn one_accounts_flood_of_signed_requests_does_not_lock_out_the_others() {
     for _ in 0..4 {
         assert_problem(&gw.send(first()), 401, "invalid-credentials");
     }
+}
+
+#[test]
+fn a_token_and_an_api_key_naming_the_same_account_are_billed_apart_by_default() {
+    let config = auth_config_with(|auth| {
+        auth["jwt"]["providers"][0].as_object_mut().unwrap().remove("account_prefix");
+    });
+    let gw = Gateway::start(GatewayOptions { plugin_config: Some(config), ..GatewayOptions::default() });
+    let accounts: Vec<String> =
+        [bearer(&sign("ES256", standard())), Request::get("/api/items").header("x-api-key", "pro-key-123")]
+            .into_iter()
+            .map(|request| {
+                gw.upstream().clear();
+                assert_eq!(gw.send(request).status, 200);
+                upstream_saw(&gw).header("x-tollgate-account").unwrap().to_owned()
+            })
+            .collect();
+    assert_eq!(accounts, ["issuer.test:acme", "acme"], "the token's `acme` is its issuer's, not the key's");
 }

@@ -160,6 +160,23 @@ fn tollgate_check_warns_about_a_config_that_relied_on_a_changed_default() {
     let (ok, output) = tollgate_check(&file);
     assert!(ok && output.contains("warning: $.auth.jwt.providers[0].required_claims is not set"), "{output}");
     assert!(output.contains("warning: $.auth.failures is not set"), "{output}");
+    assert!(!output.contains("account_prefix"), "one source of accounts: {output}");
+
+    let file = dir.join("sources.json");
+    let sources = |prefix: &str| {
+        format!(
+            r#"{{"policies": {{}}, "auth": {{"failures": null, "api_keys": {{"keys": []}}, "jwt": {{"providers": [{{
+                "audiences": "any", "required_claims": [], {prefix}
+                "secrets": [{{"secret": "c2lnbmluZy1zZWNyZXQtb2YtYXQtbGVhc3QtMzItYnl0ZXM="}}]}}]}}}}}}"#
+        )
+    };
+    for (prefix, warned) in [("", true), (r#""account_prefix": "","#, false)] {
+        std::fs::write(&file, sources(prefix)).unwrap();
+        let (ok, output) = tollgate_check(&file);
+        assert!(ok, "{output}");
+        let warning = "warning: $.auth.jwt.providers[0].account_prefix is not set";
+        assert_eq!(output.contains(warning), warned, "{prefix}: {output}");
+    }
 
     let file = dir.join("limits.json");
     let limited = |extra: &str| {

@@ -101,6 +101,13 @@ pub struct RawProvider {
     /// `jwt_authn` does.
     #[serde(default)]
     pub forward: bool,
+    /// Put before every account this provider's tokens name, so that accounts from different
+    /// sources (another provider, the API keys) never share a budget or a balance by having the
+    /// same name. `""` shares the namespace on purpose. Omitted: nothing when this provider is
+    /// the only source of accounts, else the issuer without its scheme and a `:`
+    /// (`https://auth.example.com/` → `auth.example.com:`), or `jwt:` without an issuer.
+    #[serde(default)]
+    pub account_prefix: Option<String>,
 }
 
 fn default_leeway_seconds() -> u64 {
@@ -271,6 +278,7 @@ pub struct Provider {
     claims: ClaimMapping,
     revoked_jti: HashSet<String>,
     forward: bool,
+    account_prefix: String,
     cache_entries: usize,
     failed_cache_entries: usize,
     failed_cache_seconds: u64,
@@ -413,7 +421,10 @@ fn default_required_claims() -> Vec<String> {
     vec!["exp".to_owned()]
 }
 
-pub(crate) fn compile_providers(raw: &RawJwt, path: &str) -> Result<Vec<Provider>, ConfigError> {
+/// `api_keys`: whether API keys name accounts too, so each provider's accounts need a prefix of
+/// their own unless the config says otherwise.
+pub(crate) fn compile_providers(raw: &RawJwt, path: &str, api_keys: bool) -> Result<Vec<Provider>, ConfigError> {
+    let shared = api_keys || raw.providers.len() > 1;
     if raw.providers.is_empty() {
         return Err(ConfigError::at(format!("{path}.providers"), "must list at least one provider, or omit jwt"));
     }
@@ -426,7 +437,7 @@ pub(crate) fn compile_providers(raw: &RawJwt, path: &str) -> Result<Vec<Provider
     let mut providers: Vec<Provider> = Vec::with_capacity(raw.providers.len());
     for (i, p) in raw.providers.iter().enumerate() {
         let path = format!("{path}.providers[{i}]");
-        let provider = compile_provider(p, &path, raw)?;
+        let provider = compile_provider(p, &path, raw, shared)?;
         for (j, other) in providers.iter().enumerate() {
             if other.issuer == provider.issuer {
                 let message = match &provider.issuer {
@@ -444,7 +455,7 @@ pub(crate) fn compile_providers(raw: &RawJwt, path: &str) -> Result<Vec<Provider
     Ok(providers)
 }
 
-fn compile_provider(raw: &RawProvider, path: &str, jwt: &RawJwt) -> Result<Provider, ConfigError> {
+fn compile_provider(raw: &RawProvider, path: &str, jwt: &RawJwt, shared: bool) -> Result<Provider, ConfigError> {
     let at = |field: &str, message: &str| ConfigError::at(format!("{path}.{field}"), message);
     if raw.issuer.as_deref() == Some("") {
         return Err(at("issuer", "must not be empty; omit it to accept any issuer"));
@@ -542,11 +553,33 @@ fn compile_provider(raw: &RawProvider, path: &str, jwt: &RawJwt) -> Result<Provi
         claims,
         revoked_jti: raw.revoked_jti.iter().cloned().collect(),
         forward: raw.forward,
+        account_prefix: account_prefix(raw, shared, path)?,
         cache_entries: jwt.cache_entries,
         failed_cache_entries: jwt.failed_cache_entries,
         failed_cache_seconds: jwt.failed_cache_seconds,
         max_keys_without_kid: jwt.max_keys_without_kid,
     })
+}
+
+/// The provider's `account_prefix`, or its default (see `RawProvider::account_prefix`).
+fn account_prefix(raw: &RawProvider, shared: bool, path: &str) -> Result<String, ConfigError> {
+    let allowed = |b: u8| b.is_ascii_alphanumeric() || b".-_:@".contains(&b);
+    match (&raw.account_prefix, &raw.issuer) {
+        (Some(prefix), _) if prefix.len() > 64 || !prefix.bytes().all(allowed) => Err(ConfigError::at(
+            format!("{path}.account_prefix"),
+            "must be at most 64 of A-Z a-z 0-9 . - _ : @ (what the credit service accepts in an account id)",
+        )),
+        (Some(prefix), _) => Ok(prefix.clone()),
+        (None, _) if !shared => Ok(String::new()),
+        (None, None) => Ok("jwt:".to_owned()),
+        (None, Some(issuer)) => {
+            let name = issuer.split_once("://").map_or(issuer.as_str(), |(_, rest)| rest).trim_end_matches('/');
+            let mut prefix: String =
+                name.bytes().take(63).map(|b| if allowed(b) { char::from(b) } else { '_' }).collect();
+            prefix.push(':');
+            Ok(prefix)
+        }
+    }
 }
 
 fn token_sources(raw: &RawTokenSources, path: &str) -> Result<TokenSources, ConfigError> {
@@ -841,6 +874,8 @@ impl Provider {
             Some(name) => required(name)?,
             None => subject.clone(),
         };
+        let account =
+            if self.account_prefix.is_empty() { account } else { format!("{}{account}", self.account_prefix) };
         let tier = match &mapping.tier {
             Some(name) => string_claim(claims, name)?,
             None => None,
@@ -1295,6 +1330,32 @@ mod tests {
     }
 
     #[test]
+    fn accounts_from_different_sources_never_share_a_name_unless_configured_to() {
+        let signer = Signer::new("HS256", "k1");
+        let token = signer.sign(claims(json!({})));
+        let provider = |extra: Value| {
+            let mut p = json!({"issuer": ISSUER, "audiences": "any", "jwks": {"keys": [signer.jwk("k1")]}});
+            p.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            p
+        };
+        let keys = json!({"keys": [{"id": "k", "sha256": "ab".repeat(32), "account": "user-1"}]});
+        let account = |auth: Value| {
+            let auth = parse(&auth.to_string()).unwrap();
+            bearer(&auth, &token).unwrap().unwrap().account
+        };
+        assert_eq!(account(json!({"jwt": {"providers": [provider(json!({}))]}})), "user-1", "the only source");
+        let issuer_prefix = format!("{}:user-1", ISSUER.split_once("://").unwrap().1.trim_end_matches('/'));
+        assert_eq!(account(json!({"api_keys": keys, "jwt": {"providers": [provider(json!({}))]}})), issuer_prefix);
+        let shared = provider(json!({"account_prefix": ""}));
+        assert_eq!(account(json!({"api_keys": keys, "jwt": {"providers": [shared]}})), "user-1", "on purpose");
+        let named = provider(json!({"account_prefix": "idp:"}));
+        assert_eq!(account(json!({"jwt": {"providers": [named]}})), "idp:user-1");
+        let bad = provider(json!({"account_prefix": "a b"}));
+        let err = parse(&json!({"jwt": {"providers": [bad]}}).to_string()).unwrap_err();
+        assert!(err.starts_with("auth.jwt.providers[0].account_prefix: must be at most 64"), "{err}");
+    }
+
+    #[test]
     fn several_providers_are_chosen_by_issuer() {
         let a = Signer::new("HS256", "a");
         let b = Signer::new("EdDSA", "b");
@@ -1309,8 +1370,9 @@ mod tests {
             c.issuer = Some(iss.to_owned());
             signer.sign(c)
         };
-        assert_eq!(bearer(&auth, &token(&a, "https://a.example")).unwrap().unwrap().account, "user-1");
-        assert_eq!(bearer(&auth, &token(&b, "https://b.example")).unwrap().unwrap().account, "bee");
+        // Two sources of accounts: each provider's are its own by default.
+        assert_eq!(bearer(&auth, &token(&a, "https://a.example")).unwrap().unwrap().account, "a.example:user-1");
+        assert_eq!(bearer(&auth, &token(&b, "https://b.example")).unwrap().unwrap().account, "b.example:bee");
         // Signed by A's key but claiming B: B's keys decide, and refuse.
         assert_eq!(bearer(&auth, &token(&a, "https://b.example")), Err(AuthError::UnknownKeyId { provider: 1 }));
         assert_eq!(bearer(&auth, &token(&a, "https://c.example")), Err(AuthError::WrongIssuer));

@@ -94,7 +94,12 @@ pub struct RawFailures {
 }
 
 fn default_failures() -> Option<RawFailures> {
-    Some(RawFailures { per_minute: default_failures_per_minute(), per_hour: None, burst: None, slots: default_failure_slots() })
+    Some(RawFailures {
+        per_minute: default_failures_per_minute(),
+        per_hour: None,
+        burst: None,
+        slots: default_failure_slots(),
+    })
 }
 fn default_failures_per_minute() -> Option<u64> {
     Some(30)
@@ -139,7 +144,7 @@ impl TryFrom<&RawAuth> for Authenticator {
             return Err(ConfigError::at(format!("{PATH}.max_credential_bytes"), "must be > 0"));
         }
         let providers = match &raw.jwt {
-            Some(jwt) => jwt::compile_providers(jwt, &format!("{PATH}.jwt"))?,
+            Some(jwt) => jwt::compile_providers(jwt, &format!("{PATH}.jwt"), raw.api_keys.is_some())?,
             None => Vec::new(),
         };
         let api_keys = raw.api_keys.as_ref().map(|k| ApiKeys::compile(k, &format!("{PATH}.api_keys"))).transpose()?;
@@ -636,10 +641,7 @@ impl AuthError {
     /// Whether this refusal spends the client address's failure budget: a credential that did not
     /// verify (or that the gateway would not read), never a 403 or the gateway's own 503.
     pub fn is_failure(&self) -> bool {
-        matches!(
-            self.kind(),
-            AuthErrorKind::InvalidRequest | AuthErrorKind::InvalidToken | AuthErrorKind::Unauthorized
-        )
+        matches!(self.kind(), AuthErrorKind::InvalidRequest | AuthErrorKind::InvalidToken | AuthErrorKind::Unauthorized)
     }
 
     /// The `WWW-Authenticate` value (RFC 6750 §3), or `None` for a 503.

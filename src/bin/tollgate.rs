@@ -204,7 +204,15 @@ fn changed_defaults(path: &str, config: &Value) -> Vec<String> {
         ));
     }
     let providers = config.pointer("/auth/jwt/providers").and_then(Value::as_array);
+    let sources = providers.map_or(0, Vec::len) + usize::from(config.pointer("/auth/api_keys").is_some());
     for (i, provider) in providers.into_iter().flatten().enumerate() {
+        if sources > 1 && provider.get("account_prefix").is_none() {
+            warnings.push(format!(
+                "{path}.auth.jwt.providers[{i}].account_prefix is not set: with more than one source of \
+                 accounts, this provider's accounts are now prefixed (its issuer and ':'), so they no longer \
+                 share budgets and balances with the same names from elsewhere; set \"\" to keep sharing"
+            ));
+        }
         if provider.get("required_claims").is_none() {
             warnings.push(format!(
                 "{path}.auth.jwt.providers[{i}].required_claims is not set: it now defaults to [\"exp\"], so \
@@ -283,7 +291,9 @@ fn outliving_holds(document: &Value, ttl: u64) -> Vec<String> {
         let request = seconds(value.get("request_timeout"));
         let mut longest_route: Option<f64> = Some(0.0);
         walk(value, path, &mut |_, node| {
-            if let Some(route) = node.get("route").filter(|r| r.get("cluster").is_some() || r.get("weighted_clusters").is_some()) {
+            if let Some(route) =
+                node.get("route").filter(|r| r.get("cluster").is_some() || r.get("weighted_clusters").is_some())
+            {
                 let timeout = route.get("timeout").map_or(Some(ENVOY_ROUTE_TIMEOUT_SECONDS), |t| seconds(Some(t)));
                 longest_route = longest_route.zip(timeout).map(|(a, b)| a.max(b));
             }
@@ -298,7 +308,9 @@ fn outliving_holds(document: &Value, ttl: u64) -> Vec<String> {
         let how_long = match life {
             Some(life) if life <= ttl_f => return,
             Some(life) => format!("up to {life} s (request_timeout, then the longest route timeout)"),
-            None => "without bound (no request_timeout, or a route timeout of 0, and no max_stream_duration)".to_owned(),
+            None => {
+                "without bound (no request_timeout, or a route timeout of 0, and no max_stream_duration)".to_owned()
+            }
         };
         warnings.push(format!(
             "{path}: a billed request may live {how_long}, longer than the credit service's reservation TTL \

@@ -228,7 +228,10 @@ impl RateLimits {
                 });
             }
             if network.factor == 0 {
-                return Err(ConfigError { path: "rate_limits.ipv6_network.factor".into(), message: "must be > 0".into() });
+                return Err(ConfigError {
+                    path: "rate_limits.ipv6_network.factor".into(),
+                    message: "must be > 0".into(),
+                });
             }
         }
         let factor = raw_limits.ipv6_network.as_ref().map(|n| n.factor);
@@ -353,7 +356,6 @@ impl RateLimits {
                 .map_or(&[], Vec::as_slice),
         }
     }
-
 }
 
 /// Counts one request under `key` (the bytes the slot hash is taken over; an address never
@@ -404,7 +406,10 @@ impl AddressBudget {
     pub fn new(path: &str, raw: &RawLimits, label: &str, slots: u32) -> Result<AddressBudget, ConfigError> {
         let limits = limits_of(path, raw, label, None)?;
         if !(256..=4_194_304).contains(&slots) {
-            return Err(ConfigError { path: format!("{path}.slots"), message: "must be between 256 and 4194304".into() });
+            return Err(ConfigError {
+                path: format!("{path}.slots"),
+                message: "must be between 256 and 4194304".into(),
+            });
         }
         let windows = windows_digest(&BTreeMap::new(), None, &limits, &BTreeMap::new());
         Ok(AddressBudget { limits, layout: Layout { slots, width: TIER_POSITIONS, windows } })
@@ -740,7 +745,8 @@ mod tests {
 
     #[test]
     fn an_ipv6_network_has_a_coarser_limit_beside_its_addresses() {
-        let raw = TIERS.replace(r#""slots": 256"#, r#""slots": 256, "ipv6_network": {"prefix_length": 48, "factor": 2}"#);
+        let raw =
+            TIERS.replace(r#""slots": 256"#, r#""slots": 256, "ipv6_network": {"prefix_length": 48, "factor": 2}"#);
         let (limits, policies) =
             limits(&raw, &[("login", Access::Public, r#"{"tiers": false, "route": {"per_minute": 5}}"#)]).unwrap();
         let mut host = FakeHost::default();
@@ -749,7 +755,11 @@ mod tests {
         let from = |address: &'static str| Caller::Address(Some(address));
         assert_eq!(passes(&limits, &table, login, &mut host, &from("[2001:db8:1:2::1]:443")), 5);
         assert_eq!(passes(&limits, &table, login, &mut host, &from("[2001:db8:1:3::1]:443")), 5);
-        assert_eq!(passes(&limits, &table, login, &mut host, &from("[2001:db8:1:4::1]:443")), 0, "the /48's 10 are spent");
+        assert_eq!(
+            passes(&limits, &table, login, &mut host, &from("[2001:db8:1:4::1]:443")),
+            0,
+            "the /48's 10 are spent"
+        );
         let now = host.now_nanos();
         let refused = limits.check(&table, &mut host, login, &from("[2001:db8:1:5::1]:443"), now);
         let Err(Limited::Exceeded { quota, .. }) = refused.result else { panic!("{:?}", refused.result) };
