@@ -353,3 +353,41 @@ fn walk(value: &Value, path: &str, visit: &mut dyn FnMut(&str, &Value)) {
         _ => {}
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn envoy_durations_read_as_envoy_reads_them() {
+        for (value, want) in [
+            (json!("60s"), Some(60.0)),
+            (json!("0.25s"), Some(0.25)),
+            (json!({"seconds": 5, "nanos": 500_000_000}), Some(5.5)),
+            (json!({"seconds": "7"}), Some(7.0)),
+            (json!("0s"), None),
+            (json!("60"), None),
+        ] {
+            assert_eq!(seconds(Some(&value)), want, "{value}");
+        }
+        assert_eq!(seconds(None), None);
+    }
+
+    #[test]
+    fn a_request_may_live_its_whole_request_timeout_then_its_longest_route_timeout() {
+        let hcm = |request_timeout: Value, max: Value| {
+            json!({"http_filters": [], "request_timeout": request_timeout,
+                   "common_http_protocol_options": {"max_stream_duration": max},
+                   "route_config": {"virtual_hosts": [{"routes": [
+                       {"match": {"prefix": "/a"}, "route": {"cluster": "up", "timeout": "100s"}},
+                       {"match": {"prefix": "/"}, "route": {"cluster": "up"}}]}]}})
+        };
+        let warned = |document: Value, ttl| outliving_holds(&document, ttl);
+        assert!(warned(hcm(json!("60s"), Value::Null), 160).is_empty(), "60 + 100 fits 160");
+        assert!(warned(hcm(json!("60s"), Value::Null), 159)[0].contains("up to 160 s"));
+        assert!(warned(hcm(Value::Null, Value::Null), 300)[0].contains("without bound"), "no request_timeout");
+        assert!(warned(hcm(Value::Null, json!("120s")), 300).is_empty(), "max_stream_duration bounds it");
+    }
+}
