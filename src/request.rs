@@ -130,6 +130,12 @@ fn authenticate(
         budget.admits(table, host, address.as_deref(), now_nanos)?;
     }
     let authenticated = stream.config.auth.authenticate(&stream.worker.auth, &credentials, now);
+    if authenticated.is_err() {
+        let remembered = stream.worker.auth.take_remembered_refusals();
+        if remembered > 0 {
+            host.count(Metric::AuthRefusalsRemembered, remembered);
+        }
+    }
     if let (Err(err), Some((budget, table))) = (&authenticated, failures) {
         // An unknown kid is counted once its refetch is done with, when it fails for good.
         let refetching = may_refetch && matches!(err, AuthError::UnknownKeyId { .. });

@@ -689,3 +689,17 @@ fn a_token_and_an_api_key_naming_the_same_account_are_billed_apart_by_default() 
             .collect();
     assert_eq!(accounts, ["issuer.test:acme", "acme"], "the token's `acme` is its issuer's, not the key's");
 }
+
+#[test]
+fn a_refused_token_sent_again_is_refused_without_another_signature_check() {
+    let gw = gateway();
+    let mut bad = sign("RS256", standard());
+    bad.replace_range(bad.len() - 6.., "AAAAAA");
+    // Two workers, each with its own memory: of four sends, one worker sees the token twice.
+    for _ in 0..4 {
+        assert_problem(&gw.send(bearer(&bad)), 401, "invalid-credentials");
+    }
+    let remembered = gw.metric("tollgate_auth_refusals_remembered");
+    assert!((2..=3).contains(&remembered), "{remembered} of 4 refused from memory");
+    assert_eq!(gw.send(bearer(&sign("RS256", standard()))).status, 200, "a good token is still checked");
+}

@@ -5,6 +5,7 @@
 //! comparison, where a SHA-256 of the token cost as much as verifying an HS256 signature. A hit
 //! re-checks the time window.
 
+use std::cell::Cell;
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 
@@ -79,16 +80,25 @@ pub(crate) struct FailedTokens {
     /// The refusal, and the span (seconds) it answers for: from its check to `seconds` later.
     entries: HashMap<Rc<str>, (AuthError, u64, u64)>,
     order: VecDeque<Rc<str>>,
+    /// Refusals answered from here since the pipeline last took the count, for its metric.
+    hits: Cell<u64>,
 }
 
 impl FailedTokens {
     pub(crate) fn new(capacity: usize, seconds: u64) -> FailedTokens {
-        FailedTokens { capacity, seconds, entries: HashMap::new(), order: VecDeque::new() }
+        FailedTokens { capacity, seconds, entries: HashMap::new(), order: VecDeque::new(), hits: Cell::new(0) }
     }
 
     pub(crate) fn get(&self, token: &str, now: u64) -> Option<AuthError> {
         let (error, from, until) = self.entries.get(token)?;
-        (*from <= now && now < *until).then(|| error.clone())
+        let hit = *from <= now && now < *until;
+        self.hits.set(self.hits.get() + u64::from(hit));
+        hit.then(|| error.clone())
+    }
+
+    /// The refusals answered from here since the last call.
+    pub(crate) fn take_hits(&self) -> u64 {
+        self.hits.take()
     }
 
     /// Remembers `error` for `token` if it is an answer that stays true: a token that is only

@@ -378,6 +378,11 @@ impl ProviderState {
         Ok(count)
     }
 
+    /// Tokens refused from memory since the last call, for the metric.
+    pub fn take_remembered_refusals(&self) -> u64 {
+        self.failed.try_borrow().map_or(0, |failed| failed.take_hits())
+    }
+
     fn clear_caches(&self) {
         if let Ok(mut cache) = self.cache.try_borrow_mut() {
             cache.clear();
@@ -1113,7 +1118,9 @@ mod tests {
         let (head, _) = token.rsplit_once('.').unwrap();
         let forged = format!("{head}.{}", b64(&[7; 64]));
         assert_eq!(bearer(&auth, &forged), Err(AuthError::BadSignature));
-        assert!(auth.provider_state(0).failed.borrow().get(&forged, NOW).is_some(), "remembered");
+        assert_eq!(bearer(&auth, &forged), Err(AuthError::BadSignature));
+        assert_eq!(auth.state.take_remembered_refusals(), 1, "the second time from memory");
+        assert_eq!(auth.state.take_remembered_refusals(), 0, "counted once");
         assert!(bearer(&auth, &token).unwrap().is_some(), "the genuine token is not tarred with it");
         // Only what was remembered answers: a different signature for the same claims is checked.
         let state = auth.provider_state(0);

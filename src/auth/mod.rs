@@ -179,6 +179,11 @@ impl AuthState {
         AuthState { providers: auth.providers.iter().map(ProviderState::new).collect() }
     }
 
+    /// Tokens refused from memory, unchecked, since the last call: the pipeline counts them.
+    pub fn take_remembered_refusals(&self) -> u64 {
+        self.providers.iter().map(ProviderState::take_remembered_refusals).sum()
+    }
+
     /// Provider `index`'s state, as `Authenticator::providers` numbers them.
     pub fn provider(&self, index: usize) -> Option<&ProviderState> {
         self.providers.get(index)
