@@ -19,7 +19,7 @@ use crate::headers::{
     identity_headers, security_headers, IdentityHeaders, RawIdentityHeaders, RawSecurityHeaders, SecurityHeaders,
 };
 use crate::ratelimit::{RateLimits, RawRateLimits};
-use crate::routes::{Policy, PolicyContext, RawPolicy, RawRoute, RouteTable};
+use crate::routes::{Policy, PolicyContext, RawPolicy, RawRoute, RouteCase, RouteTable};
 
 /// The whole plugin configuration, given as JSON in the Wasm filter's `configuration`.
 #[derive(Debug, Deserialize)]
@@ -36,6 +36,11 @@ pub struct RawConfig {
     /// The policy for paths no route matches. Omitted: such requests are refused with 404.
     #[serde(default)]
     pub default_policy: Option<String>,
+    /// How `routes[].prefix` compares letters with the path. `insensitive` for upstreams that
+    /// route regardless of case (Express by default, Spring with case-insensitive matching), so
+    /// `/ADMIN/users` gets the `/admin` policy there too.
+    #[serde(default)]
+    pub route_case: RouteCase,
     /// Limits that apply to every policy that does not set its own.
     #[serde(default)]
     pub request_checks: RawRequestChecks,
@@ -128,7 +133,8 @@ impl Config {
 
         // Unmatched paths with no default policy are refused, under the default limits.
         let unmatched = Policy::unmatched(&context);
-        let routes = RouteTable::build(&raw.routes, raw.default_policy.as_deref(), policies, unmatched)?;
+        let routes =
+            RouteTable::build(&raw.routes, raw.route_case, raw.default_policy.as_deref(), policies, unmatched)?;
         Ok(Config {
             routes,
             auth: Authenticator::try_from(&raw.auth)?,

@@ -572,6 +572,44 @@ mod tests {
         }
     }
 
+    /// Requests from `address` one after the other through one worker, as a proxy's shared data
+    /// keeps them: each answer's status.
+    fn statuses_from(config: &str, requests: &[(&str, &str)]) -> Vec<u16> {
+        let config = Rc::new(Config::from_json(config.as_bytes()).unwrap());
+        let mut shared = FakeHost::default();
+        let worker = Rc::new(Worker::new(&config, &mut shared));
+        let mut statuses = Vec::new();
+        for (address, key) in requests {
+            let mut host = FakeHost::request("GET", "/api/items", &[("x-api-key", key)]);
+            host.shared = std::mem::take(&mut shared.shared);
+            host.properties.insert("source.address".to_owned(), address.as_bytes().to_vec());
+            let mut stream = Stream::new(Rc::clone(&config), Rc::clone(&worker));
+            stream.on_request_headers(&mut host, true);
+            statuses.push(host.sent.as_ref().map_or(200, |s| s.0));
+            if host.sent.as_ref().is_some_and(|s| s.0 == 429) {
+                assert!(host.sent_header("retry-after").is_some(), "a 429 says when to come back");
+            }
+            shared.shared = host.shared;
+        }
+        statuses
+    }
+
+    #[test]
+    fn an_address_that_keeps_failing_is_refused_before_its_credentials_are_checked() {
+        let config = auth_config().replace(r#""auth": {"#, r#""auth": {"failures": {"per_minute": 2},"#);
+        let (a, b) = ("10.0.0.1:5000", "10.0.0.2:5000");
+        let statuses =
+            statuses_from(&config, &[(a, "wrong"), (a, "wrong"), (a, "key-one"), (a, "wrong"), (b, "key-one")]);
+        assert_eq!(statuses, [401, 401, 429, 429, 200], "even a good key waits; another address does not");
+
+        let successes = statuses_from(&config, &[(a, "key-one"), (a, "key-one"), (a, "key-one"), (a, "wrong")]);
+        assert_eq!(successes, [200, 200, 200, 401], "only failures are counted");
+
+        let off = auth_config().replace(r#""auth": {"#, r#""auth": {"failures": null,"#);
+        assert_eq!(statuses_from(&off, &[(a, "wrong"); 40]), [401; 40]);
+        assert_eq!(statuses_from(&auth_config(), &[(a, "wrong"); 31])[30], 429, "on by default: 30 a minute");
+    }
+
     fn signed(method: &str, path: &str, body: &[u8], timestamp: u64) -> String {
         let secret = b"signing-secret-of-at-least-32-bytes";
         let mut mac = hmac_sha256::HMAC::new(secret);

@@ -35,10 +35,12 @@ pub enum Metric {
     /// Commits and releases dropped because a worker's queue was full (the credit service down
     /// for long under load).
     CreditSettlementsDropped,
+    /// Tokens refused from a worker's memory of refused tokens, without a signature check.
+    AuthRefusalsRemembered,
 }
 
 impl Metric {
-    pub const ALL: [Metric; 20] = [
+    pub const ALL: [Metric; 21] = [
         Metric::Allowed,
         Metric::Denied400,
         Metric::Denied401,
@@ -59,6 +61,7 @@ impl Metric {
         Metric::CreditCalloutMilliseconds,
         Metric::CreditRetries,
         Metric::CreditSettlementsDropped,
+        Metric::AuthRefusalsRemembered,
     ];
 
     /// The stat name, as Prometheus shows it.
@@ -84,6 +87,7 @@ impl Metric {
             Metric::CreditCalloutMilliseconds => "tollgate_credit_callout_ms",
             Metric::CreditRetries => "tollgate_credit_retries",
             Metric::CreditSettlementsDropped => "tollgate_credit_settlements_dropped",
+            Metric::AuthRefusalsRemembered => "tollgate_auth_refusals_remembered",
         }
     }
 

@@ -60,6 +60,7 @@ impl Denial {
                 _ => (401, "invalid-credentials", "Invalid credentials"),
             },
             Denial::NotFound => (404, "not-found", "Not found"),
+            Denial::RateLimited(Limited::UnknownAddress) => (500, "client-address-unknown", "Client address unknown"),
             Denial::RateLimited(_) => (429, "rate-limited", "Too many requests"),
             Denial::Credits(CreditError::Insufficient { .. }) => (402, "insufficient-credits", "Insufficient credits"),
             Denial::Credits(CreditError::InvalidMultiplier { .. }) => {

@@ -4,10 +4,13 @@
 //!
 //! Shared-data entries cannot be deleted, so the store is a fixed set of slots (a `SlotStore`): a
 //! signature's keyed hash picks one of `SLOTS` entries, each holding the unexpired signatures of
-//! its slot (16-byte prefix and expiry, 24 bytes each), pruned on every write. Memory is at most
-//! `SLOTS × (SLOT_CAPACITY × 24 + ~90)` bytes (about 6.5 MB; Envoy keeps ~90 bytes per key)
-//! whatever the traffic; a slot full of unexpired signatures answers 503 rather than risk an
-//! undetected replay.
+//! its slot (12-byte prefix, the signing account's tag and expiry, 24 bytes each), pruned on every
+//! write. Memory is at most `SLOTS × (SLOT_CAPACITY × 24 + ~90)` bytes (about 6.5 MB; Envoy keeps
+//! ~90 bytes per key) whatever the traffic.
+//!
+//! Each account may hold at most `ACCOUNT_SHARE` records of a slot: an account that signs faster
+//! than its share drains gets 503 for its own requests (rather than risk an undetected replay),
+//! and every other account still finds room in every slot.
 
 use crate::auth::{Accepted, AuthError};
 use crate::host::Host;
@@ -15,7 +18,12 @@ use crate::slots::{SlotStore, Step};
 
 const SLOTS: u32 = 4096;
 const SLOT_CAPACITY: usize = 64;
+/// A quarter of a slot: at least three other accounts always fit beside a flooding one. An
+/// account still has 4096 × 16 records, about 100 signed requests a second over a 10-minute window.
+const ACCOUNT_SHARE: usize = SLOT_CAPACITY / 4;
 const RECORD: usize = 24;
+/// How much of the signature a record keeps: 96 bits leave no room for an accidental match.
+const PREFIX: usize = 12;
 
 /// The signatures every worker of the process accepted recently.
 #[derive(Debug)]
@@ -34,24 +42,29 @@ impl SeenSignatures {
     pub fn record(&self, host: &mut dyn Host, accepted: &Accepted, now: u64) -> Result<(), AuthError> {
         let sig = &accepted.signature;
         let index = (self.store.hash(sig).1 % u64::from(SLOTS)) as u32;
+        let tag = accepted.account.to_le_bytes();
         let applied = self.store.update(host, |host| {
             let slot = self.store.read(host, index);
             let mut kept = Vec::with_capacity(slot.value.len() + RECORD);
+            let mut own = 0;
             for record in slot.value.chunks_exact(RECORD) {
-                let (prefix, expiry) = record.split_at(16);
+                let (prefix, rest) = record.split_at(PREFIX);
+                let (account, expiry) = rest.split_at(4);
                 let expires_at = u64::from_le_bytes(expiry.try_into().unwrap_or_default());
                 if expires_at < now {
                     continue;
                 }
-                if prefix == &sig[..16] {
+                if prefix == &sig[..PREFIX] {
                     return Step::Done(Err(AuthError::SignatureReplayed));
                 }
+                own += usize::from(account == tag);
                 kept.extend_from_slice(record);
             }
-            if kept.len() / RECORD >= SLOT_CAPACITY {
+            if own >= ACCOUNT_SHARE || kept.len() / RECORD >= SLOT_CAPACITY {
                 return Step::Done(Err(AuthError::ReplayCacheFull));
             }
-            kept.extend_from_slice(&sig[..16]);
+            kept.extend_from_slice(&sig[..PREFIX]);
+            kept.extend_from_slice(&tag);
             kept.extend_from_slice(&accepted.expires_at.to_le_bytes());
             Step::Write { slot, value: kept, result: Ok(()) }
         });
@@ -68,7 +81,7 @@ mod tests {
     fn accepted(n: u32, expires_at: u64) -> Accepted {
         let mut signature = [7; 32];
         signature[..4].copy_from_slice(&n.to_le_bytes());
-        Accepted { signature, expires_at }
+        Accepted { signature, expires_at, account: n % 5 }
     }
 
     /// `count` signatures that land in one slot, as a client grinding for a slot would need.
@@ -106,10 +119,26 @@ mod tests {
         let seen = SeenSignatures::new([3; 16]);
         let mut signatures = same_slot(&seen, SLOT_CAPACITY + 1);
         let last = signatures.pop().unwrap();
-        for sig in &signatures {
-            assert_eq!(seen.record(&mut host, sig, NOW), Ok(()));
+        for (n, sig) in signatures.iter().enumerate() {
+            let one_account = Accepted { account: n as u32 % 4, ..*sig };
+            assert_eq!(seen.record(&mut host, &one_account, NOW), Ok(()));
         }
         assert_eq!(seen.record(&mut host, &last, NOW), Err(AuthError::ReplayCacheFull));
         assert_eq!(host.shared.len(), 1, "one slot, whatever the number of signatures");
+    }
+
+    #[test]
+    fn one_account_fills_only_its_share_of_a_slot() {
+        let mut host = FakeHost::default();
+        let seen = SeenSignatures::new([4; 16]);
+        let signatures = same_slot(&seen, ACCOUNT_SHARE + 2);
+        let flooder = |sig: &Accepted| Accepted { account: 1, ..*sig };
+        for sig in &signatures[..ACCOUNT_SHARE] {
+            assert_eq!(seen.record(&mut host, &flooder(sig), NOW), Ok(()));
+        }
+        let over = flooder(&signatures[ACCOUNT_SHARE]);
+        assert_eq!(seen.record(&mut host, &over, NOW), Err(AuthError::ReplayCacheFull), "its own requests wait");
+        let other = Accepted { account: 2, ..signatures[ACCOUNT_SHARE + 1] };
+        assert_eq!(seen.record(&mut host, &other, NOW), Ok(()), "another account is not blocked");
     }
 }

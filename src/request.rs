@@ -128,7 +128,28 @@ fn authenticate(
 ) -> Result<Result<Identity, Step>, Denial> {
     let credentials = RequestCredentials::new(&stream.request);
     let now = now_nanos / NANOS_PER_SECOND;
-    let identity = match stream.config.auth.authenticate(&stream.worker.auth, &credentials, now) {
+    // An address past its failure budget is refused before any credential costs a verification.
+    let failures = stream.config.auth.failures().zip(stream.worker.auth_failures.as_ref());
+    let address = failures.and_then(|_| host.property(&CLIENT_ADDRESS_PROPERTY));
+    let address = address.as_deref().map(String::from_utf8_lossy);
+    if let Some((budget, table)) = failures {
+        budget.admits(table, host, address.as_deref(), now_nanos)?;
+    }
+    let authenticated = stream.config.auth.authenticate(&stream.worker.auth, &credentials, now);
+    if authenticated.is_err() {
+        let remembered = stream.worker.auth.take_remembered_refusals();
+        if remembered > 0 {
+            host.count(Metric::AuthRefusalsRemembered, remembered);
+        }
+    }
+    if let (Err(err), Some((budget, table))) = (&authenticated, failures) {
+        // An unknown kid is counted once its refetch is done with, when it fails for good.
+        let refetching = may_refetch && matches!(err, AuthError::UnknownKeyId { .. });
+        if err.is_failure() && !refetching {
+            budget.spend(table, host, address.as_deref(), now_nanos);
+        }
+    }
+    let identity = match authenticated {
         Ok(Some(identity)) => identity,
         Ok(None) => return Err(Denial::Unauthenticated),
         Err(AuthError::UnknownKeyId { provider }) if may_refetch => {

@@ -24,6 +24,19 @@ pub enum Access {
     Deny,
 }
 
+/// How a route prefix compares letters with the request path.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[cfg_attr(not(target_arch = "wasm32"), derive(schemars::JsonSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum RouteCase {
+    /// Byte for byte, as Envoy's own route matching does by default.
+    #[default]
+    Sensitive,
+    /// ASCII letters in either case, as Express and case-insensitive Spring match: a route that
+    /// only the case tells apart from another would reach the upstream as the other.
+    Insensitive,
+}
+
 /// What protections apply to the requests a route selects.
 #[derive(Debug, Deserialize)]
 #[cfg_attr(not(target_arch = "wasm32"), derive(schemars::JsonSchema))]
@@ -188,6 +201,7 @@ struct Route {
 #[derive(Debug)]
 pub struct RouteTable {
     routes: Vec<Route>,
+    case: RouteCase,
     /// For paths no route matches: `default_policy`, or a built-in deny.
     default: Rc<Policy>,
     by_name: BTreeMap<String, Rc<Policy>>,
@@ -196,6 +210,7 @@ pub struct RouteTable {
 impl RouteTable {
     pub fn build(
         raw: &[RawRoute],
+        case: RouteCase,
         default_policy: Option<&str>,
         policies: BTreeMap<String, Policy>,
         unmatched: Policy,
@@ -220,7 +235,11 @@ impl RouteTable {
             if r.methods.as_ref().is_some_and(Vec::is_empty) {
                 return Err(at("methods", "must list at least one method, or be omitted for all"));
             }
-            let prefix = normalize_prefix(&r.prefix);
+            let mut prefix = normalize_prefix(&r.prefix);
+            if case == RouteCase::Insensitive {
+                // So two prefixes that differ only in case are caught as the same route below.
+                prefix.make_ascii_lowercase();
+            }
             let methods = r.methods.clone();
             if let Some(j) = routes.iter().position(|other| other.prefix == prefix && overlap(&other.methods, &methods))
             {
@@ -240,7 +259,7 @@ impl RouteTable {
             Some(name) => lookup("default_policy".to_owned(), name)?,
             None => Rc::new(unmatched),
         };
-        Ok(RouteTable { routes, default, by_name })
+        Ok(RouteTable { routes, case, default, by_name })
     }
 
     /// The policy for a request path (query excluded).
@@ -248,7 +267,7 @@ impl RouteTable {
         self.routes
             .iter()
             .find(|r| {
-                prefix_matches(&r.prefix, path)
+                prefix_matches(&r.prefix, path, self.case)
                     && r.methods.as_ref().is_none_or(|ms| method.is_some_and(|m| ms.contains(&m)))
             })
             .map_or(&self.default, |r| &r.policy)
@@ -280,21 +299,50 @@ fn overlap(a: &Option<Vec<Method>>, b: &Option<Vec<Method>>) -> bool {
     }
 }
 
-/// Whole-segment prefix match: `/api` matches `/api` and `/api/x`, not `/apix`.
-fn prefix_matches(prefix: &str, path: &str) -> bool {
+/// Whole-segment prefix match: `/api` matches `/api` and `/api/x`, not `/apix`. Insensitive, the
+/// prefix is already lower-case.
+fn prefix_matches(prefix: &str, path: &str, case: RouteCase) -> bool {
     if prefix == "/" {
         return true;
     }
-    match path.strip_prefix(prefix) {
-        Some(rest) => rest.is_empty() || rest.starts_with('/'),
-        None => false,
-    }
+    let (prefix, path) = (prefix.as_bytes(), path.as_bytes());
+    let Some((head, rest)) = path.split_at_checked(prefix.len()) else { return false };
+    let same = match case {
+        RouteCase::Sensitive => head == prefix,
+        RouteCase::Insensitive => head.eq_ignore_ascii_case(prefix),
+    };
+    same && rest.first().is_none_or(|b| *b == b'/')
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::Config;
+
+    #[test]
+    fn an_insensitive_table_routes_every_spelling_of_a_prefix_as_the_upstream_would() {
+        let config = |case: &str| {
+            format!(
+                r#"{{"route_case": "{case}", "default_policy": "api",
+                "policies": {{"api": {{"access": "public"}}, "admin": {{"access": "deny"}}}},
+                "routes": [{{"prefix": "/api", "policy": "api"}}, {{"prefix": "/api/Admin", "policy": "admin"}}]}}"#
+            )
+        };
+        let insensitive = table(&config("insensitive"));
+        for path in ["/api/admin/users", "/API/ADMIN", "/Api/aDmIn/x"] {
+            assert_eq!(insensitive.select(Some(Method::Get), path).name, "admin", "{path}");
+        }
+        assert_eq!(insensitive.select(Some(Method::Get), "/api/administrator").name, "api", "still whole segments");
+        assert_eq!(insensitive.select(Some(Method::Get), "/api/\u{212a}").name, "api", "ASCII letters only");
+        let sensitive = table(&config("sensitive"));
+        assert_eq!(sensitive.select(Some(Method::Get), "/api/admin/users").name, "api", "the default is exact");
+        assert_eq!(sensitive.select(Some(Method::Get), "/api/Admin/users").name, "admin");
+
+        let twice = r#"{"route_case": "insensitive", "policies": {"p": {"access": "public"}},
+            "routes": [{"prefix": "/API", "policy": "p"}, {"prefix": "/api", "policy": "p"}]}"#;
+        let err = Config::from_json(twice.as_bytes()).unwrap_err().to_string();
+        assert!(err.starts_with("routes[1].prefix: \"/api\" is already routed by routes[0]"), "{err}");
+    }
 
     fn table(json: &str) -> RouteTable {
         Config::from_json(json.as_bytes()).unwrap().routes

@@ -21,6 +21,8 @@ pub struct Worker {
     pub auth: AuthState,
     /// Where this worker counts requests; `None` when no policy is rate-limited.
     pub rate_table: Option<Table>,
+    /// Where failed authentications are counted per client address; `None` when not limited.
+    pub auth_failures: Option<Table>,
     /// Signatures accepted recently, so a replay inside the skew window is refused.
     pub replays: RefCell<ReplayCache>,
     /// Signatures any worker of the process accepted, in shared data.
@@ -55,6 +57,10 @@ impl Worker {
         Worker {
             auth: AuthState::new(&config.auth),
             rate_table: config.rate_limits.as_ref().map(|limits| Table::open(limits.layout(), secret, host)),
+            auth_failures: config
+                .auth
+                .failures()
+                .map(|budget| Table::open_named("tollgate.af", budget.layout(), secret, host)),
             replays: RefCell::new(replays),
             seen_signatures: SeenSignatures::new(secret),
             settler: RefCell::new(Settler::default()),

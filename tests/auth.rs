@@ -115,14 +115,17 @@ fn plugin_config(remote: bool) -> String {
         "jwks": public_jwks(),
         "secrets": secrets,
         "sources": {"authorization": true, "cookie": "access_token", "query": "token"},
-        "claims": {"account": "account", "tier": "tier"}
+        "claims": {"account": "account", "tier": "tier"},
+        // Its tokens and the API keys name the same accounts on purpose (acme signs with both).
+        "account_prefix": ""
     })];
     if remote {
         providers.push(json!({
             "issuer": REMOTE_ISSUER,
             "audiences": ["api"],
             "remote_jwks": {"cluster": "jwks", "path": "/.well-known/jwks.json", "refresh_seconds": 3600, "timeout_ms": 1000},
-            "claims": {"account": "account"}
+            "claims": {"account": "account"},
+            "account_prefix": ""
         }));
     }
     let signing_secret = {
@@ -576,4 +579,127 @@ fn a_token_that_never_expires_or_signed_with_a_published_hmac_key_is_refused() {
     let resp = gw.send(bearer(&forever));
     assert_problem(&resp, 401, "invalid-credentials");
     assert!(resp.json()["detail"].as_str().unwrap().contains("exp"), "{}", resp.text());
+}
+
+/// `plugin_config(false)` with `edit` applied to its `auth` section.
+fn auth_config_with(edit: impl FnOnce(&mut Value)) -> String {
+    let mut config: Value = serde_json::from_str(&plugin_config(false)).unwrap();
+    edit(&mut config["auth"]);
+    config.to_string()
+}
+
+#[test]
+fn an_address_that_keeps_failing_is_refused_before_any_credential_is_verified() {
+    let config = auth_config_with(|auth| auth["failures"] = json!({"per_minute": 3}));
+    let gw = Gateway::start(GatewayOptions { plugin_config: Some(config), ..GatewayOptions::default() });
+    let attacker = std::net::Ipv4Addr::new(127, 0, 0, 7);
+    let mut bad = sign("RS256", standard());
+    bad.replace_range(bad.len() - 6.., "AAAAAA");
+    for _ in 0..3 {
+        assert_problem(&gw.send(bearer(&bad).sent_from(attacker)), 401, "invalid-credentials");
+    }
+    let resp = gw.send(bearer(&bad).sent_from(attacker));
+    assert_problem(&resp, 429, "rate-limited");
+    let retry_after: u64 = resp.header("retry-after").expect("429 without Retry-After").parse().unwrap();
+    assert!((1..=60).contains(&retry_after), "{retry_after}");
+    // Not even a good credential is looked at from there, so a flood costs no verification.
+    assert_problem(&gw.send(bearer(&sign("RS256", standard())).sent_from(attacker)), 429, "rate-limited");
+    let neighbour = std::net::Ipv4Addr::new(127, 0, 0, 8);
+    assert_eq!(gw.send(bearer(&sign("RS256", standard())).sent_from(neighbour)).status, 200);
+}
+
+#[test]
+fn a_token_without_kid_is_tried_against_a_few_keys_at_most() {
+    let keys: Vec<ES256KeyPair> = (0..5).map(|_| ES256KeyPair::generate()).collect();
+    let jwks: Vec<Value> = keys
+        .iter()
+        .map(|k| {
+            let mut jwk = ec_jwk("ES256", "P-256", k.public_key().public_key().to_bytes_uncompressed());
+            jwk.as_object_mut().unwrap().remove("kid");
+            jwk
+        })
+        .collect();
+    let token = keys[4].sign(standard()).unwrap();
+    for (cap, status) in [(None, 401), (Some(5), 200)] {
+        let config = auth_config_with(|auth| {
+            auth["jwt"]["providers"][0]["jwks"] = json!({"keys": jwks});
+            auth["jwt"]["providers"][0]["secrets"] = json!([]);
+            if let Some(cap) = cap {
+                auth["jwt"]["max_keys_without_kid"] = json!(cap);
+            }
+        });
+        let gw = Gateway::start(GatewayOptions { plugin_config: Some(config), ..GatewayOptions::default() });
+        let resp = gw.send(bearer(&token));
+        assert_eq!(resp.status, status, "cap {cap:?}: {}", resp.text());
+        if status == 401 {
+            assert!(resp.header("www-authenticate").unwrap().contains("names no key id"), "{:?}", resp.headers);
+        }
+    }
+}
+
+#[test]
+fn one_accounts_flood_of_signed_requests_does_not_lock_out_the_others() {
+    let config = auth_config_with(|auth| {
+        auth["signatures"]["replay_cache_entries"] = json!(2);
+        let secret = auth["signatures"]["secrets"][0]["secret"].clone();
+        auth["signatures"]["secrets"].as_array_mut().unwrap().push(json!({"account": "globex", "secret": secret}));
+        auth["api_keys"]["keys"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"id": "key-globex", "sha256": sha256("globex-key-123"), "account": "globex"}));
+    });
+    let gw = Gateway::start(GatewayOptions { plugin_config: Some(config), ..GatewayOptions::default() });
+    let body = br#"{"amount": 5}"#;
+    let ts = now();
+    let first = || signed("POST", "/signed/pay/0", ts, body, body);
+    assert_eq!(gw.send(first()).status, 200);
+    // Far more signatures than a worker remembers: none is refused for want of room.
+    for n in 1..8 {
+        let resp = gw.send(signed("POST", &format!("/signed/pay/{n}"), ts, body, body));
+        assert_eq!(resp.status, 200, "acme's request {n}: {}", resp.text());
+    }
+    let globex = Request::new("POST", "/signed/pay/g")
+        .header("x-api-key", "globex-key-123")
+        .header("content-type", "application/json")
+        .header("x-timestamp", ts.to_string())
+        .header("x-signature", signature("POST", "/signed/pay/g", ts, body))
+        .header("content-digest", content_digest(body))
+        .body(body.to_vec());
+    assert_eq!(gw.send(globex).status, 200, "another account's signed request");
+    // What a worker forgot, the process-wide record still refuses.
+    for _ in 0..4 {
+        assert_problem(&gw.send(first()), 401, "invalid-credentials");
+    }
+}
+
+#[test]
+fn a_token_and_an_api_key_naming_the_same_account_are_billed_apart_by_default() {
+    let config = auth_config_with(|auth| {
+        auth["jwt"]["providers"][0].as_object_mut().unwrap().remove("account_prefix");
+    });
+    let gw = Gateway::start(GatewayOptions { plugin_config: Some(config), ..GatewayOptions::default() });
+    let accounts: Vec<String> =
+        [bearer(&sign("ES256", standard())), Request::get("/api/items").header("x-api-key", "pro-key-123")]
+            .into_iter()
+            .map(|request| {
+                gw.upstream().clear();
+                assert_eq!(gw.send(request).status, 200);
+                upstream_saw(&gw).header("x-tollgate-account").unwrap().to_owned()
+            })
+            .collect();
+    assert_eq!(accounts, ["issuer.test:acme", "acme"], "the token's `acme` is its issuer's, not the key's");
+}
+
+#[test]
+fn a_refused_token_sent_again_is_refused_without_another_signature_check() {
+    let gw = gateway();
+    let mut bad = sign("RS256", standard());
+    bad.replace_range(bad.len() - 6.., "AAAAAA");
+    // Two workers, each with its own memory: of four sends, one worker sees the token twice.
+    for _ in 0..4 {
+        assert_problem(&gw.send(bearer(&bad)), 401, "invalid-credentials");
+    }
+    let remembered = gw.metric("tollgate_auth_refusals_remembered");
+    assert!((2..=3).contains(&remembered), "{remembered} of 4 refused from memory");
+    assert_eq!(gw.send(bearer(&sign("RS256", standard()))).status, 200, "a good token is still checked");
 }

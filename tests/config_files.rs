@@ -96,8 +96,33 @@ fn schema_rejects_what_the_parser_rejects() {
 }
 
 fn tollgate_check(file: &Path) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_tollgate")).arg("check").arg(file).output().unwrap();
+    tollgate_check_with(&[], file)
+}
+
+fn tollgate_check_with(flags: &[&str], file: &Path) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate")).arg("check").args(flags).arg(file).output().unwrap();
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+}
+
+#[test]
+fn tollgate_check_warns_when_a_billed_request_may_outlive_its_reservation() {
+    let shipped = repo().join("envoy/envoy.yaml");
+    let warned = |output: &str| output.contains("longer than the credit service's reservation TTL");
+    // The shipped limits: 60 s to send the request, then 15 s (Envoy's default route timeout).
+    let (ok, output) = tollgate_check(&shipped);
+    assert!(ok && !warned(&output), "within the service's default 300 s: {output}");
+    let (ok, output) = tollgate_check_with(&["--reservation-ttl-seconds", "60"], &shipped);
+    assert!(ok && warned(&output) && output.contains("up to 75 s"), "{output}");
+
+    let dir = std::env::temp_dir().join(format!("tollgate-ttl-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let unbounded = dir.join("envoy.yaml");
+    let text = std::fs::read_to_string(&shipped).unwrap();
+    assert!(text.contains("request_timeout: 60s"));
+    std::fs::write(&unbounded, text.replace("request_timeout: 60s", "request_timeout: 0s")).unwrap();
+    let (ok, output) = tollgate_check(&unbounded);
+    assert!(ok && warned(&output) && output.contains("without bound"), "a client may trickle forever: {output}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -134,6 +159,40 @@ fn tollgate_check_warns_about_a_config_that_relied_on_a_changed_default() {
     .unwrap();
     let (ok, output) = tollgate_check(&file);
     assert!(ok && output.contains("warning: $.auth.jwt.providers[0].required_claims is not set"), "{output}");
+    assert!(output.contains("warning: $.auth.failures is not set"), "{output}");
+    assert!(!output.contains("account_prefix"), "one source of accounts: {output}");
+
+    let file = dir.join("sources.json");
+    let sources = |prefix: &str| {
+        format!(
+            r#"{{"policies": {{}}, "auth": {{"failures": null, "api_keys": {{"keys": []}}, "jwt": {{"providers": [{{
+                "audiences": "any", "required_claims": [], {prefix}
+                "secrets": [{{"secret": "c2lnbmluZy1zZWNyZXQtb2YtYXQtbGVhc3QtMzItYnl0ZXM="}}]}}]}}}}}}"#
+        )
+    };
+    for (prefix, warned) in [("", true), (r#""account_prefix": "","#, false)] {
+        std::fs::write(&file, sources(prefix)).unwrap();
+        let (ok, output) = tollgate_check(&file);
+        assert!(ok, "{output}");
+        let warning = "warning: $.auth.jwt.providers[0].account_prefix is not set";
+        assert_eq!(output.contains(warning), warned, "{prefix}: {output}");
+    }
+
+    let file = dir.join("limits.json");
+    let limited = |extra: &str| {
+        format!(
+            r#"{{"policies": {{"open": {{"access": "public", "rate_limit": {{}}}}}},
+                "rate_limits": {{"anonymous": {{"per_minute": 5}}{extra}}},
+                "auth": {{"failures": null, "api_keys": {{"keys": []}}}}}}"#
+        )
+    };
+    for (extra, warned) in [("", true), (r#", "ipv6_network": null"#, false)] {
+        std::fs::write(&file, limited(extra)).unwrap();
+        let (ok, output) = tollgate_check(&file);
+        assert!(ok, "{output}");
+        assert_eq!(output.contains("warning: $.rate_limits.ipv6_network is not set"), warned, "{extra}: {output}");
+        assert!(!output.contains("auth.failures"), "set explicitly: {output}");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 

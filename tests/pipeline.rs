@@ -57,7 +57,7 @@ fn plugin_config(credits: bool) -> String {
         "auth": {
             "api_keys": {"keys": [{"id": "k1", "sha256": hex(&hmac_sha256::Hash::hash(API_KEY.as_bytes())), "account": "acme"}]},
             "jwt": {"providers": [{
-                "issuer": ISSUER, "audiences": ["api"], "claims": {"account": "account"},
+                "issuer": ISSUER, "audiences": ["api"], "claims": {"account": "account"}, "account_prefix": "",
                 "remote_jwks": {"cluster": "jwks", "path": "/jwks.json", "refresh_seconds": 3600, "timeout_ms": 10000}
             }]},
             // The seeds' scheme, which holds the body until the signature over it verifies.

@@ -232,3 +232,26 @@ fn a_busy_caller_keeps_its_count_while_a_flood_of_addresses_churns_a_small_table
     let left = quota_left(gw.send(with_key("/quota", "key-pro")));
     assert!((QUOTA - 2..=QUOTA - 2 + refills(started.elapsed(), QUOTA, DAY)).contains(&left), "{left} left");
 }
+
+#[test]
+fn an_ipv6_network_is_limited_beside_each_of_its_addresses() {
+    let mut config: serde_json::Value = serde_json::from_str(&plugin_config(65_536)).unwrap();
+    config["rate_limits"]["ipv6_network"] = json!({"prefix_length": 48, "factor": 2});
+    let gw = Gateway::start(GatewayOptions {
+        plugin_config: Some(config.to_string()),
+        // Behind a trusted proxy: Envoy takes the client address from X-Forwarded-For, which is how
+        // a test on loopback can speak for IPv6 clients.
+        mutate: Some(Box::new(|config| {
+            hcm(config)["use_remote_address"] = false.into();
+        })),
+        ..GatewayOptions::default()
+    });
+    let from = |address: &'static str| move |_| Request::get("/login").header("x-forwarded-for", address);
+    assert_eq!(passes(&gw, 5, from("2001:db8:1:1::1")), 2, "the login limit per /64");
+    assert_eq!(passes(&gw, 5, from("2001:db8:1:2::1")), 2, "a second /64 of the same /48");
+    assert_eq!(passes(&gw, 5, from("2001:db8:1:3::1")), 0, "the /48 has spent its 2 x 2");
+    let refused = gw.send(Request::get("/login").header("x-forwarded-for", "2001:db8:1:4::1"));
+    assert_problem(&refused, 429, "rate-limited");
+    assert!(refused.header("retry-after").is_some());
+    assert_eq!(passes(&gw, 5, from("2001:db8:2:1::1")), 2, "another /48");
+}

@@ -186,3 +186,15 @@ fn per_policy_cache_control() {
     let resp = gw.send(Request::new("POST", "/auth/login").header("content-type", "text/xml").body(b"x".to_vec()));
     assert_eq!(resp.header("cache-control"), Some("no-store"));
 }
+
+#[test]
+fn an_insensitive_route_table_limits_every_spelling_of_the_login_route() {
+    let logins = |config: String| {
+        let gw = Gateway::start(GatewayOptions { plugin_config: Some(config), ..GatewayOptions::default() });
+        // Express routes `/auth/LOGIN` to its login handler: the login limit (5 a minute) must hold.
+        (0..6).map(|_| gw.send(Request::get("/auth/LOGIN")).status).collect::<Vec<u16>>()
+    };
+    let insensitive = shipped_plugin_config().replacen("\"routes\"", "\"route_case\": \"insensitive\", \"routes\"", 1);
+    assert_eq!(logins(insensitive), [200, 200, 200, 200, 200, 429]);
+    assert_eq!(logins(shipped_plugin_config()), [200; 6], "by default only the exact spelling is the login route");
+}

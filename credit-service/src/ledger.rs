@@ -750,9 +750,8 @@ impl Batch<'_> {
                 let charged = found.charged.unwrap_or(found.amount);
                 Ok(Outcome::Committed { charged, balance: self.account(&found.account)?.balance })
             }
-            State::Released | State::Expired => {
-                Err(LedgerError::ReservationReleased { expired: found.state == State::Expired })
-            }
+            State::Released => Err(LedgerError::ReservationReleased { expired: false }),
+            State::Expired => self.commit_late(id, &found, amount),
             State::Held => {
                 let charged = amount.unwrap_or(found.amount);
                 if charged > found.amount {
@@ -768,6 +767,25 @@ impl Batch<'_> {
                 Ok(Outcome::Committed { charged, balance })
             }
         }
+    }
+
+    /// A commit that arrives after its reservation expired (a client that trickled its body past
+    /// the TTL): the request was served, so it is charged what it owes, up to the reservation, as
+    /// far as the balance now allows — never below zero. The expiry already gave the hold back, so
+    /// this takes the charge from the available balance, journalled as a negative `commit`, and the
+    /// journal still sums to the balance.
+    fn commit_late(&mut self, id: String, found: &Reservation, amount: Option<i64>) -> Result<Outcome, LedgerError> {
+        let owed = amount.unwrap_or(found.amount);
+        if owed > found.amount {
+            return Err(LedgerError::AmountExceedsReservation { amount: owed, reserved: found.amount });
+        }
+        let account = self.account(&found.account)?;
+        let charged = owed.min(account.balance);
+        account.balance -= charged;
+        let balance = account.balance;
+        self.settle(&id, State::Committed, Some(charged));
+        self.append(&found.account, "commit", -charged, balance, Some(id), None);
+        Ok(Outcome::Committed { charged, balance })
     }
 
     /// Moves a held reservation to `state` and its whole amount back to the balance; returns the
@@ -1135,17 +1153,50 @@ mod tests {
             Op::Expire { reservation: "res_x".into() },
             Op::Expire { reservation: "res_x".into() },
             Op::Release { reservation: "res_x".into() },
-            Op::Commit { reservation: "res_x".into(), amount: None },
             Op::Expire { reservation: "res_gone".into() },
         ];
         let decided = apply(ops, before, 0, &mut ids());
         assert_eq!(decided.answers[0].as_ref().unwrap(), &Outcome::Expired(true));
         assert_eq!(decided.answers[1].as_ref().unwrap(), &Outcome::Expired(false));
         assert_eq!(decided.answers[2].as_ref().unwrap(), &Outcome::Released { released: 10, balance: 10 });
-        assert!(matches!(decided.answers[3], Err(LedgerError::ReservationReleased { expired: true })));
-        assert_eq!(decided.answers[4].as_ref().unwrap(), &Outcome::Expired(false));
+        assert_eq!(decided.answers[3].as_ref().unwrap(), &Outcome::Expired(false));
         assert_eq!(decided.changes.journal.len(), 1);
         assert_eq!(decided.changes.accounts, [("acme".to_owned(), Account { balance: 10, held: 0 })]);
+    }
+
+    #[test]
+    fn a_commit_after_expiry_still_charges_what_the_balance_allows() {
+        let held = |amount| Reservation { account: "acme".into(), amount, state: State::Held, charged: None };
+        let mut before = snapshot(&[("acme", 4, 16)]);
+        before.reservations.insert("res_a".into(), held(10));
+        before.reservations.insert("res_b".into(), held(6));
+        let ops = vec![
+            Op::Expire { reservation: "res_a".into() },
+            Op::Expire { reservation: "res_b".into() },
+            Op::Commit { reservation: "res_a".into(), amount: Some(7) },
+            // More than was reserved is refused, late as on time.
+            Op::Commit { reservation: "res_b".into(), amount: Some(20) },
+            Op::Commit { reservation: "res_b".into(), amount: None },
+            Op::Release { reservation: "res_a".into() },
+        ];
+        let decided = apply(ops, before, 0, &mut ids());
+        assert_eq!(decided.answers[2].as_ref().unwrap(), &Outcome::Committed { charged: 7, balance: 13 });
+        assert!(matches!(decided.answers[3], Err(LedgerError::AmountExceedsReservation { .. })));
+        assert_eq!(decided.answers[4].as_ref().unwrap(), &Outcome::Committed { charged: 6, balance: 7 });
+        assert!(matches!(decided.answers[5], Err(LedgerError::ReservationCommitted)), "charged, so no release");
+        assert_eq!(decided.changes.accounts, [("acme".to_owned(), Account { balance: 7, held: 0 })]);
+        let kinds: Vec<(&str, i64, i64)> =
+            decided.changes.journal.iter().map(|r| (r.kind, r.amount, r.balance_after)).collect();
+        assert_eq!(kinds, [("expire", 10, 14), ("expire", 6, 20), ("commit", -7, 13), ("commit", -6, 7)]);
+
+        // An account that has nothing left is charged nothing, not overdrawn.
+        let mut broke = snapshot(&[("acme", 0, 0)]);
+        broke.reservations.insert(
+            "res_c".into(),
+            Reservation { account: "acme".into(), amount: 5, state: State::Expired, charged: None },
+        );
+        let decided = apply(vec![Op::Commit { reservation: "res_c".into(), amount: None }], broke, 0, &mut ids());
+        assert_eq!(decided.answers[0].as_ref().unwrap(), &Outcome::Committed { charged: 0, balance: 0 });
     }
 
     #[test]

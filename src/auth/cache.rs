@@ -5,10 +5,11 @@
 //! comparison, where a SHA-256 of the token cost as much as verifying an HS256 signature. A hit
 //! re-checks the time window.
 
+use std::cell::Cell;
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 
-use super::Identity;
+use super::{AuthError, Identity};
 
 /// What a verified token proved, and when that stops being true.
 #[derive(Debug)]
@@ -69,6 +70,80 @@ impl TokenCache {
     }
 }
 
+/// Tokens that failed, and why, for a short while: a client that replays one bad token (or a
+/// flood of copies of it) pays for its signature check once per `seconds`, not once per request.
+/// Same bounded first-in-first-out shape as `TokenCache`, so memory is fixed whatever is sent.
+#[derive(Debug)]
+pub(crate) struct FailedTokens {
+    capacity: usize,
+    seconds: u64,
+    /// The refusal, and the span (seconds) it answers for: from its check to `seconds` later.
+    entries: HashMap<Rc<str>, (AuthError, u64, u64)>,
+    order: VecDeque<Rc<str>>,
+    /// Refusals answered from here since the pipeline last took the count, for its metric.
+    hits: Cell<u64>,
+}
+
+impl FailedTokens {
+    pub(crate) fn new(capacity: usize, seconds: u64) -> FailedTokens {
+        FailedTokens { capacity, seconds, entries: HashMap::new(), order: VecDeque::new(), hits: Cell::new(0) }
+    }
+
+    pub(crate) fn get(&self, token: &str, now: u64) -> Option<AuthError> {
+        let (error, from, until) = self.entries.get(token)?;
+        let hit = *from <= now && now < *until;
+        self.hits.set(self.hits.get() + u64::from(hit));
+        hit.then(|| error.clone())
+    }
+
+    /// The refusals answered from here since the last call.
+    pub(crate) fn take_hits(&self) -> u64 {
+        self.hits.take()
+    }
+
+    /// Remembers `error` for `token` if it is an answer that stays true: a token that is only
+    /// early, or whose key has not loaded, may pass a moment later.
+    pub(crate) fn insert(&mut self, token: &str, error: &AuthError, now: u64) {
+        use AuthError::*;
+        let lasting = matches!(
+            error,
+            MalformedToken
+                | UnsupportedAlgorithm
+                | AlgorithmMismatch
+                | BadSignature
+                | Expired
+                | WrongIssuer
+                | WrongAudience
+                | MissingClaim(_)
+                | InvalidClaim(_)
+                | Revoked
+                | KeyIdRequired { .. }
+        );
+        if self.capacity == 0 || self.seconds == 0 || !lasting {
+            return;
+        }
+        let until = now.saturating_add(self.seconds);
+        if let Some(entry) = self.entries.get_mut(token) {
+            *entry = (error.clone(), now, until);
+            return;
+        }
+        let token: Rc<str> = token.into();
+        self.entries.insert(Rc::clone(&token), (error.clone(), now, until));
+        self.order.push_back(token);
+        while self.order.len() > self.capacity {
+            if let Some(old) = self.order.pop_front() {
+                self.entries.remove(&old);
+            }
+        }
+    }
+
+    /// After a key set or revocation list changes, a refused token may now pass.
+    pub(crate) fn clear(&mut self) {
+        self.entries.clear();
+        self.order.clear();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::AuthMethod;
@@ -114,5 +189,24 @@ mod tests {
         let mut off = TokenCache::new(0);
         off.insert("token", verified("a", 0, 10));
         assert_eq!(off.len(), 0);
+    }
+
+    #[test]
+    fn a_failed_token_is_refused_unchecked_for_a_while_and_only_for_lasting_reasons() {
+        let mut failed = FailedTokens::new(2, 30);
+        failed.insert("bad", &AuthError::BadSignature, 100);
+        failed.insert("early", &AuthError::NotYetValid, 100);
+        failed.insert("no-keys", &AuthError::KeysUnavailable { provider: 0 }, 100);
+        assert_eq!(failed.get("bad", 129), Some(AuthError::BadSignature));
+        assert_eq!(failed.get("bad", 130), None, "remembered briefly");
+        assert_eq!(failed.get("bad", 99), None, "and not before it was checked");
+        assert_eq!(failed.get("early", 100), None, "a token that is only early may pass soon");
+        assert_eq!(failed.get("no-keys", 100), None);
+        for token in ["a", "b", "c"] {
+            failed.insert(token, &AuthError::Expired, 100);
+        }
+        assert_eq!((failed.get("a", 100), failed.entries.len()), (None, 2), "bounded, oldest out first");
+        failed.clear();
+        assert_eq!(failed.get("c", 100), None);
     }
 }

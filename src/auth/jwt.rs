@@ -12,7 +12,7 @@ use jwt_simple::JWTError;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::cache::{TokenCache, Verified};
+use super::cache::{FailedTokens, TokenCache, Verified};
 use super::jwks::{self, Algorithm, Claims, Key, KeySet, RawJwks};
 use super::{
     decode_base64_any, decode_base64url, header_safe, is_scope_token, AuthError, AuthMethod, CredentialLocation,
@@ -32,10 +32,27 @@ pub struct RawJwt {
     /// token pays for the signature check once. 0 turns the cache off.
     #[serde(default = "default_cache_entries")]
     pub cache_entries: usize,
+    /// Refused tokens remembered per provider and Envoy worker, with why, so a token sent again
+    /// is refused without another signature check. 0 turns this off.
+    #[serde(default = "default_cache_entries")]
+    pub failed_cache_entries: usize,
+    /// How long a refused token is remembered, in seconds (at most 3600).
+    #[serde(default = "default_failed_cache_seconds")]
+    pub failed_cache_seconds: u64,
+    /// The most keys a token without `kid` is tried against; with more keys of its algorithm it
+    /// is refused unchecked (401), so one token cannot cost a verification per key.
+    #[serde(default = "default_max_keys_without_kid")]
+    pub max_keys_without_kid: usize,
 }
 
 fn default_cache_entries() -> usize {
     1024
+}
+fn default_failed_cache_seconds() -> u64 {
+    30
+}
+fn default_max_keys_without_kid() -> usize {
+    4
 }
 
 /// One token issuer: its keys, what its tokens must say, and how claims map to the identity.
@@ -84,6 +101,13 @@ pub struct RawProvider {
     /// `jwt_authn` does.
     #[serde(default)]
     pub forward: bool,
+    /// Put before every account this provider's tokens name, so that accounts from different
+    /// sources (another provider, the API keys) never share a budget or a balance by having the
+    /// same name. `""` shares the namespace on purpose. Omitted: nothing when this provider is
+    /// the only source of accounts, else the issuer without its scheme and a `:`
+    /// (`https://auth.example.com/` → `auth.example.com:`), or `jwt:` without an issuer.
+    #[serde(default)]
+    pub account_prefix: Option<String>,
 }
 
 fn default_leeway_seconds() -> u64 {
@@ -254,7 +278,11 @@ pub struct Provider {
     claims: ClaimMapping,
     revoked_jti: HashSet<String>,
     forward: bool,
+    account_prefix: String,
     cache_entries: usize,
+    failed_cache_entries: usize,
+    failed_cache_seconds: u64,
+    max_keys_without_kid: usize,
 }
 
 /// What one worker learns about a provider while it runs: the remote key set and revocation list
@@ -266,6 +294,8 @@ pub struct ProviderState {
     remote_revoked: Cell<Option<Rc<HashSet<String>>>>,
     /// Only `try_borrow*` is used, so a busy cache is skipped rather than a panic.
     cache: RefCell<TokenCache>,
+    /// Same discipline as `cache`.
+    failed: RefCell<FailedTokens>,
 }
 
 impl fmt::Debug for Provider {
@@ -309,6 +339,7 @@ impl ProviderState {
             remote_keys: Cell::new(None),
             remote_revoked: Cell::new(None),
             cache: RefCell::new(TokenCache::new(provider.cache_entries)),
+            failed: RefCell::new(FailedTokens::new(provider.failed_cache_entries, provider.failed_cache_seconds)),
         }
     }
 
@@ -324,9 +355,7 @@ impl ProviderState {
         let load = jwks::parse_remote_jwks(body)?;
         let report = JwksReport { keys: load.keys.len(), skipped: load.skipped };
         self.remote_keys.set(Some(Rc::new(load.keys)));
-        if let Ok(mut cache) = self.cache.try_borrow_mut() {
-            cache.clear();
-        }
+        self.clear_caches();
         Ok(report)
     }
 
@@ -344,11 +373,23 @@ impl ProviderState {
         };
         let count = list.len();
         self.remote_revoked.set(Some(Rc::new(list.into_iter().collect())));
-        // A cached token may have just been revoked.
+        // A cached token may have just been revoked, or a refused one restored.
+        self.clear_caches();
+        Ok(count)
+    }
+
+    /// Tokens refused from memory since the last call, for the metric.
+    pub fn take_remembered_refusals(&self) -> u64 {
+        self.failed.try_borrow().map_or(0, |failed| failed.take_hits())
+    }
+
+    fn clear_caches(&self) {
         if let Ok(mut cache) = self.cache.try_borrow_mut() {
             cache.clear();
         }
-        Ok(count)
+        if let Ok(mut failed) = self.failed.try_borrow_mut() {
+            failed.clear();
+        }
     }
 
     fn remote_revoked_set(&self) -> Option<Rc<HashSet<String>>> {
@@ -385,14 +426,23 @@ fn default_required_claims() -> Vec<String> {
     vec!["exp".to_owned()]
 }
 
-pub(crate) fn compile_providers(raw: &RawJwt, path: &str) -> Result<Vec<Provider>, ConfigError> {
+/// `api_keys`: whether API keys name accounts too, so each provider's accounts need a prefix of
+/// their own unless the config says otherwise.
+pub(crate) fn compile_providers(raw: &RawJwt, path: &str, api_keys: bool) -> Result<Vec<Provider>, ConfigError> {
+    let shared = api_keys || raw.providers.len() > 1;
     if raw.providers.is_empty() {
         return Err(ConfigError::at(format!("{path}.providers"), "must list at least one provider, or omit jwt"));
+    }
+    if raw.failed_cache_seconds > MAX_LEEWAY_SECONDS {
+        return Err(ConfigError::at(format!("{path}.failed_cache_seconds"), "must be at most 3600"));
+    }
+    if raw.max_keys_without_kid == 0 {
+        return Err(ConfigError::at(format!("{path}.max_keys_without_kid"), "must be > 0"));
     }
     let mut providers: Vec<Provider> = Vec::with_capacity(raw.providers.len());
     for (i, p) in raw.providers.iter().enumerate() {
         let path = format!("{path}.providers[{i}]");
-        let provider = compile_provider(p, &path, raw.cache_entries)?;
+        let provider = compile_provider(p, &path, raw, shared)?;
         for (j, other) in providers.iter().enumerate() {
             if other.issuer == provider.issuer {
                 let message = match &provider.issuer {
@@ -410,7 +460,7 @@ pub(crate) fn compile_providers(raw: &RawJwt, path: &str) -> Result<Vec<Provider
     Ok(providers)
 }
 
-fn compile_provider(raw: &RawProvider, path: &str, cache_entries: usize) -> Result<Provider, ConfigError> {
+fn compile_provider(raw: &RawProvider, path: &str, jwt: &RawJwt, shared: bool) -> Result<Provider, ConfigError> {
     let at = |field: &str, message: &str| ConfigError::at(format!("{path}.{field}"), message);
     if raw.issuer.as_deref() == Some("") {
         return Err(at("issuer", "must not be empty; omit it to accept any issuer"));
@@ -508,8 +558,33 @@ fn compile_provider(raw: &RawProvider, path: &str, cache_entries: usize) -> Resu
         claims,
         revoked_jti: raw.revoked_jti.iter().cloned().collect(),
         forward: raw.forward,
-        cache_entries,
+        account_prefix: account_prefix(raw, shared, path)?,
+        cache_entries: jwt.cache_entries,
+        failed_cache_entries: jwt.failed_cache_entries,
+        failed_cache_seconds: jwt.failed_cache_seconds,
+        max_keys_without_kid: jwt.max_keys_without_kid,
     })
+}
+
+/// The provider's `account_prefix`, or its default (see `RawProvider::account_prefix`).
+fn account_prefix(raw: &RawProvider, shared: bool, path: &str) -> Result<String, ConfigError> {
+    let allowed = |b: u8| b.is_ascii_alphanumeric() || b".-_:@".contains(&b);
+    match (&raw.account_prefix, &raw.issuer) {
+        (Some(prefix), _) if prefix.len() > 64 || !prefix.bytes().all(allowed) => Err(ConfigError::at(
+            format!("{path}.account_prefix"),
+            "must be at most 64 of A-Z a-z 0-9 . - _ : @ (what the credit service accepts in an account id)",
+        )),
+        (Some(prefix), _) => Ok(prefix.clone()),
+        (None, _) if !shared => Ok(String::new()),
+        (None, None) => Ok("jwt:".to_owned()),
+        (None, Some(issuer)) => {
+            let name = issuer.split_once("://").map_or(issuer.as_str(), |(_, rest)| rest).trim_end_matches('/');
+            let mut prefix: String =
+                name.bytes().take(63).map(|b| if allowed(b) { char::from(b) } else { '_' }).collect();
+            prefix.push(':');
+            Ok(prefix)
+        }
+    }
 }
 
 fn token_sources(raw: &RawTokenSources, path: &str) -> Result<TokenSources, ConfigError> {
@@ -616,8 +691,20 @@ pub(crate) fn verify(
     let mut identity = match cached {
         Some(identity) => identity,
         None => {
-            let claims = verify_signature(provider, state, chosen.provider, &chosen.token, max_bytes, now)?;
-            let identity = provider.identity(state, &claims)?;
+            if let Some(refused) = state.failed.try_borrow().ok().and_then(|failed| failed.get(&chosen.token, now)) {
+                return Err(refused);
+            }
+            let verified = verify_signature(provider, state, chosen.provider, &chosen.token, max_bytes, now)
+                .and_then(|claims| Ok((provider.identity(state, &claims)?, claims)));
+            let (identity, claims) = match verified {
+                Ok(verified) => verified,
+                Err(err) => {
+                    if let Ok(mut failed) = state.failed.try_borrow_mut() {
+                        failed.insert(&chosen.token, &err, now);
+                    }
+                    return Err(err);
+                }
+            };
             if let Ok(mut cache) = state.cache.try_borrow_mut() {
                 cache.insert(&chosen.token, provider.verified(&claims, identity.clone()));
             }
@@ -713,6 +800,9 @@ fn verify_signature(
             AuthError::AlgorithmMismatch
         });
     }
+    if kid.is_none() && usable.len() > provider.max_keys_without_kid {
+        return Err(AuthError::KeyIdRequired { keys: usable.len() });
+    }
     let options = VerificationOptions {
         artificial_time: Some(UnixTimeStamp::from_secs(now)),
         time_tolerance: Some(Duration::from_secs(provider.leeway_seconds)),
@@ -789,6 +879,8 @@ impl Provider {
             Some(name) => required(name)?,
             None => subject.clone(),
         };
+        let account =
+            if self.account_prefix.is_empty() { account } else { format!("{}{account}", self.account_prefix) };
         let tier = match &mapping.tier {
             Some(name) => string_claim(claims, name)?,
             None => None,
@@ -993,6 +1085,48 @@ mod tests {
 
     fn encode(header: Value, payload: Value, signature: &[u8]) -> String {
         format!("{}.{}.{}", b64(header.to_string().as_bytes()), b64(payload.to_string().as_bytes()), b64(signature))
+    }
+
+    #[test]
+    fn a_token_without_kid_is_tried_against_a_few_keys_at_most() {
+        let signers: Vec<Signer> = (0..5).map(|_| Signer::new("ES256", "unused")).collect();
+        let jwks: Vec<Value> = signers
+            .iter()
+            .map(|s| {
+                let mut jwk = s.jwk("unused");
+                jwk.as_object_mut().unwrap().remove("kid");
+                jwk
+            })
+            .collect();
+        let Signer::ES256(last) = &signers[4] else { unreachable!() };
+        let token = ES256KeyPair::from_bytes(&last.to_bytes()).unwrap().sign(claims(json!({}))).unwrap();
+        let capped = authenticator(jwks.clone(), json!({}));
+        assert_eq!(bearer(&capped, &token), Err(AuthError::KeyIdRequired { keys: 5 }));
+        let raised = parse(
+            &json!({"jwt": {"max_keys_without_kid": 5, "providers": [{"issuer": ISSUER, "audiences": ["api"], "jwks": {"keys": jwks}}]}})
+                .to_string(),
+        )
+        .unwrap();
+        assert!(bearer(&raised, &token).unwrap().is_some(), "within the cap the fifth key verifies it");
+    }
+
+    #[test]
+    fn a_refused_token_is_refused_again_without_a_signature_check() {
+        let signer = Signer::new("ES256", "k1");
+        let auth = authenticator(vec![signer.jwk("k1")], json!({}));
+        let token = signer.sign(claims(json!({})));
+        let (head, _) = token.rsplit_once('.').unwrap();
+        let forged = format!("{head}.{}", b64(&[7; 64]));
+        assert_eq!(bearer(&auth, &forged), Err(AuthError::BadSignature));
+        assert_eq!(bearer(&auth, &forged), Err(AuthError::BadSignature));
+        assert_eq!(auth.state.take_remembered_refusals(), 1, "the second time from memory");
+        assert_eq!(auth.state.take_remembered_refusals(), 0, "counted once");
+        assert!(bearer(&auth, &token).unwrap().is_some(), "the genuine token is not tarred with it");
+        // Only what was remembered answers: a different signature for the same claims is checked.
+        let state = auth.provider_state(0);
+        state.failed.borrow_mut().insert(&token, &AuthError::Revoked, NOW);
+        state.cache.borrow_mut().clear();
+        assert_eq!(bearer(&auth, &token), Err(AuthError::Revoked), "answered from the cache, unverified");
     }
 
     #[test]
@@ -1203,6 +1337,32 @@ mod tests {
     }
 
     #[test]
+    fn accounts_from_different_sources_never_share_a_name_unless_configured_to() {
+        let signer = Signer::new("HS256", "k1");
+        let token = signer.sign(claims(json!({})));
+        let provider = |extra: Value| {
+            let mut p = json!({"issuer": ISSUER, "audiences": "any", "jwks": {"keys": [signer.jwk("k1")]}});
+            p.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            p
+        };
+        let keys = json!({"keys": [{"id": "k", "sha256": "ab".repeat(32), "account": "user-1"}]});
+        let account = |auth: Value| {
+            let auth = parse(&auth.to_string()).unwrap();
+            bearer(&auth, &token).unwrap().unwrap().account
+        };
+        assert_eq!(account(json!({"jwt": {"providers": [provider(json!({}))]}})), "user-1", "the only source");
+        let issuer_prefix = format!("{}:user-1", ISSUER.split_once("://").unwrap().1.trim_end_matches('/'));
+        assert_eq!(account(json!({"api_keys": keys, "jwt": {"providers": [provider(json!({}))]}})), issuer_prefix);
+        let shared = provider(json!({"account_prefix": ""}));
+        assert_eq!(account(json!({"api_keys": keys, "jwt": {"providers": [shared]}})), "user-1", "on purpose");
+        let named = provider(json!({"account_prefix": "idp:"}));
+        assert_eq!(account(json!({"jwt": {"providers": [named]}})), "idp:user-1");
+        let bad = provider(json!({"account_prefix": "a b"}));
+        let err = parse(&json!({"jwt": {"providers": [bad]}}).to_string()).unwrap_err();
+        assert!(err.starts_with("auth.jwt.providers[0].account_prefix: must be at most 64"), "{err}");
+    }
+
+    #[test]
     fn several_providers_are_chosen_by_issuer() {
         let a = Signer::new("HS256", "a");
         let b = Signer::new("EdDSA", "b");
@@ -1217,8 +1377,9 @@ mod tests {
             c.issuer = Some(iss.to_owned());
             signer.sign(c)
         };
-        assert_eq!(bearer(&auth, &token(&a, "https://a.example")).unwrap().unwrap().account, "user-1");
-        assert_eq!(bearer(&auth, &token(&b, "https://b.example")).unwrap().unwrap().account, "bee");
+        // Two sources of accounts: each provider's are its own by default.
+        assert_eq!(bearer(&auth, &token(&a, "https://a.example")).unwrap().unwrap().account, "a.example:user-1");
+        assert_eq!(bearer(&auth, &token(&b, "https://b.example")).unwrap().unwrap().account, "b.example:bee");
         // Signed by A's key but claiming B: B's keys decide, and refuse.
         assert_eq!(bearer(&auth, &token(&a, "https://b.example")), Err(AuthError::UnknownKeyId { provider: 1 }));
         assert_eq!(bearer(&auth, &token(&a, "https://c.example")), Err(AuthError::WrongIssuer));

@@ -13,6 +13,7 @@ use std::fmt;
 use serde::Deserialize;
 
 use crate::common::ConfigError;
+use crate::ratelimit::{AddressBudget, RawLimits};
 
 pub use api_key::{ApiKeys, RawApiKey, RawApiKeys};
 pub use jwks::{RawJwk, RawJwks};
@@ -49,16 +50,62 @@ pub struct RawAuth {
     /// HMAC request signatures (`X-Signature`, `X-Timestamp`) for routes that require them.
     #[serde(default)]
     pub signatures: Option<RawSignatures>,
+    /// Failed authentications allowed per client address, checked before any credential is
+    /// verified: past them every request of that address is 429 until its budget refills. On by
+    /// default; `null` turns it off.
+    #[serde(default = "default_failures")]
+    pub failures: Option<RawFailures>,
 }
 
 impl Default for RawAuth {
     fn default() -> Self {
-        RawAuth { max_credential_bytes: default_max_credential_bytes(), jwt: None, api_keys: None, signatures: None }
+        RawAuth {
+            max_credential_bytes: default_max_credential_bytes(),
+            jwt: None,
+            api_keys: None,
+            signatures: None,
+            failures: default_failures(),
+        }
     }
 }
 
 fn default_max_credential_bytes() -> usize {
     8192
+}
+
+/// `auth.failures`: the budget of failed authentications per client address (IPv6 per /64).
+#[derive(Debug, Deserialize)]
+#[cfg_attr(not(target_arch = "wasm32"), derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct RawFailures {
+    /// Failures per minute; `null` for none.
+    #[serde(default = "default_failures_per_minute")]
+    pub per_minute: Option<u64>,
+    /// Failures per hour, on top.
+    #[serde(default)]
+    pub per_hour: Option<u64>,
+    /// The most failures back to back; by default the whole per-minute budget.
+    #[serde(default)]
+    pub burst: Option<u64>,
+    /// Client addresses tracked at once, in a table of Envoy's shared data of its own (about
+    /// 160 bytes each), fixed at start.
+    #[serde(default = "default_failure_slots")]
+    pub slots: u32,
+}
+
+fn default_failures() -> Option<RawFailures> {
+    Some(RawFailures {
+        per_minute: default_failures_per_minute(),
+        per_hour: None,
+        burst: None,
+        slots: default_failure_slots(),
+    })
+}
+fn default_failures_per_minute() -> Option<u64> {
+    Some(30)
+}
+fn default_failure_slots() -> u32 {
+    4096
 }
 
 /// A secret from the configuration: deserialized like a string, never shown by `Debug`.
@@ -83,6 +130,7 @@ impl fmt::Debug for SecretString {
 #[derive(Debug)]
 pub struct Authenticator {
     max_credential_bytes: usize,
+    failures: Option<AddressBudget>,
     providers: Vec<Provider>,
     api_keys: Option<ApiKeys>,
     signatures: Option<Signatures>,
@@ -96,13 +144,27 @@ impl TryFrom<&RawAuth> for Authenticator {
             return Err(ConfigError::at(format!("{PATH}.max_credential_bytes"), "must be > 0"));
         }
         let providers = match &raw.jwt {
-            Some(jwt) => jwt::compile_providers(jwt, &format!("{PATH}.jwt"))?,
+            Some(jwt) => jwt::compile_providers(jwt, &format!("{PATH}.jwt"), raw.api_keys.is_some())?,
             None => Vec::new(),
         };
         let api_keys = raw.api_keys.as_ref().map(|k| ApiKeys::compile(k, &format!("{PATH}.api_keys"))).transpose()?;
         let signatures =
             raw.signatures.as_ref().map(|s| Signatures::compile(s, &format!("{PATH}.signatures"))).transpose()?;
-        Ok(Authenticator { max_credential_bytes: raw.max_credential_bytes, providers, api_keys, signatures })
+        // Without a way to authenticate nothing can fail, and no table is made.
+        let failures = match &raw.failures {
+            Some(f) if !providers.is_empty() || api_keys.is_some() => {
+                let limits = RawLimits {
+                    per_second: None,
+                    per_minute: f.per_minute,
+                    per_hour: f.per_hour,
+                    per_day: None,
+                    burst: f.burst,
+                };
+                Some(AddressBudget::new(&format!("{PATH}.failures"), &limits, "auth-failures", f.slots)?)
+            }
+            _ => None,
+        };
+        Ok(Authenticator { max_credential_bytes: raw.max_credential_bytes, failures, providers, api_keys, signatures })
     }
 }
 
@@ -115,6 +177,11 @@ pub struct AuthState {
 impl AuthState {
     pub fn new(auth: &Authenticator) -> AuthState {
         AuthState { providers: auth.providers.iter().map(ProviderState::new).collect() }
+    }
+
+    /// Tokens refused from memory, unchecked, since the last call: the pipeline counts them.
+    pub fn take_remembered_refusals(&self) -> u64 {
+        self.providers.iter().map(ProviderState::take_remembered_refusals).sum()
     }
 
     /// Provider `index`'s state, as `Authenticator::providers` numbers them.
@@ -132,6 +199,11 @@ impl Authenticator {
 
     pub fn signatures(&self) -> Option<&Signatures> {
         self.signatures.as_ref()
+    }
+
+    /// The budget of failed authentications per client address, when one is kept.
+    pub fn failures(&self) -> Option<&AddressBudget> {
+        self.failures.as_ref()
     }
 
     /// Finds and verifies the caller's credential. `Ok(None)`: the request carries none (the route
@@ -454,6 +526,9 @@ pub enum AuthError {
     KeysUnavailable { provider: usize },
     #[error("the token's signature is not valid")]
     BadSignature,
+    /// Past `max_keys_without_kid`: refused before any of the keys is tried.
+    #[error("the token names no key id and {keys} keys could have signed it")]
+    KeyIdRequired { keys: usize },
     #[error("the token has expired")]
     Expired,
     #[error("the token is not valid yet")]
@@ -537,6 +612,7 @@ impl AuthError {
             | AlgorithmMismatch
             | UnknownKeyId { .. }
             | BadSignature
+            | KeyIdRequired { .. }
             | Expired
             | NotYetValid
             | WrongIssuer
@@ -565,6 +641,12 @@ impl AuthError {
 
     pub fn status(&self) -> u16 {
         self.kind().status()
+    }
+
+    /// Whether this refusal spends the client address's failure budget: a credential that did not
+    /// verify (or that the gateway would not read), never a 403 or the gateway's own 503.
+    pub fn is_failure(&self) -> bool {
+        matches!(self.kind(), AuthErrorKind::InvalidRequest | AuthErrorKind::InvalidToken | AuthErrorKind::Unauthorized)
     }
 
     /// The `WWW-Authenticate` value (RFC 6750 §3), or `None` for a 503.

@@ -39,8 +39,9 @@ pub struct RawSignatures {
     /// seeds' middleware does, which leaves the query open to tampering.
     #[serde(default = "default_true")]
     pub sign_query: bool,
-    /// How many recent signatures each Envoy worker remembers (about 120 bytes each). When full
-    /// of unexpired ones, signed requests get 503 rather than risk an undetected replay.
+    /// How many recent signatures each Envoy worker remembers (about 120 bytes each). When full,
+    /// the one closest to expiry is forgotten: the process-wide record in shared data still
+    /// refuses its replay, so this only saves the shared-data round trip.
     #[serde(default = "default_replay_cache_entries")]
     pub replay_cache_entries: usize,
     /// What the signature covers after `METHOD:path:timestamp:`.
@@ -186,7 +187,7 @@ impl Signatures {
         now: u64,
         has_body: bool,
     ) -> Result<(Accepted, Option<BodyDigest>), AuthError> {
-        let (mut mac, signature, expires_at) = self.signed_head(request, identity, now)?;
+        let (mut mac, signature, expires_at, account) = self.signed_head(request, identity, now)?;
         let digest = match request.single_header("content-digest", "Content-Digest header")? {
             Some(value) => sha256_member(value).ok_or(AuthError::DigestMalformed)?,
             None if has_body => return Err(AuthError::DigestMissing),
@@ -200,7 +201,7 @@ impl Signatures {
             return Err(AuthError::SignatureMismatch);
         }
         let body = BodyDigest { hash: Hash::new(), expected };
-        let accepted = Accepted { signature, expires_at };
+        let accepted = Accepted { signature, expires_at, account };
         if has_body {
             return Ok((accepted, Some(body)));
         }
@@ -216,19 +217,19 @@ impl Signatures {
         identity: Option<&Identity>,
         now: u64,
     ) -> Result<PendingSignature, AuthError> {
-        let (mac, signature, expires_at) = self.signed_head(request, identity, now)?;
-        Ok(PendingSignature { mac, signature, expires_at })
+        let (mac, signature, expires_at, account) = self.signed_head(request, identity, now)?;
+        Ok(PendingSignature { mac, signature, expires_at, account })
     }
 
     /// Both headers present and single, the timestamp within the skew, a secret for the caller's
     /// account: the MAC with `METHOD:path:timestamp:` absorbed, the signature to compare it with,
-    /// and until when a replay of it would pass the timestamp check.
+    /// until when a replay of it would pass the timestamp check, and the account's tag.
     fn signed_head(
         &self,
         request: &RequestCredentials,
         identity: Option<&Identity>,
         now: u64,
-    ) -> Result<(HMAC, [u8; 32], u64), AuthError> {
+    ) -> Result<(HMAC, [u8; 32], u64, u32), AuthError> {
         let signature = request.single_header(&self.header, "signature header")?;
         let timestamp = request.single_header(&self.timestamp_header, "timestamp header")?;
         let (Some(signature), Some(timestamp)) = (signature, timestamp) else {
@@ -244,15 +245,15 @@ impl Signatures {
         if seconds > now.saturating_add(MAX_FUTURE_SECONDS) {
             return Err(AuthError::TimestampInFuture { max_seconds: MAX_FUTURE_SECONDS });
         }
-        let mut mac =
-            identity.and_then(|id| self.secrets.get(&id.account)).cloned().ok_or(AuthError::NoSigningSecret)?;
+        let identity = identity.ok_or(AuthError::NoSigningSecret)?;
+        let mut mac = self.secrets.get(&identity.account).cloned().ok_or(AuthError::NoSigningSecret)?;
         let path = request.header(":path").unwrap_or_default();
         let path = if self.sign_query { path } else { path.split(['?', '#']).next().unwrap_or_default() };
         for part in [request.header(":method").unwrap_or_default(), path, timestamp] {
             mac.update(part.as_bytes());
             mac.update(b":");
         }
-        Ok((mac, signature, seconds.saturating_add(self.max_skew_seconds)))
+        Ok((mac, signature, seconds.saturating_add(self.max_skew_seconds), account_tag(&identity.account)))
     }
 }
 
@@ -332,6 +333,13 @@ impl BodyCheck {
     }
 }
 
+/// A short tag of the signing account (FNV-1a), so the replay store can keep each account to its
+/// share. Accounts come from the configuration, not the client: two that collide only share a
+/// share.
+fn account_tag(account: &str) -> u32 {
+    account.bytes().fold(0x811c_9dc5, |hash, b| (hash ^ u32::from(b)).wrapping_mul(0x0100_0193))
+}
+
 /// Decimal digits only: no sign, no fraction, nothing a lenient parser would guess at.
 fn parse_seconds(text: &str) -> Option<u64> {
     if text.is_empty() || text.len() > 19 || !text.bytes().all(|b| b.is_ascii_digit()) {
@@ -346,6 +354,7 @@ pub struct PendingSignature {
     signature: [u8; 32],
     /// Until when a replay of this signature would pass the timestamp check.
     expires_at: u64,
+    account: u32,
 }
 
 impl fmt::Debug for PendingSignature {
@@ -368,7 +377,7 @@ impl PendingSignature {
             return Err(AuthError::SignatureMismatch);
         }
         replays.insert(self.signature, self.expires_at, now)?;
-        Ok(Accepted { signature: self.signature, expires_at: self.expires_at })
+        Ok(Accepted { signature: self.signature, expires_at: self.expires_at, account: self.account })
     }
 }
 
@@ -378,10 +387,14 @@ pub struct Accepted {
     pub signature: [u8; 32],
     /// Until when a replay would pass the timestamp check.
     pub expires_at: u64,
+    /// The signing account's tag: its share of the replay store.
+    pub account: u32,
 }
 
 /// Recently accepted signatures, each until its timestamp leaves the skew window. Bounded: it
-/// never holds more than its capacity, and expired entries go first.
+/// never holds more than its capacity; expired entries go first, then the one closest to expiry.
+/// It is a shortcut before the shared record (`replay::SeenSignatures`), which has the last word,
+/// so forgetting early never lets a replay through, and a flood cannot make it refuse anyone.
 #[derive(Debug)]
 pub struct ReplayCache {
     capacity: usize,
@@ -414,8 +427,9 @@ impl ReplayCache {
         if self.expiry_of.contains_key(&signature) {
             return Err(AuthError::SignatureReplayed);
         }
-        if self.expiry_of.len() >= self.capacity {
-            return Err(AuthError::ReplayCacheFull);
+        while self.expiry_of.len() >= self.capacity.max(1) {
+            let Some(Reverse((_, old))) = self.by_expiry.pop() else { break };
+            self.expiry_of.remove(&old);
         }
         self.expiry_of.insert(signature, expires_at);
         self.by_expiry.push(Reverse((expires_at, signature)));
@@ -579,13 +593,23 @@ mod tests {
         let mut cache = ReplayCache::new(2);
         assert_eq!(cache.insert([1; 32], NOW + 10, NOW), Ok(()));
         assert_eq!(cache.insert([2; 32], NOW + 20, NOW), Ok(()));
-        assert_eq!(cache.insert([3; 32], NOW + 30, NOW), Err(AuthError::ReplayCacheFull));
         assert_eq!(cache.insert([1; 32], NOW + 10, NOW + 10), Err(AuthError::SignatureReplayed));
         // Entry 1 has expired at NOW + 11: room again, and 1 is no longer a replay.
         assert_eq!(cache.insert([3; 32], NOW + 30, NOW + 11), Ok(()));
         assert_eq!(cache.len(), 2);
-        assert_eq!(cache.insert([1; 32], NOW + 40, NOW + 25), Ok(()));
+        assert_eq!(cache.insert([1; 32], NOW + 40, NOW + 12), Ok(()));
         assert_eq!(cache.len(), 2);
+    }
+
+    #[test]
+    fn a_full_replay_cache_forgets_the_entry_closest_to_expiry_instead_of_refusing() {
+        let mut cache = ReplayCache::new(2);
+        assert_eq!(cache.insert([1; 32], NOW + 10, NOW), Ok(()));
+        assert_eq!(cache.insert([2; 32], NOW + 20, NOW), Ok(()));
+        assert_eq!(cache.insert([3; 32], NOW + 30, NOW), Ok(()), "a flood never makes it refuse");
+        assert_eq!(cache.len(), 2);
+        assert_eq!(cache.insert([2; 32], NOW + 20, NOW), Err(AuthError::SignatureReplayed), "the later ones stay");
+        // The shared record (replay.rs) still refuses a replay of the forgotten one.
     }
 
     #[test]

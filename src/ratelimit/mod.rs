@@ -45,6 +45,23 @@ pub struct RawRateLimits {
     /// IPv6 clients are limited per network of this prefix length (one host often owns a /64).
     #[serde(default = "default_ipv6_prefix")]
     pub ipv6_prefix_length: u8,
+    /// A second, coarser limit on IPv6 clients: per network of `prefix_length` (a site is often
+    /// given a /48, which holds 65,536 /64s), each limit multiplied by `factor`. `null` turns it off.
+    #[serde(default = "default_ipv6_network")]
+    pub ipv6_network: Option<RawIpv6Network>,
+}
+
+/// `rate_limits.ipv6_network`.
+#[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(not(target_arch = "wasm32"), derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct RawIpv6Network {
+    /// Shorter than `ipv6_prefix_length`.
+    #[serde(default = "default_ipv6_network_prefix")]
+    pub prefix_length: u8,
+    /// The network's limits are the address limits times this (at least 1).
+    #[serde(default = "default_ipv6_network_factor")]
+    pub factor: u64,
 }
 
 fn default_slots() -> u32 {
@@ -52,6 +69,15 @@ fn default_slots() -> u32 {
 }
 fn default_ipv6_prefix() -> u8 {
     64
+}
+fn default_ipv6_network() -> Option<RawIpv6Network> {
+    Some(RawIpv6Network { prefix_length: default_ipv6_network_prefix(), factor: default_ipv6_network_factor() })
+}
+fn default_ipv6_network_prefix() -> u8 {
+    48
+}
+fn default_ipv6_network_factor() -> u64 {
+    16
 }
 
 /// Requests allowed per period; several periods may be set at once and all apply.
@@ -98,6 +124,8 @@ struct Limit {
 pub struct PolicyLimit {
     tiers: bool,
     route: Vec<Limit>,
+    /// `route` widened for an IPv6 client's network (`RateLimits::network`); empty when off.
+    network_route: Vec<Limit>,
 }
 
 /// The validated `rate_limits`, and the layout of the table the counts live in. The table itself
@@ -108,6 +136,8 @@ pub struct RateLimits {
     default_tier: Option<String>,
     anonymous: Vec<Limit>,
     ipv6_prefix: u8,
+    /// The coarser IPv6 network and `anonymous` widened for it.
+    network: Option<(u8, Vec<Limit>)>,
     layout: Layout,
 }
 
@@ -138,6 +168,9 @@ pub enum Limited {
     /// Workers kept racing on the caller's count; refused rather than counted loosely.
     #[error("rate limit state is busy; retry shortly")]
     Contended,
+    /// A rate-limited public route, and Envoy gave no client address to count it under.
+    #[error("the gateway cannot tell which client sent this request")]
+    UnknownAddress,
 }
 
 /// What a check did, for the caller and for the metrics.
@@ -158,6 +191,7 @@ impl RateLimits {
             anonymous: None,
             slots: default_slots(),
             ipv6_prefix_length: default_ipv6_prefix(),
+            ipv6_network: None,
         };
         let raw_limits = raw.unwrap_or(&empty);
         let mut tiers = BTreeMap::new();
@@ -186,6 +220,21 @@ impl RateLimits {
                 message: "must be between 1 and 128".into(),
             });
         }
+        if let Some(network) = &raw_limits.ipv6_network {
+            if !(1..raw_limits.ipv6_prefix_length).contains(&network.prefix_length) {
+                return Err(ConfigError {
+                    path: "rate_limits.ipv6_network.prefix_length".into(),
+                    message: "must be between 1 and ipv6_prefix_length - 1".into(),
+                });
+            }
+            if network.factor == 0 {
+                return Err(ConfigError {
+                    path: "rate_limits.ipv6_network.factor".into(),
+                    message: "must be > 0".into(),
+                });
+            }
+        }
+        let factor = raw_limits.ipv6_network.as_ref().map(|n| n.factor);
         if !(256..=4_194_304).contains(&raw_limits.slots) {
             return Err(ConfigError {
                 path: "rate_limits.slots".into(),
@@ -216,14 +265,24 @@ impl RateLimits {
                 None if !limit.tiers => return Err(at("limits nothing: set route limits, or tiers: true")),
                 None => Vec::new(),
             };
-            by_policy.insert(name.clone(), PolicyLimit { tiers: limit.tiers, route });
+            let network_route = factor.map_or_else(Vec::new, |f| widened(&route, f));
+            by_policy.insert(name.clone(), PolicyLimit { tiers: limit.tiers, route, network_route });
         }
-        let windows = windows_digest(&tiers, raw_limits.default_tier.as_deref(), &anonymous, &by_policy);
+        let mut windows = windows_digest(&tiers, raw_limits.default_tier.as_deref(), &anonymous, &by_policy);
+        if let Some(network) = &raw_limits.ipv6_network {
+            // The network's counts mean something else under another prefix or factor.
+            let mut marked = windows.to_vec();
+            marked.push(network.prefix_length);
+            marked.extend_from_slice(&network.factor.to_le_bytes());
+            windows = hmac_sha256::Hash::hash(&marked);
+        }
+        let network = raw_limits.ipv6_network.as_ref().map(|n| (n.prefix_length, widened(&anonymous, n.factor)));
         let limits = (!by_policy.is_empty()).then(|| RateLimits {
             tiers,
             default_tier: raw_limits.default_tier.clone(),
             anonymous,
             ipv6_prefix: raw_limits.ipv6_prefix_length,
+            network,
             layout: Layout { slots: raw_limits.slots, width, windows },
         });
         Ok((limits, by_policy))
@@ -259,12 +318,31 @@ impl RateLimits {
         if limits.is_empty() {
             return Checked { result: Ok(None), retries: 0 };
         }
-        let key = self.caller_key(caller);
-        let applied = table.update(host, key.as_bytes(), now, |tats| decide(&limits, tats, now));
-        match applied {
-            Ok(applied) => Checked { result: applied.value.map(Some), retries: applied.retries },
-            Err(table::Contended) => Checked { result: Err(Limited::Contended), retries: 0 },
+        let key = match caller {
+            Caller::Identity(identity) => format!("account:{}", identity.account),
+            Caller::Address(address) => match address.and_then(parse_ip) {
+                Some(ip) => address_key(ip, self.ipv6_prefix),
+                // Without an address every such client would share one count, each spending the
+                // others' budget unseen: refused instead (see the README).
+                None => return Checked { result: Err(Limited::UnknownAddress), retries: 0 },
+            },
+        };
+        let mut checked = count(table, host, &key, &limits, now);
+        // An IPv6 client also counts against its network, only once its own limits let it pass.
+        if let (Caller::Address(Some(address)), Some((prefix, anonymous)), Ok(_)) =
+            (caller, &self.network, &checked.result)
+        {
+            if let Some(ip @ IpAddr::V6(_)) = parse_ip(address) {
+                let tier = if policy.tiers { anonymous.as_slice() } else { &[] };
+                let wide: Vec<&Limit> = tier.iter().chain(&policy.network_route).collect();
+                let network = count(table, host, &address_key(ip, *prefix), &wide, now);
+                checked.retries += network.retries;
+                if network.result.is_err() {
+                    checked.result = network.result;
+                }
+            }
         }
+        checked
     }
 
     fn tier_limits(&self, caller: &Caller) -> &[Limit] {
@@ -278,22 +356,92 @@ impl RateLimits {
                 .map_or(&[], Vec::as_slice),
         }
     }
+}
 
-    /// The bytes the slot hash is taken over; an address never reaches shared data as such.
-    fn caller_key(&self, caller: &Caller) -> String {
-        match caller {
-            Caller::Identity(identity) => format!("account:{}", identity.account),
-            Caller::Address(address) => {
-                let ip = address.and_then(parse_ip);
-                match ip {
-                    Some(IpAddr::V6(v6)) => format!("ip:{}/{}", mask(v6, self.ipv6_prefix), self.ipv6_prefix),
-                    Some(IpAddr::V4(v4)) => format!("ip:{v4}"),
-                    None => "ip:unknown".to_owned(),
-                }
-            }
-        }
+/// Counts one request under `key` (the bytes the slot hash is taken over; an address never
+/// reaches shared data as such) against `limits`.
+fn count(table: &Table, host: &mut dyn Host, key: &str, limits: &[&Limit], now: u64) -> Checked {
+    match table.update(host, key.as_bytes(), now, |tats| decide(limits, tats, now)) {
+        Ok(applied) => Checked { result: applied.value.map(Some), retries: applied.retries },
+        Err(table::Contended) => Checked { result: Err(Limited::Contended), retries: 0 },
     }
 }
+
+/// `limits` for a whole network: each limit and burst times `factor`, at the same positions (the
+/// network has a slot of its own), named apart in the `RateLimit` headers.
+fn widened(limits: &[Limit], factor: u64) -> Vec<Limit> {
+    limits
+        .iter()
+        .map(|l| {
+            let w = &l.window;
+            let limit = w.limit.saturating_mul(factor);
+            let window = Window::new(w.period, limit, w.capacity.saturating_mul(factor), w.position);
+            let name = format!("{}-ipv6-network", l.name);
+            let policy = format!("\"{name}\";q={limit};w={}", w.period.seconds()).into();
+            Limit { window, name: name.into(), policy }
+        })
+        .collect()
+}
+
+/// A client address as the slot hash takes it: IPv4 whole, IPv6 by network.
+fn address_key(ip: IpAddr, ipv6_prefix: u8) -> String {
+    match ip {
+        IpAddr::V6(v6) => format!("ip:{}/{ipv6_prefix}", mask(v6, ipv6_prefix)),
+        IpAddr::V4(v4) => format!("ip:{v4}"),
+    }
+}
+
+/// Limits on something other than requests, per client address, in a table of their own:
+/// authentication failures. A request first asks whether the address has budget left (`admits`,
+/// which counts nothing), and only what failed is counted (`spend`). A client without an address
+/// is not counted: one shared count would let any such client lock out all the others.
+#[derive(Debug)]
+pub struct AddressBudget {
+    limits: Vec<Limit>,
+    layout: Layout,
+}
+
+impl AddressBudget {
+    /// `raw` validated at `path`; `label` names its windows in the `RateLimit` headers.
+    pub fn new(path: &str, raw: &RawLimits, label: &str, slots: u32) -> Result<AddressBudget, ConfigError> {
+        let limits = limits_of(path, raw, label, None)?;
+        if !(256..=4_194_304).contains(&slots) {
+            return Err(ConfigError {
+                path: format!("{path}.slots"),
+                message: "must be between 256 and 4194304".into(),
+            });
+        }
+        let windows = windows_digest(&BTreeMap::new(), None, &limits, &BTreeMap::new());
+        Ok(AddressBudget { limits, layout: Layout { slots, width: TIER_POSITIONS, windows } })
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// Refused when the address has spent its budget; counts nothing. `now` in nanoseconds.
+    pub fn admits(&self, table: &Table, host: &mut dyn Host, address: Option<&str>, now: u64) -> Result<(), Limited> {
+        let Some(ip) = address.and_then(parse_ip) else { return Ok(()) };
+        let limits: Vec<&Limit> = self.limits.iter().collect();
+        let key = address_key(ip, BUDGET_IPV6_PREFIX);
+        match table.update(host, key.as_bytes(), now, |tats| (decide(&limits, tats, now).0, None)) {
+            Ok(applied) => applied.value.map(drop),
+            Err(table::Contended) => Err(Limited::Contended),
+        }
+    }
+
+    /// Counts one against the address's budget.
+    pub fn spend(&self, table: &Table, host: &mut dyn Host, address: Option<&str>, now: u64) {
+        let Some(ip) = address.and_then(parse_ip) else { return };
+        let limits: Vec<&Limit> = self.limits.iter().collect();
+        let key = address_key(ip, BUDGET_IPV6_PREFIX);
+        // A lost race or a full budget counts nothing more: the next request is refused anyway.
+        let _ = table.update(host, key.as_bytes(), now, |tats| decide(&limits, tats, now));
+    }
+}
+
+/// An `AddressBudget` counts IPv6 clients per /64, the network one host is usually given.
+const BUDGET_IPV6_PREFIX: u8 = 64;
 
 /// What the stored TATs mean: every window's name, position, period, limit and capacity. Counts
 /// survive a config edit exactly when this digest (and the table's size) stays the same.
@@ -477,6 +625,7 @@ mod tests {
     use crate::auth::AuthMethod;
     use crate::host::fake::FakeHost;
     use crate::host::NANOS_PER_SECOND;
+    use crate::problem::Denial;
     use crate::routes::Access;
 
     fn limits(
@@ -592,6 +741,41 @@ mod tests {
         assert_eq!(passes(&limits, &table, login, &mut host, &Caller::Address(Some("[2001:db8:1:2::1]:443"))), 5);
         assert_eq!(passes(&limits, &table, login, &mut host, &Caller::Address(Some("[2001:db8:1:2:ffff::9]:80"))), 0);
         assert_eq!(passes(&limits, &table, login, &mut host, &Caller::Address(Some("[2001:db8:1:3::1]:80"))), 5);
+    }
+
+    #[test]
+    fn an_ipv6_network_has_a_coarser_limit_beside_its_addresses() {
+        let raw =
+            TIERS.replace(r#""slots": 256"#, r#""slots": 256, "ipv6_network": {"prefix_length": 48, "factor": 2}"#);
+        let (limits, policies) =
+            limits(&raw, &[("login", Access::Public, r#"{"tiers": false, "route": {"per_minute": 5}}"#)]).unwrap();
+        let mut host = FakeHost::default();
+        let table = Table::open(limits.layout(), [9; 16], &mut host);
+        let login = &policies["login"];
+        let from = |address: &'static str| Caller::Address(Some(address));
+        assert_eq!(passes(&limits, &table, login, &mut host, &from("[2001:db8:1:2::1]:443")), 5);
+        assert_eq!(passes(&limits, &table, login, &mut host, &from("[2001:db8:1:3::1]:443")), 5);
+        assert_eq!(
+            passes(&limits, &table, login, &mut host, &from("[2001:db8:1:4::1]:443")),
+            0,
+            "the /48's 10 are spent"
+        );
+        let now = host.now_nanos();
+        let refused = limits.check(&table, &mut host, login, &from("[2001:db8:1:5::1]:443"), now);
+        let Err(Limited::Exceeded { quota, .. }) = refused.result else { panic!("{:?}", refused.result) };
+        assert_eq!((&*quota.name, quota.limit), ("login-per-minute-ipv6-network", 10));
+        assert_eq!(passes(&limits, &table, login, &mut host, &from("[2001:db8:2:1::1]:443")), 5, "another /48");
+        assert_eq!(passes(&limits, &table, login, &mut host, &from("198.51.100.1:80")), 5, "IPv4 has no network limit");
+    }
+
+    #[test]
+    fn a_client_without_an_address_is_refused_rather_than_pooled() {
+        let (limits, policies, mut host, table) = setup();
+        let checked = limits.check(&table, &mut host, &policies["login"], &Caller::Address(None), 0);
+        assert_eq!(checked.result, Err(Limited::UnknownAddress));
+        let checked = limits.check(&table, &mut host, &policies["login"], &Caller::Address(Some("@unix")), 0);
+        assert_eq!(checked.result, Err(Limited::UnknownAddress));
+        assert_eq!(Denial::from(Limited::UnknownAddress).problem_type().status, 500);
     }
 
     #[test]

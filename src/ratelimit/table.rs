@@ -17,8 +17,8 @@ use crate::host::Host;
 pub use crate::slots::{Applied, Contended};
 use crate::slots::{Slot, SlotStore, Step};
 
-/// Records which layout the slots were created for, so each VM after the first skips the work.
-const LAYOUT_KEY: &str = "tollgate.rl.layout";
+/// The rate-limit table's name in shared data.
+const RATE_LIMITS: &str = "tollgate.rl";
 /// What an unused slot holds: fingerprint 0, no windows.
 const EMPTY: [u8; 8] = [0; 8];
 
@@ -83,11 +83,19 @@ impl Table {
     /// new key at once). Envoy configures the plugin on its main thread before any worker, so the
     /// workers find the marker and skip this.
     pub fn open(layout: &Layout, secret: [u8; 16], host: &mut dyn Host) -> Table {
-        let table = Table { store: SlotStore::new("tollgate.rl", layout.slots, secret), width: layout.width };
+        Table::open_named(RATE_LIMITS, layout, secret, host)
+    }
+
+    /// The same for another table of counts (authentication failures), apart from the rate limits
+    /// under its own `name`. `<name>.layout` records which layout the slots were created for, so
+    /// each VM after the first skips the work.
+    pub fn open_named(name: &'static str, layout: &Layout, secret: [u8; 16], host: &mut dyn Host) -> Table {
+        let table = Table { store: SlotStore::new(name, layout.slots, secret), width: layout.width };
         let marker = layout.marker();
-        if host.shared_get(LAYOUT_KEY).is_none_or(|(value, _)| value != marker) {
+        let layout_key = format!("{name}.layout");
+        if host.shared_get(&layout_key).is_none_or(|(value, _)| value != marker) {
             table.store.fill(host, &EMPTY);
-            host.shared_set(LAYOUT_KEY, &marker);
+            host.shared_set(&layout_key, &marker);
         }
         table
     }
