@@ -76,23 +76,6 @@ fn call(path: &str, account: &str) -> Request {
     Request::get(path).header("x-api-key", format!("key-{account}"))
 }
 
-/// Waits until nothing is on hold (commits and releases are sent after the response).
-fn settled(credits: &CreditService, account: &str, within: Duration) -> u64 {
-    let deadline = Instant::now() + within;
-    loop {
-        let (balance, held) = credits.balance(account);
-        if held == 0 || Instant::now() > deadline {
-            assert_eq!(held, 0, "reservations still held");
-            return balance;
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn kinds(credits: &CreditService, account: &str) -> Vec<String> {
-    credits.transactions(account).iter().map(|t| t["kind"].as_str().unwrap().to_owned()).collect()
-}
-
 #[test]
 fn a_2xx_is_charged_and_an_upstream_error_is_not() {
     let (gw, credits) = setup(&[("acme", 100)]);
@@ -100,19 +83,19 @@ fn a_2xx_is_charged_and_an_upstream_error_is_not() {
     assert_eq!(resp.status, 200, "{}", resp.text());
     assert_eq!(resp.header("x-credits-charged"), Some("5"));
     assert_eq!(resp.header("x-credits-remaining"), Some("95"));
-    assert_eq!(settled(&credits, "acme", Duration::from_secs(5)), 95);
+    assert_eq!(credits.settled("acme", Duration::from_secs(5)), 95);
 
     for status in ["404", "500"] {
         // The previous release is sent after its response: let it land, so this request's
         // reservation sees the whole balance however slowly the machine runs.
-        settled(&credits, "acme", Duration::from_secs(5));
+        credits.settled("acme", Duration::from_secs(5));
         let resp = gw.send(call("/api/items", "acme").header("x-upstream-status", status));
         assert_eq!(resp.status.to_string(), status);
         assert_eq!(resp.header("x-credits-charged"), Some("0"));
         assert_eq!(resp.header("x-credits-remaining"), Some("95"));
     }
-    assert_eq!(settled(&credits, "acme", Duration::from_secs(5)), 95, "errors cost nothing");
-    assert_eq!(kinds(&credits, "acme"), ["topup", "reserve", "commit", "reserve", "release", "reserve", "release"]);
+    assert_eq!(credits.settled("acme", Duration::from_secs(5)), 95, "errors cost nothing");
+    assert_eq!(credits.kinds("acme"), ["topup", "reserve", "commit", "reserve", "release", "reserve", "release"]);
     assert_eq!(gw.upstream().requests().len(), 3);
     assert_eq!(gw.metric("tollgate_credit_callouts"), 6, "a reservation and a settlement per request");
 }
@@ -124,7 +107,7 @@ fn a_short_balance_is_402_and_never_reaches_the_upstream() {
     assert_problem(&resp, 402, "insufficient-credits");
     assert_eq!((resp.json()["required"].as_u64(), resp.json()["balance"].as_u64()), (Some(5), Some(3)));
     assert!(gw.upstream().requests().is_empty());
-    assert_eq!(kinds(&credits, "poor"), ["topup"], "nothing was held");
+    assert_eq!(credits.kinds("poor"), ["topup"], "nothing was held");
 }
 
 #[test]
@@ -134,15 +117,15 @@ fn an_upstream_reporting_less_is_charged_less_and_never_more_than_reserved() {
     assert_eq!(resp.header("x-credits-charged"), Some("2"));
     assert_eq!(resp.header("x-credits-remaining"), Some("98"));
     assert_eq!(resp.header("x-actual-cost"), None, "the upstream's report is not the client's business");
-    assert_eq!(settled(&credits, "acme", Duration::from_secs(5)), 98);
+    assert_eq!(credits.settled("acme", Duration::from_secs(5)), 98);
 
     let resp = gw.send(call("/api/items", "acme").header("x-upstream-header", "x-actual-cost: 9"));
     assert_eq!(resp.header("x-credits-charged"), Some("5"));
-    assert_eq!(settled(&credits, "acme", Duration::from_secs(5)), 93);
+    assert_eq!(credits.settled("acme", Duration::from_secs(5)), 93);
 
     let resp = gw.send(call("/batch", "acme").header("x-units", "3"));
     assert_eq!(resp.header("x-credits-charged"), Some("15"), "cost × x-units");
-    assert_eq!(settled(&credits, "acme", Duration::from_secs(5)), 78);
+    assert_eq!(credits.settled("acme", Duration::from_secs(5)), 78);
 }
 
 #[test]
@@ -155,7 +138,7 @@ fn fifty_concurrent_requests_on_an_account_that_affords_twenty() {
     assert_eq!(statuses.iter().filter(|&&s| s == 200).count(), 20, "{statuses:?}");
     assert_eq!(statuses.iter().filter(|&&s| s == 402).count(), 30);
     assert_eq!(gw.upstream().requests().len(), 20);
-    assert_eq!(settled(&credits, "acme", Duration::from_secs(10)), 0);
+    assert_eq!(credits.settled("acme", Duration::from_secs(10)), 0);
 }
 
 #[test]
@@ -180,8 +163,8 @@ fn a_client_chosen_request_id_is_charged_every_time() {
         let resp = gw.send(call("/api/items", account).header("x-request-id", "7d1c3b0e-replayed"));
         assert_eq!(resp.header("x-credits-charged"), Some("5"));
     }
-    assert_eq!(settled(&credits, "acme", Duration::from_secs(5)), 90);
-    assert_eq!(settled(&credits, "globex", Duration::from_secs(5)), 95);
+    assert_eq!(credits.settled("acme", Duration::from_secs(5)), 90);
+    assert_eq!(credits.settled("globex", Duration::from_secs(5)), 95);
 }
 
 #[test]
@@ -205,7 +188,7 @@ fn the_gateways_own_refusals_never_call_the_credit_service() {
         assert_eq!(gw.send(request).status, status, "{what}");
     }
     assert_eq!(gw.metric("tollgate_credit_callouts"), before, "a refusal made a callout");
-    assert_eq!(kinds(&credits, "acme"), ["topup", "reserve", "commit"]);
+    assert_eq!(credits.kinds("acme"), ["topup", "reserve", "commit"]);
     assert_eq!(gw.send(call("/free", "acme")).header("x-credits-charged"), None, "unbilled policies say nothing");
 }
 
@@ -229,14 +212,14 @@ fn billing_cannot_be_dodged() {
     let resp = gw.send(call("/api/items", "acme").header("x-actual-cost", "0"));
     assert_eq!((resp.status, resp.header("x-credits-charged")), (200, Some("5")));
     assert_eq!(gw.upstream().wait_for(1, Duration::from_secs(5))[0].header("x-actual-cost"), None);
-    assert_eq!(settled(&credits, "acme", Duration::from_secs(5)), 95);
+    assert_eq!(credits.settled("acme", Duration::from_secs(5)), 95);
 
     // A policy may bill what its API counts as served: here a 304 too.
     let resp = gw.send(call("/revalidated/items", "acme").header("x-upstream-status", "304"));
     assert_eq!((resp.status, resp.header("x-credits-charged")), (304, Some("5")));
     let resp = gw.send(call("/api/items", "acme").header("x-upstream-status", "304"));
     assert_eq!((resp.status, resp.header("x-credits-charged")), (304, Some("0")), "2xx only by default");
-    assert_eq!(settled(&credits, "acme", Duration::from_secs(5)), 90);
+    assert_eq!(credits.settled("acme", Duration::from_secs(5)), 90);
 }
 
 #[test]
@@ -271,10 +254,10 @@ fn a_credit_service_crash_mid_load_neither_loses_nor_doubles_a_charge() {
     assert_eq!(ok as usize + unavailable, statuses.len(), "only 200 and 503");
     assert!(unavailable > 0 && ok > 0, "{ok} ok, {unavailable} unavailable: the crash did not land mid-load");
 
-    let balance = settled(&credits, "acme", Duration::from_secs(40));
+    let balance = credits.settled("acme", Duration::from_secs(40));
     let committed = 1_000_000 - balance;
     println!("crash test: {ok} responses 2xx, {unavailable} 503, {committed} credits committed");
-    let kinds = kinds(&credits, "acme");
+    let kinds = credits.kinds("acme");
     for kind in ["reserve", "commit", "release", "expire"] {
         println!("  {kind}: {}", kinds.iter().filter(|k| *k == kind).count());
     }

@@ -62,30 +62,12 @@ fn call(account: &str) -> Request {
     Request::get("/api/items").header("x-api-key", format!("key-{account}"))
 }
 
-fn kinds(credits: &CreditService, account: &str) -> Vec<String> {
-    credits.transactions(account).iter().map(|t| t["kind"].as_str().unwrap().to_owned()).collect()
-}
-
 /// Waits until the account's grant exists at the credit service.
 fn granted(credits: &CreditService, account: &str) {
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !kinds(credits, account).iter().any(|k| k == "grant") {
-        assert!(Instant::now() < deadline, "no grant for {account}: {:?}", kinds(credits, account));
+    while !credits.kinds(account).iter().any(|k| k == "grant") {
+        assert!(Instant::now() < deadline, "no grant for {account}: {:?}", credits.kinds(account));
         thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Waits until nothing is held on the account (idle grants are reported and given back), and
-/// answers its balance.
-fn settled(credits: &CreditService, account: &str, within: Duration) -> u64 {
-    let deadline = Instant::now() + within;
-    loop {
-        let (balance, held) = credits.balance(account);
-        if held == 0 {
-            return balance;
-        }
-        assert!(Instant::now() < deadline, "{held} still held on {account}: {:?}", kinds(credits, account));
-        thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -146,9 +128,9 @@ fn a_grant_pays_with_no_callout_and_the_ledger_charges_exactly_what_was_served()
     let reports = gw.metric("tollgate_credit_callouts") - callouts;
     assert!(reports <= 10, "{reports} callouts for 60 requests: the grant pays without one");
 
-    let balance = settled(&credits, "acme", Duration::from_secs(20));
+    let balance = credits.settled("acme", Duration::from_secs(20));
     assert_eq!(10_000 - balance, served * COST, "charged exactly the 2xx responses");
-    let kinds = kinds(&credits, "acme");
+    let kinds = credits.kinds("acme");
     assert!(kinds.contains(&"grant_use".to_owned()) && kinds.contains(&"grant_close".to_owned()), "{kinds:?}");
     assert_eq!(gw.upstream().requests().len(), 61);
 
@@ -177,11 +159,11 @@ fn two_gateways_on_one_low_balance_account_never_spend_more_than_it_has() {
     assert!(served * COST <= BALANCE, "{served} served at {COST} each from {BALANCE}");
 
     // Once the grants are given back, what is left is served per request, to the credit.
-    let mut balance = settled(&credits, "acme", Duration::from_secs(30));
+    let mut balance = credits.settled("acme", Duration::from_secs(30));
     while balance >= COST {
         assert_eq!(one.send(call("acme")).status, 200, "{balance} left");
         served += 1;
-        balance = settled(&credits, "acme", Duration::from_secs(10));
+        balance = credits.settled("acme", Duration::from_secs(10));
     }
     let resp = one.send(call("acme"));
     assert_problem(&resp, 402, "insufficient-credits");
@@ -266,7 +248,7 @@ fn duplicated_and_reordered_reports_charge_nothing_twice() {
     let end = Instant::now() + Duration::from_secs(4);
     let statuses = load(&[&gw], "acme", 4, |_| Instant::now() > end);
     assert_eq!(count(&statuses, 200), statuses.len() as u64, "all served");
-    let balance = settled(&credits, "acme", Duration::from_secs(30));
+    let balance = credits.settled("acme", Duration::from_secs(30));
     assert_eq!(100_000 - balance, count(&statuses, 200) * COST, "each report counted once");
 }
 
@@ -290,7 +272,7 @@ fn a_credit_service_killed_mid_load_and_restarted_loses_nothing() {
     let ok = count(&statuses, 200) + 1;
     let unavailable = count(&statuses, 503);
     assert_eq!(ok - 1 + unavailable, statuses.len() as u64, "only 200 and 503: {statuses:?}");
-    let balance = settled(&credits, "acme", Duration::from_secs(40));
+    let balance = credits.settled("acme", Duration::from_secs(40));
     println!("service crash: {ok} served, {unavailable} 503, {} credits charged", 1_000_000 - balance);
     assert_eq!(1_000_000 - balance, ok * COST, "after the reports caught up: exactly the 2xx responses");
 }
@@ -310,7 +292,7 @@ fn an_envoy_killed_mid_load_over_charges_nothing_and_under_counts_at_most_a_flus
     let ok = count(&statuses, 200) + 1;
     let rate = ok as f64 / start.elapsed().as_secs_f64();
     // The service settles the abandoned grant at its last report after 2 × its lifetime.
-    let balance = settled(&credits, "acme", Duration::from_secs(4 * LIFETIME_SECONDS + 10));
+    let balance = credits.settled("acme", Duration::from_secs(4 * LIFETIME_SECONDS + 10));
     let charged = 1_000_000 - balance;
     let under = (ok * COST).saturating_sub(charged);
     // A worker's lease syncs every second and the process reports every flush: what was spent in
@@ -319,5 +301,5 @@ fn an_envoy_killed_mid_load_over_charges_nothing_and_under_counts_at_most_a_flus
     println!("envoy crash: {ok} served ({rate:.0}/s), {charged} charged, under-count {under} credits (bound {bound})");
     assert!(charged <= ok * COST, "never more than served");
     assert!(under <= bound, "under-count {under} above the bound {bound}");
-    assert!(kinds(&credits, "acme").contains(&"grant_expire".to_owned()));
+    assert!(credits.kinds("acme").contains(&"grant_expire".to_owned()));
 }

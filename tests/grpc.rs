@@ -178,23 +178,6 @@ fn call(gw: &Gateway, method: &str, stream: bool, metadata: &[&str]) -> Call {
     )
 }
 
-/// Waits until nothing is on hold (commits and releases are sent after the call ended).
-fn settled(credits: &CreditService, account: &str) -> u64 {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let (balance, held) = credits.balance(account);
-        if held == 0 || Instant::now() > deadline {
-            assert_eq!(held, 0, "reservations still held");
-            return balance;
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn kinds(credits: &CreditService, account: &str) -> Vec<String> {
-    credits.transactions(account).iter().map(|t| t["kind"].as_str().unwrap().to_owned()).collect()
-}
-
 #[test]
 fn a_unary_call_is_allowed_and_charged_exactly_once_with_its_billing_in_the_metadata() {
     let s = setup(&[("acme", 100)], 100);
@@ -204,8 +187,8 @@ fn a_unary_call_is_allowed_and_charged_exactly_once_with_its_billing_in_the_meta
     assert_eq!(reply.trailing("x-credits-remaining"), Some("95"));
     assert_eq!(reply.metadata("x-ratelimit-limit"), Some("100"));
     assert_eq!(reply.metadata("x-ratelimit-remaining"), Some("99"));
-    assert_eq!(settled(&s.credits, "acme"), 95);
-    assert_eq!(kinds(&s.credits, "acme"), ["topup", "reserve", "commit"]);
+    assert_eq!(s.credits.settled("acme", Duration::from_secs(5)), 95);
+    assert_eq!(s.credits.kinds("acme"), ["topup", "reserve", "commit"]);
 
     let upstream = s.upstream.calls();
     assert_eq!(upstream.len(), 1);
@@ -219,7 +202,7 @@ fn a_unary_call_is_allowed_and_charged_exactly_once_with_its_billing_in_the_meta
     assert_eq!(reply.code(), 0);
     assert_eq!(reply.trailing("x-credits-charged"), Some("2"));
     assert_eq!(reply.metadata("x-actual-cost"), None, "the upstream's report is not the caller's business");
-    assert_eq!(settled(&s.credits, "acme"), 93);
+    assert_eq!(s.credits.settled("acme", Duration::from_secs(5)), 93);
 }
 
 #[test]
@@ -239,7 +222,7 @@ fn refusals_are_grpc_statuses_with_a_short_message_and_never_reach_the_upstream(
         assert_eq!(reply.metadata("x-content-type-options"), Some("nosniff"));
     }
     assert!(s.upstream.calls().is_empty());
-    assert_eq!(kinds(&s.credits, "acme"), ["topup"], "nothing was held");
+    assert_eq!(s.credits.kinds("acme"), ["topup"], "nothing was held");
 }
 
 #[test]
@@ -253,7 +236,7 @@ fn a_rate_limited_call_is_resource_exhausted_with_retry_advice() {
     assert_eq!(reply.metadata("grpc-retry-pushback-ms"), Some(format!("{retry_after}000").as_str()));
     assert_eq!(reply.metadata("x-ratelimit-remaining"), Some("0"));
     assert_eq!(s.upstream.calls().len(), 1);
-    assert_eq!(settled(&s.credits, "acme"), 100 - COST, "the refused call cost nothing");
+    assert_eq!(s.credits.settled("acme", Duration::from_secs(5)), 100 - COST, "the refused call cost nothing");
 }
 
 #[test]
@@ -263,8 +246,8 @@ fn out_of_credits_is_failed_precondition_and_the_ledger_shows_no_charge() {
     assert_eq!(reply.code(), 9, "FAILED_PRECONDITION: not worth retrying before a top-up: {}", reply.0);
     assert!(reply.0["details"].as_str().unwrap().contains("insufficient credits"), "{}", reply.0);
     assert!(s.upstream.calls().is_empty());
-    assert_eq!(settled(&s.credits, "poor"), 3);
-    assert_eq!(kinds(&s.credits, "poor"), ["topup"]);
+    assert_eq!(s.credits.settled("poor", Duration::from_secs(5)), 3);
+    assert_eq!(s.credits.kinds("poor"), ["topup"]);
 }
 
 #[test]
@@ -276,8 +259,8 @@ fn a_failed_call_is_not_charged_whatever_its_http_status() {
     assert_eq!(reply.trailing("x-credits-charged"), Some("0"), "{}", reply.0);
     let reply = call(&s.gw, COUNT, true, &["x-api-key: key-acme", "x-upstream-status: 14"]);
     assert_eq!((reply.code(), reply.messages().len()), (14, 3), "failed after its messages: {}", reply.0);
-    assert_eq!(settled(&s.credits, "acme"), 100);
-    assert_eq!(kinds(&s.credits, "acme"), ["topup", "reserve", "release", "reserve", "release"]);
+    assert_eq!(s.credits.settled("acme", Duration::from_secs(5)), 100);
+    assert_eq!(s.credits.kinds("acme"), ["topup", "reserve", "release", "reserve", "release"]);
     assert_eq!(s.upstream.calls().len(), 2);
 }
 
@@ -287,8 +270,8 @@ fn a_server_streaming_call_is_allowed_and_charged_once() {
     let reply = call(&s.gw, COUNT, true, &["x-api-key: key-acme"]);
     assert_eq!((reply.code(), reply.messages()), (0, vec!["1: world", "2: world", "3: world"]), "{}", reply.0);
     assert_eq!(reply.trailing("x-credits-charged"), Some("5"));
-    assert_eq!(settled(&s.credits, "acme"), 95);
-    assert_eq!(kinds(&s.credits, "acme"), ["topup", "reserve", "commit"], "one charge for the whole stream");
+    assert_eq!(s.credits.settled("acme", Duration::from_secs(5)), 95);
+    assert_eq!(s.credits.kinds("acme"), ["topup", "reserve", "commit"], "one charge for the whole stream");
 }
 
 #[test]
@@ -297,8 +280,8 @@ fn calls_a_grant_pays_are_spent_on_grpc_status_as_well() {
     // The first call has no grant yet: it reserves, and the gateway asks for a grant.
     assert_eq!(call(&s.gw, SAY, false, &["x-api-key: key-acme"]).code(), 0);
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !kinds(&s.credits, "acme").iter().any(|k| k == "grant") {
-        assert!(Instant::now() < deadline, "no grant: {:?}", kinds(&s.credits, "acme"));
+    while !s.credits.kinds("acme").iter().any(|k| k == "grant") {
+        assert!(Instant::now() < deadline, "no grant: {:?}", s.credits.kinds("acme"));
         thread::sleep(Duration::from_millis(50));
     }
     let reply = call(&s.gw, SAY, false, &["x-api-key: key-acme", "x-upstream-status: 13"]);
@@ -308,10 +291,10 @@ fn calls_a_grant_pays_are_spent_on_grpc_status_as_well() {
     // Idle, the grant is reported and given back: two calls served, two charged.
     let deadline = Instant::now() + Duration::from_secs(20);
     while s.credits.balance("acme").1 > 0 {
-        assert!(Instant::now() < deadline, "still held: {:?}", kinds(&s.credits, "acme"));
+        assert!(Instant::now() < deadline, "still held: {:?}", s.credits.kinds("acme"));
         thread::sleep(Duration::from_millis(100));
     }
-    let kinds = kinds(&s.credits, "acme");
+    let kinds = s.credits.kinds("acme");
     assert_eq!(s.credits.balance("acme").0, 100 - 2 * COST, "{kinds:?}");
     assert_eq!(kinds.iter().filter(|k| *k == "reserve").count(), 1, "only the first call reserved: {kinds:?}");
 }

@@ -21,35 +21,34 @@ pub(crate) struct Verified {
     pub(crate) valid_until: u64,
 }
 
-/// First in, first out: a token in steady use comes back right after eviction, and no request
-/// pays for bookkeeping an LRU would need.
+/// Tokens and what is known of each, at most `capacity`, first in first out: a token in steady
+/// use comes back right after eviction, and no request pays for bookkeeping an LRU would need.
 #[derive(Debug)]
-pub(crate) struct TokenCache {
+struct Bounded<V> {
     capacity: usize,
-    entries: HashMap<Rc<str>, Verified>,
+    entries: HashMap<Rc<str>, V>,
     order: VecDeque<Rc<str>>,
 }
 
-impl TokenCache {
-    pub(crate) fn new(capacity: usize) -> TokenCache {
-        TokenCache { capacity, entries: HashMap::new(), order: VecDeque::new() }
+impl<V> Bounded<V> {
+    fn new(capacity: usize) -> Bounded<V> {
+        Bounded { capacity, entries: HashMap::new(), order: VecDeque::new() }
     }
 
-    pub(crate) fn get(&self, token: &str, now: u64) -> Option<Identity> {
-        let hit = self.entries.get(token)?;
-        (hit.valid_from <= now && now <= hit.valid_until).then(|| hit.identity.clone())
+    fn get(&self, token: &str) -> Option<&V> {
+        self.entries.get(token)
     }
 
-    pub(crate) fn insert(&mut self, token: &str, verified: Verified) {
+    fn insert(&mut self, token: &str, value: V) {
         if self.capacity == 0 {
             return;
         }
         if let Some(entry) = self.entries.get_mut(token) {
-            *entry = verified;
+            *entry = value;
             return;
         }
         let token: Rc<str> = token.into();
-        self.entries.insert(Rc::clone(&token), verified);
+        self.entries.insert(Rc::clone(&token), value);
         self.order.push_back(token);
         while self.order.len() > self.capacity {
             if let Some(old) = self.order.pop_front() {
@@ -58,15 +57,37 @@ impl TokenCache {
         }
     }
 
-    /// After a key set changes: a token whose key was withdrawn must not live on here.
-    pub(crate) fn clear(&mut self) {
+    fn clear(&mut self) {
         self.entries.clear();
         self.order.clear();
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct TokenCache(Bounded<Verified>);
+
+impl TokenCache {
+    pub(crate) fn new(capacity: usize) -> TokenCache {
+        TokenCache(Bounded::new(capacity))
+    }
+
+    pub(crate) fn get(&self, token: &str, now: u64) -> Option<Identity> {
+        let hit = self.0.get(token)?;
+        (hit.valid_from <= now && now <= hit.valid_until).then(|| hit.identity.clone())
+    }
+
+    pub(crate) fn insert(&mut self, token: &str, verified: Verified) {
+        self.0.insert(token, verified);
+    }
+
+    /// After a key set changes: a token whose key was withdrawn must not live on here.
+    pub(crate) fn clear(&mut self) {
+        self.0.clear();
     }
 
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
-        self.entries.len()
+        self.0.entries.len()
     }
 }
 
@@ -75,18 +96,16 @@ impl TokenCache {
 /// Same bounded first-in-first-out shape as `TokenCache`, so memory is fixed whatever is sent.
 #[derive(Debug)]
 pub(crate) struct FailedTokens {
-    capacity: usize,
     seconds: u64,
     /// The refusal, and the span (seconds) it answers for: from its check to `seconds` later.
-    entries: HashMap<Rc<str>, (AuthError, u64, u64)>,
-    order: VecDeque<Rc<str>>,
+    entries: Bounded<(AuthError, u64, u64)>,
     /// Refusals answered from here since the pipeline last took the count, for its metric.
     hits: Cell<u64>,
 }
 
 impl FailedTokens {
     pub(crate) fn new(capacity: usize, seconds: u64) -> FailedTokens {
-        FailedTokens { capacity, seconds, entries: HashMap::new(), order: VecDeque::new(), hits: Cell::new(0) }
+        FailedTokens { seconds, entries: Bounded::new(capacity), hits: Cell::new(0) }
     }
 
     pub(crate) fn get(&self, token: &str, now: u64) -> Option<AuthError> {
@@ -119,28 +138,15 @@ impl FailedTokens {
                 | Revoked
                 | KeyIdRequired { .. }
         );
-        if self.capacity == 0 || self.seconds == 0 || !lasting {
+        if self.seconds == 0 || !lasting {
             return;
         }
-        let until = now.saturating_add(self.seconds);
-        if let Some(entry) = self.entries.get_mut(token) {
-            *entry = (error.clone(), now, until);
-            return;
-        }
-        let token: Rc<str> = token.into();
-        self.entries.insert(Rc::clone(&token), (error.clone(), now, until));
-        self.order.push_back(token);
-        while self.order.len() > self.capacity {
-            if let Some(old) = self.order.pop_front() {
-                self.entries.remove(&old);
-            }
-        }
+        self.entries.insert(token, (error.clone(), now, now.saturating_add(self.seconds)));
     }
 
     /// After a key set or revocation list changes, a refused token may now pass.
     pub(crate) fn clear(&mut self) {
         self.entries.clear();
-        self.order.clear();
     }
 }
 
@@ -205,7 +211,7 @@ mod tests {
         for token in ["a", "b", "c"] {
             failed.insert(token, &AuthError::Expired, 100);
         }
-        assert_eq!((failed.get("a", 100), failed.entries.len()), (None, 2), "bounded, oldest out first");
+        assert_eq!((failed.get("a", 100), failed.entries.entries.len()), (None, 2), "bounded, oldest out first");
         failed.clear();
         assert_eq!(failed.get("c", 100), None);
     }

@@ -88,6 +88,25 @@ impl CreditService {
         (body["balance"].as_u64().unwrap(), body["held"].as_u64().unwrap())
     }
 
+    /// Waits until nothing is held on the account (commits and releases go after the response;
+    /// an idle grant is reported and given back), and answers its balance.
+    pub fn settled(&self, account: &str, within: std::time::Duration) -> u64 {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let (balance, held) = self.balance(account);
+            if held == 0 {
+                return balance;
+            }
+            assert!(std::time::Instant::now() < deadline, "{held} still held on {account}: {:?}", self.kinds(account));
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
+    /// The kinds of the account's ledger rows, oldest first.
+    pub fn kinds(&self, account: &str) -> Vec<String> {
+        self.transactions(account).iter().map(|t| t["kind"].as_str().unwrap_or_default().to_owned()).collect()
+    }
+
     /// What the account spent per policy and hour (`GET /v1/accounts/{id}/usage`).
     pub fn usage(&self, account: &str) -> Value {
         self.call("GET", &format!("/v1/accounts/{account}/usage"), None).json()
