@@ -439,10 +439,6 @@ impl Grants {
         }
     }
 
-    pub fn instance(&self) -> &str {
-        &self.instance
-    }
-
     /// The account's two candidate slots.
     fn locate(&self, account: &str) -> (u32, u32) {
         let (_, h2) = self.store.hash(account.as_bytes());
@@ -460,8 +456,8 @@ impl Grants {
 
     /// Takes `amount` from the account's grant, or says to bill per request. A grant running low
     /// (or none yet) is asked for now rather than at the next report, by one worker at a time.
-    pub fn take(&self, host: &mut dyn Host, account: &str, amount: u64) -> Take {
-        let now = host.now_nanos();
+    /// `now` is the proxy's clock in nanoseconds, as the request's other steps read it.
+    pub fn take(&self, host: &mut dyn Host, account: &str, amount: u64, now: u64) -> Take {
         if let Some(spend) = self.take_leased(account, amount, now) {
             return Take::Granted(spend);
         }
@@ -525,8 +521,9 @@ impl Grants {
         if let Some(slot) = created {
             self.index(host, slot, true);
         }
-        if let (Take::Granted(spend), Some((held, expires, view))) = (&take, lease) {
-            let mut leases = self.leases.borrow_mut();
+        if let (Take::Granted(spend), Some((held, expires, view)), Ok(mut leases)) =
+            (&take, lease, self.leases.try_borrow_mut())
+        {
             let lease = leases.entry(account.to_owned()).or_default();
             lease.slot = spend.slot;
             lease.held += held;
@@ -876,6 +873,12 @@ mod tests {
         serde_json::from_slice(&host.sent_calls.last().unwrap().body).unwrap()
     }
 
+    /// Takes at the fake proxy's time.
+    fn take(g: &Grants, host: &mut FakeHost, account: &str, amount: u64) -> Take {
+        let now = host.now_nanos();
+        g.take(host, account, amount, now)
+    }
+
     fn credits() -> crate::credits::Credits {
         let raw = serde_json::from_str(r#"{"cluster": "credits", "service_token": "t"}"#).unwrap();
         crate::credits::Credits::build(&raw).unwrap()
@@ -883,7 +886,7 @@ mod tests {
 
     /// Opens acme's grant: the first request is billed per request and asks.
     fn opened(host: &mut FakeHost, g: &mut Grants, size: u64) -> u32 {
-        assert_eq!(g.take(host, "acme", 5), Take::PerRequest);
+        assert_eq!(take(g, host, "acme", 5), Take::PerRequest);
         assert_eq!(g.flush(host, &credits()), 1, "an ask reports at once");
         let report = last_report(host);
         assert_eq!(report["reports"][0]["grant_id"], serde_json::Value::Null);
@@ -913,8 +916,8 @@ mod tests {
         let mut host = FakeHost::default();
         let mut g = grants(&mut host);
         opened(&mut host, &mut g, 100);
-        let Take::Granted(a) = g.take(&mut host, "acme", 5) else { panic!("the grant pays") };
-        let Take::Granted(b) = g.take(&mut host, "acme", 5) else { panic!("the grant pays") };
+        let Take::Granted(a) = take(&g, &mut host, "acme", 5) else { panic!("the grant pays") };
+        let Take::Granted(b) = take(&g, &mut host, "acme", 5) else { panic!("the grant pays") };
         assert_eq!(g.spend(&mut host, &a, "api", Some(3)), 1000 - 3 - 5, "b still held");
         assert_eq!(g.spend(&mut host, &b, "api", None), 1000 - 3);
         host.nanos += 2 * NANOS_PER_SECOND;
@@ -931,10 +934,10 @@ mod tests {
         let mut host = FakeHost::default();
         let mut g = grants(&mut host);
         opened(&mut host, &mut g, 12);
-        assert!(matches!(g.take(&mut host, "acme", 10), Take::Granted(_)));
+        assert!(matches!(take(&g, &mut host, "acme", 10), Take::Granted(_)));
         let calls = host.calls.len();
-        assert_eq!(g.take(&mut host, "acme", 10), Take::PerRequest, "2 left");
-        assert_eq!(g.take(&mut host, "acme", 10), Take::PerRequest);
+        assert_eq!(take(&g, &mut host, "acme", 10), Take::PerRequest, "2 left");
+        assert_eq!(take(&g, &mut host, "acme", 10), Take::PerRequest);
         assert_eq!(g.flush(&mut host, &credits()), 1, "asked at once");
         assert_eq!(g.flush(&mut host, &credits()), 0, "and once");
         assert_eq!(host.calls.len(), calls + 1);
@@ -946,7 +949,7 @@ mod tests {
         let mut g = grants(&mut host);
         opened(&mut host, &mut g, 100);
         host.nanos += 61 * NANOS_PER_SECOND;
-        assert_eq!(g.take(&mut host, "acme", 1), Take::PerRequest);
+        assert_eq!(take(&g, &mut host, "acme", 1), Take::PerRequest);
     }
 
     #[test]
@@ -955,7 +958,7 @@ mod tests {
         let mut g = grants(&mut host);
         opened(&mut host, &mut g, 100);
         for _ in 0..4 {
-            let Take::Granted(s) = g.take(&mut host, "acme", 5) else { panic!() };
+            let Take::Granted(s) = take(&g, &mut host, "acme", 5) else { panic!() };
             g.spend(&mut host, &s, "api", Some(5));
         }
         host.nanos += 2 * NANOS_PER_SECOND;
@@ -980,7 +983,7 @@ mod tests {
         let mut host = FakeHost::default();
         let mut g = grants(&mut host);
         opened(&mut host, &mut g, 100);
-        let Take::Granted(s) = g.take(&mut host, "acme", 5) else { panic!() };
+        let Take::Granted(s) = take(&g, &mut host, "acme", 5) else { panic!() };
         g.spend(&mut host, &s, "api", Some(5));
         host.nanos += 31 * NANOS_PER_SECOND;
         g.flush(&mut host, &credits());
@@ -997,8 +1000,8 @@ mod tests {
         let mut host = FakeHost::default();
         let policy = GrantPolicy::build(&RawGrants { accounts: 1, ..RawGrants::default() }).unwrap();
         let g = Grants::open(&policy, [7; 16], false, &mut host);
-        assert_eq!(g.take(&mut host, "acme", 1), Take::PerRequest);
-        assert_eq!(g.take(&mut host, "globex", 1), Take::PerRequest);
+        assert_eq!(take(&g, &mut host, "acme", 1), Take::PerRequest);
+        assert_eq!(take(&g, &mut host, "globex", 1), Take::PerRequest);
         let (slot, entry) = g.read(&host, 0);
         assert_eq!(entry.map(|e| e.account), Some("acme".to_owned()), "{:?}", slot.value);
     }
@@ -1009,12 +1012,12 @@ mod tests {
         let mut g = grants(&mut host);
         opened(&mut host, &mut g, 100);
         host.nanos += 40 * NANOS_PER_SECOND;
-        g.take(&mut host, "acme", 1);
+        take(&g, &mut host, "acme", 1);
         g.flush(&mut host, &credits());
         let token = *g.sent.keys().max().unwrap();
         g.on_answer(&mut host, token, answer(&[serde_json::json!({"status": 409, "body": {}})]));
         host.nanos += 6 * NANOS_PER_SECOND;
-        assert_eq!(g.take(&mut host, "acme", 1), Take::PerRequest);
+        assert_eq!(take(&g, &mut host, "acme", 1), Take::PerRequest);
         g.flush(&mut host, &credits());
         assert_eq!(last_report(&host)["reports"][0]["grant_id"], serde_json::Value::Null);
     }
@@ -1025,9 +1028,9 @@ mod tests {
         let policy = GrantPolicy::build(&RawGrants { accounts: 8, min_grant: 10, ..RawGrants::default() }).unwrap();
         let mut g = Grants::open(&policy, [7; 16], true, &mut host);
         opened(&mut host, &mut g, 160);
-        let Take::Granted(first) = g.take(&mut host, "acme", 5) else { panic!("the grant pays") };
+        let Take::Granted(first) = take(&g, &mut host, "acme", 5) else { panic!("the grant pays") };
         let shared = host.shared.clone();
-        let Take::Granted(second) = g.take(&mut host, "acme", 5) else { panic!("the lease pays") };
+        let Take::Granted(second) = take(&g, &mut host, "acme", 5) else { panic!("the lease pays") };
         assert!(second.leased, "a sixteenth of 160 leased: 5 for the first request, 5 held");
         assert_eq!(g.spend(&mut host, &first, "api", Some(5)), 1000 - 5 - 5);
         g.spend(&mut host, &second, "api", None);

@@ -92,7 +92,7 @@ fn admit(stream: &mut Stream, host: &mut dyn StreamHost, policy: &Policy, may_re
 
     // 6. Credits.
     match identity {
-        Some(identity) => reserve_credits(stream, host, policy, &identity),
+        Some(identity) => reserve_credits(stream, host, policy, &identity, now),
         None => Ok(Step::Admitted),
     }
 }
@@ -128,12 +128,15 @@ fn authenticate(
 ) -> Result<Result<Identity, Step>, Denial> {
     let credentials = RequestCredentials::new(&stream.request);
     let now = now_nanos / NANOS_PER_SECOND;
-    // An address past its failure budget is refused before any credential costs a verification.
+    // An address past its failure budget is refused before a JWT costs a signature check. An API
+    // key costs a hash, so its address is looked up only when it fails: a good key makes no
+    // hostcall for the budget.
     let failures = stream.config.auth.failures().zip(stream.worker.auth_failures.as_ref());
-    let address = failures.and_then(|_| host.property(&CLIENT_ADDRESS_PROPERTY));
-    let address = address.as_deref().map(String::from_utf8_lossy);
-    if let Some((budget, table)) = failures {
-        budget.admits(table, host, address.as_deref(), now_nanos)?;
+    let checked_first = failures.is_some() && !stream.config.auth.verifies_cheaply(&credentials);
+    let mut address = None;
+    if let (Some((budget, table)), true) = (failures, checked_first) {
+        address = host.property(&CLIENT_ADDRESS_PROPERTY);
+        budget.admits(table, host, address.as_deref().map(String::from_utf8_lossy).as_deref(), now_nanos)?;
     }
     let authenticated = stream.config.auth.authenticate(&stream.worker.auth, &credentials, now);
     if authenticated.is_err() {
@@ -146,6 +149,13 @@ fn authenticate(
         // An unknown kid is counted once its refetch is done with, when it fails for good.
         let refetching = may_refetch && matches!(err, AuthError::UnknownKeyId { .. });
         if err.is_failure() && !refetching {
+            if !checked_first {
+                address = host.property(&CLIENT_ADDRESS_PROPERTY);
+            }
+            let address = address.as_deref().map(String::from_utf8_lossy);
+            if !checked_first {
+                budget.admits(table, host, address.as_deref(), now_nanos)?;
+            }
             budget.spend(table, host, address.as_deref(), now_nanos);
         }
     }
@@ -251,6 +261,7 @@ fn reserve_credits(
     host: &mut dyn StreamHost,
     policy: &Policy,
     identity: &Identity,
+    now: u64,
 ) -> Result<Step, Denial> {
     let (Some(credits), Some(billing)) = (&stream.config.credits, &policy.credits) else { return Ok(Step::Admitted) };
     let amount = billing.amount(&stream.request)?;
@@ -259,7 +270,7 @@ fn reserve_credits(
     }
     if let (CreditMode::Grant, Some(Ok(grants))) = (billing.mode, stream.worker.grants.as_ref().map(|g| g.try_borrow()))
     {
-        if let Take::Granted(spend) = grants.take(host, &identity.account, amount) {
+        if let Take::Granted(spend) = grants.take(host, &identity.account, amount, now) {
             stream.billing = Billing::Granted(spend);
             return Ok(Step::Admitted);
         }

@@ -46,10 +46,11 @@ pub(crate) fn headers(stream: &mut Stream, host: &mut dyn StreamHost) {
     }
     // The upstream's usage report is for the gateway only, billed or not.
     let usage_header = stream.config.credits.as_ref().and_then(|c| c.actual_cost_header.as_deref());
-    // Reading a header costs a hostcall, so only a bill, which needs them, reads.
-    let reported = match (held(&stream.billing), usage_header) {
-        (Some(_), Some(name)) => host.response_header(name),
-        _ => None,
+    // A bill reads the status and the usage report: one hostcall for all headers, before the
+    // report is removed.
+    let response = match held(&stream.billing) {
+        Some(_) => host.response_headers(),
+        None => Vec::new(),
     };
     if let Some(name) = usage_header {
         host.remove_response_header(name);
@@ -60,7 +61,9 @@ pub(crate) fn headers(stream: &mut Stream, host: &mut dyn StreamHost) {
         }
         return;
     }
-    match outcome(stream, host) {
+    let find = |name: &str| response.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone());
+    let reported = usage_header.and_then(find);
+    match outcome(stream, &find) {
         Some(outcome) => settle(stream, host, outcome, reported.as_deref(), false),
         None => {
             if let Some(call) = &mut stream.grpc {
@@ -100,12 +103,12 @@ fn held(billing: &Billing) -> Option<u64> {
 
 /// The outcome the response headers tell; `None` for a gRPC call whose status is still to come
 /// in the trailers.
-fn outcome(stream: &Stream, host: &dyn StreamHost) -> Option<Outcome> {
-    let status = host.response_header(":status").and_then(|s| s.parse::<u16>().ok()).unwrap_or(0);
+fn outcome(stream: &Stream, header: &dyn Fn(&str) -> Option<String>) -> Option<Outcome> {
+    let status = header(":status").and_then(|s| s.parse::<u16>().ok()).unwrap_or(0);
     if stream.grpc.is_none() {
         return Some(Outcome::Http(status));
     }
-    match host.response_header("grpc-status") {
+    match header("grpc-status") {
         // Trailers-only: the call ended in its headers.
         Some(value) => Some(Outcome::Grpc(grpc::status(&value))),
         None if status == 200 => None,

@@ -206,6 +206,14 @@ impl Authenticator {
         self.failures.as_ref()
     }
 
+    /// Whether the request's credential costs no signature check: an API key (a hash) or none.
+    /// Only a JWT's check is worth refusing an address over its failure budget before it runs.
+    pub fn verifies_cheaply(&self, request: &RequestCredentials) -> bool {
+        let Ok(authorization) = request.single_header("authorization", "Authorization header") else { return false };
+        jwt::find_tokens(&self.providers, request, split_authorization(authorization).bearer)
+            .is_ok_and(|tokens| tokens.is_empty())
+    }
+
     /// Finds and verifies the caller's credential. `Ok(None)`: the request carries none (the route
     /// decides whether that is acceptable). A bearer JWT wins over an API key when both are sent,
     /// and the API key is then not looked at, only removed.
