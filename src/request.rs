@@ -129,10 +129,11 @@ fn authenticate(
     let credentials = RequestCredentials::new(&stream.request);
     let now = now_nanos / NANOS_PER_SECOND;
     // An address past its failure budget is refused before a JWT costs a signature check. An API
-    // key costs a hash, so its address is looked up only when it fails: a good key makes no
-    // hostcall for the budget.
+    // key costs a hash and a cached token a lookup, so their address is looked up only when they
+    // fail: a good one makes no hostcall for the budget.
     let failures = stream.config.auth.failures().zip(stream.worker.auth_failures.as_ref());
-    let checked_first = failures.is_some() && !stream.config.auth.verifies_cheaply(&credentials);
+    let checked_first =
+        failures.is_some() && !stream.config.auth.verifies_cheaply(&stream.worker.auth, &credentials, now);
     let mut address = None;
     if let (Some((budget, table)), true) = (failures, checked_first) {
         address = host.property(&CLIENT_ADDRESS_PROPERTY);

@@ -669,6 +669,15 @@ pub(crate) fn find_tokens<'r>(
     Ok(found)
 }
 
+/// Whether one of the tokens is in its provider's cache of verified tokens, still valid: it costs
+/// no signature check.
+pub(crate) fn cached(states: &[ProviderState], candidates: &[Candidate], now: u64) -> bool {
+    candidates.iter().any(|c| {
+        let state = states.get(c.provider);
+        state.and_then(|s| s.cache.try_borrow().ok()).is_some_and(|cache| cache.get(&c.token, now).is_some())
+    })
+}
+
 /// Verifies the token of the provider it belongs to; `candidates` is not empty.
 pub(crate) fn verify(
     providers: &[Provider],

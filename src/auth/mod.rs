@@ -206,12 +206,15 @@ impl Authenticator {
         self.failures.as_ref()
     }
 
-    /// Whether the request's credential costs no signature check: an API key (a hash) or none.
-    /// Only a JWT's check is worth refusing an address over its failure budget before it runs.
-    pub fn verifies_cheaply(&self, request: &RequestCredentials) -> bool {
+    /// Whether the request's credential costs no signature check: an API key (a hash), none, or
+    /// a JWT this worker verified already. Only a signature check is worth refusing an address
+    /// over its failure budget before it runs.
+    pub fn verifies_cheaply(&self, state: &AuthState, request: &RequestCredentials, now: u64) -> bool {
         let Ok(authorization) = request.single_header("authorization", "Authorization header") else { return false };
-        jwt::find_tokens(&self.providers, request, split_authorization(authorization).bearer)
-            .is_ok_and(|tokens| tokens.is_empty())
+        match jwt::find_tokens(&self.providers, request, split_authorization(authorization).bearer) {
+            Ok(tokens) => tokens.is_empty() || jwt::cached(&state.providers, &tokens, now),
+            Err(_) => false,
+        }
     }
 
     /// Finds and verifies the caller's credential. `Ok(None)`: the request carries none (the route
