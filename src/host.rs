@@ -51,9 +51,6 @@ pub trait StreamHost: Host {
     fn resume_request(&mut self);
     /// A response header (`:status` included); `None` when absent.
     fn response_header(&self, name: &str) -> Option<String>;
-    /// All response headers in one call (`:status` included, names lower-case): cheaper than two
-    /// reads of one.
-    fn response_headers(&self) -> Vec<(String, String)>;
     fn set_response_header(&mut self, name: &str, value: &str);
     fn remove_response_header(&mut self, name: &str);
     /// A response trailer (a gRPC call's `grpc-status`, say); `None` when absent. Only from the
@@ -266,9 +263,6 @@ pub(crate) mod fake {
         }
         fn resume_request(&mut self) {
             self.resumed = true;
-        }
-        fn response_headers(&self) -> Vec<(String, String)> {
-            self.response.clone()
         }
         fn response_header(&self, name: &str) -> Option<String> {
             self.response.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone())

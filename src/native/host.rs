@@ -346,10 +346,6 @@ impl StreamHost for StreamEnvoy<'_> {
         self.resumed = true;
     }
 
-    fn response_headers(&self) -> Vec<(String, String)> {
-        self.all_headers(abi::RESPONSE_HEADER)
-    }
-
     fn response_header(&self, name: &str) -> Option<String> {
         self.header(abi::RESPONSE_HEADER, name)
     }

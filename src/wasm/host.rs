@@ -181,11 +181,6 @@ impl StreamHost for WasmHost {
         logged("resume request", hostcalls::resume_http_request());
     }
 
-    fn response_headers(&self) -> Vec<(String, String)> {
-        let headers = logged("get response headers", hostcalls::get_map_bytes(MapType::HttpResponseHeaders));
-        headers.into_iter().map(|(name, value)| (name, text(value))).collect()
-    }
-
     fn response_header(&self, name: &str) -> Option<String> {
         logged("get response header", hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, name)).map(text)
     }
