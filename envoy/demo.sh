@@ -76,7 +76,7 @@ demo.Echo on :8001, the credit service on :8081 (account "demo" holds 20 credits
   # /api/* needs a caller: 401 with WWW-Authenticate and a problem+json body (→ 401, www-authenticate: Bearer, urn:tollgate:problem:unauthenticated)
   curl -i $g/api/items
 
-  # the demo API key: the upstream sees the caller as x-tollgate-* headers and never the key; the call costs 1 credit (→ 200, "x-tollgate-account": "demo", "x-tollgate-auth-method": "api_key", x-credits-charged: 1, x-credits-remaining: 19, x-ratelimit-remaining)
+  # the demo API key: the upstream sees the caller as x-tollgate-* headers and never the key; the call costs 1 credit, billed per request while the gateway opens a grant for the account (→ 200, "x-tollgate-account": "demo", "x-tollgate-auth-method": "api_key", x-credits-charged: 1, x-credits-remaining, x-ratelimit-remaining)
   curl -i -H 'x-api-key: tg_demo_key_not_for_production' $g/api/items
 
   # a second later the gateway holds a grant for the account: this call, a signed demo JWT (made with: $cli token …) for the same caller on the pro tier, is paid from it with no callout (→ 200, "x-tollgate-auth-method": "jwt", "x-tollgate-tier": "pro", x-credits-charged: 1)
