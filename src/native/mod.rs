@@ -24,3 +24,12 @@ mod host;
 
 #[cfg(feature = "native")]
 pub use hooks::Plugin;
+
+/// A request allocates a few dozen small blocks (its headers, the identity, the rate-limit
+/// headers' values). Through Envoy's malloc each allocation and free cost about 200 instructions
+/// under callgrind, a fifth of what the module itself does per request; mimalloc's thread-local
+/// free lists take a fraction of that. Envoy never frees what the module allocates, nor the
+/// other way round, so the two allocators never meet.
+#[cfg(feature = "native")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
