@@ -1,5 +1,5 @@
 //! What every part of the configuration shares: the error that names a field path, HTTP methods,
-//! the header grammar values are checked against, and the retry backoff. A leaf: it imports no
+//! the header grammar values are checked against, the retry backoff, and a key's decimal digits. A leaf: it imports no
 //! other module of the crate, so each domain module can compile its own wire types with it and
 //! `config` only assembles them, with no import pointing back up.
 
@@ -164,6 +164,22 @@ impl schemars::JsonSchema for Secret {
 
 pub const MAX_BACKOFF_SECONDS: u64 = 30;
 
+/// Appends `n` in decimal. The shared-data keys a request reads are built with it: through
+/// `format!` each cost ~750 instructions, a few percent of the native build's whole request.
+pub fn push_decimal(out: &mut String, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut start = digits.len();
+    loop {
+        start -= 1;
+        digits[start] = b'0' + u8::try_from(n % 10).unwrap_or(0);
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend(digits[start..].iter().map(|&d| char::from(d)));
+}
+
 /// The wait after the `failures`-th failure in a row: 1, 2, 4, … seconds, up to
 /// `MAX_BACKOFF_SECONDS`. Every retry loop of the filter uses this one curve.
 pub fn backoff_seconds(failures: u32) -> u64 {
@@ -173,6 +189,15 @@ pub fn backoff_seconds(failures: u32) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decimals_are_appended_as_display_writes_them() {
+        for n in [0, 7, 10, 65_535, u64::from(u32::MAX), u64::MAX] {
+            let mut out = String::from("key.");
+            push_decimal(&mut out, n);
+            assert_eq!(out, format!("key.{n}"));
+        }
+    }
 
     #[test]
     fn method_names_are_in_declaration_order_and_round_trip() {

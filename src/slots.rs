@@ -11,6 +11,7 @@ use std::hash::{BuildHasher, Hasher, RandomState};
 
 use siphasher::sip128::{Hasher128, SipHasher13};
 
+use crate::common::push_decimal;
 use crate::host::Host;
 
 /// Past this many lost races in a row an update gives up: an exact record matters more than one
@@ -101,7 +102,11 @@ impl SlotStore {
     }
 
     fn name(&self, index: u32) -> String {
-        format!("{}.{index}", self.prefix)
+        let mut name = String::with_capacity(self.prefix.len() + 11);
+        name.push_str(&self.prefix);
+        name.push('.');
+        push_decimal(&mut name, u64::from(index));
+        name
     }
 
     pub fn read(&self, host: &dyn Host, index: u32) -> Slot {

@@ -319,7 +319,7 @@ impl RateLimits {
             return Checked { result: Ok(None), retries: 0 };
         }
         let key = match caller {
-            Caller::Identity(identity) => format!("account:{}", identity.account),
+            Caller::Identity(identity) => ["account:", identity.account.as_str()].concat(),
             Caller::Address(address) => match address.and_then(parse_ip) {
                 Some(ip) => address_key(ip, self.ipv6_prefix),
                 // Without an address every such client would share one count, each spending the
