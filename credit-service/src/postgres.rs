@@ -39,6 +39,22 @@ const DIALECT: Dialect = Dialect {
         journal_kinds!(),
         ")), ADD COLUMN grant_id TEXT, ADD COLUMN charged BIGINT;"
     ),
+    bytewise_keys: "ALTER TABLE accounts ALTER COLUMN id TYPE TEXT COLLATE \"C\"; \
+                    ALTER TABLE reservations ALTER COLUMN id TYPE TEXT COLLATE \"C\", \
+                        ALTER COLUMN account_id TYPE TEXT COLLATE \"C\", \
+                        ALTER COLUMN request_id TYPE TEXT COLLATE \"C\", \
+                        ALTER COLUMN route TYPE TEXT COLLATE \"C\"; \
+                    ALTER TABLE ledger ALTER COLUMN account_id TYPE TEXT COLLATE \"C\", \
+                        ALTER COLUMN reservation_id TYPE TEXT COLLATE \"C\", \
+                        ALTER COLUMN reference TYPE TEXT COLLATE \"C\", \
+                        ALTER COLUMN grant_id TYPE TEXT COLLATE \"C\"; \
+                    ALTER TABLE grants ALTER COLUMN id TYPE TEXT COLLATE \"C\", \
+                        ALTER COLUMN account_id TYPE TEXT COLLATE \"C\", \
+                        ALTER COLUMN instance TYPE TEXT COLLATE \"C\"; \
+                    ALTER TABLE grant_usage ALTER COLUMN grant_id TYPE TEXT COLLATE \"C\", \
+                        ALTER COLUMN policy TYPE TEXT COLLATE \"C\"; \
+                    ALTER TABLE usage ALTER COLUMN account_id TYPE TEXT COLLATE \"C\", \
+                        ALTER COLUMN policy TYPE TEXT COLLATE \"C\";",
 };
 
 /// Connects, migrates and starts the writer task on `jobs`.
