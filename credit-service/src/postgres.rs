@@ -59,21 +59,28 @@ const DIALECT: Dialect = Dialect {
 
 /// Connects, migrates and starts the writer task on `jobs`.
 pub async fn open(url: &str, jobs: mpsc::Receiver<Job>) -> Result<Reader> {
-    // A prepared statement's generic plan cannot know how many ids an array holds, and one made
-    // while the tables were small keeps scanning them whole as they grow: a profile under load
-    // found PostgreSQL spending most of its time in `id = ANY($1)` tested row by row. A custom
-    // plan per execution sees the arrays and the table sizes, and costs far less than a scan.
-    let options = PgConnectOptions::from_str(url)?.options([("plan_cache_mode", "force_custom_plan")]);
+    let options = PgConnectOptions::from_str(url)?;
     // The writer only ever finds rows by key: at most `MAX_OPS_PER_TRANSACTION` of them, in tables
-    // that grow without end. Even with a custom plan, PostgreSQL prices an index probe as a read
-    // from disk, so past a few hundred keys it scans the whole table into a hash instead, and keeps
-    // doing so until the table is several times larger: a profile of the batch run found a third of
-    // its time in three scans of `reservations` per reserve and commit batch. On the writer's own
-    // connection such plans are ruled out; the readers keep the planner's choice.
+    // that grow without end. PostgreSQL prices an index probe as a read from disk, so past a few
+    // hundred keys it scans the whole table into a hash instead, and keeps doing so until the table
+    // is several times larger: a profile of the batch run found a third of its time in three scans
+    // of `reservations` per reserve and commit batch. On the writer's own connection such plans are
+    // ruled out. That leaves one sensible plan per statement whatever the arrays hold, so each is
+    // planned once (a generic plan), not per execution: planning was a fifth of PostgreSQL's time
+    // in the pairs run, where batches are small.
     let writer = PgPoolOptions::new().acquire_timeout(Duration::from_secs(5)).max_connections(1).connect_with(
-        options.clone().options([("enable_seqscan", "off"), ("enable_hashjoin", "off"), ("enable_mergejoin", "off")]),
+        options.clone().options([
+            ("plan_cache_mode", "force_generic_plan"),
+            ("enable_seqscan", "off"),
+            ("enable_hashjoin", "off"),
+            ("enable_mergejoin", "off"),
+        ]),
     );
-    let readers = PgPoolOptions::new().acquire_timeout(Duration::from_secs(5)).max_connections(7).connect_with(options);
+    // The readers keep the planner's choice, made afresh per execution with the arguments in view.
+    let readers = PgPoolOptions::new()
+        .acquire_timeout(Duration::from_secs(5))
+        .max_connections(7)
+        .connect_with(options.options([("plan_cache_mode", "force_custom_plan")]));
     let (writer, readers) = (writer.await?, readers.await?);
     migrate(&writer).await?;
     tokio::spawn(write(writer.clone(), jobs));
