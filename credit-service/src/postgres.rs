@@ -154,10 +154,12 @@ async fn load(tx: &mut Transaction<'static, Postgres>, keys: Keys, now: i64) -> 
     let accounts: Vec<&str> = keys.accounts.iter().map(String::as_str).collect();
     let reservations: Vec<&str> = keys.reservations.iter().map(String::as_str).collect();
     // A reservation's account never changes, so it may be looked up in the same statement that
-    // takes the locks.
+    // takes the locks. One array of ids, not `id = ANY($1) OR id IN (…)`: the generic plan of that
+    // tests every account against both, the array one id at a time.
     let rows = sqlx::query(
         "SELECT id, balance, held FROM accounts \
-         WHERE id = ANY($1) OR id IN (SELECT account_id FROM reservations WHERE id = ANY($2)) ORDER BY id FOR UPDATE",
+         WHERE id = ANY($1::text[] || ARRAY(SELECT account_id FROM reservations WHERE id = ANY($2))) \
+         ORDER BY id FOR UPDATE",
     )
     .bind(&accounts)
     .bind(&reservations)
