@@ -1,6 +1,6 @@
 //! The PostgreSQL backend: one writer task per instance runs each batch in one transaction with
 //! set-based statements (arrays through `UNNEST`), so a batch of any size is a handful of round
-//! trips; reads share the pool.
+//! trips, on a connection of its own; reads share a pool.
 //!
 //! Several instances may share the database. Each batch locks the account rows it touches
 //! (`FOR UPDATE`, in id order, so two batches never deadlock) before it reads anything else, and
@@ -39,20 +39,52 @@ const DIALECT: Dialect = Dialect {
         journal_kinds!(),
         ")), ADD COLUMN grant_id TEXT, ADD COLUMN charged BIGINT;"
     ),
+    bytewise_keys: "ALTER TABLE accounts ALTER COLUMN id TYPE TEXT COLLATE \"C\"; \
+                    ALTER TABLE reservations ALTER COLUMN id TYPE TEXT COLLATE \"C\", \
+                        ALTER COLUMN account_id TYPE TEXT COLLATE \"C\", \
+                        ALTER COLUMN request_id TYPE TEXT COLLATE \"C\", \
+                        ALTER COLUMN route TYPE TEXT COLLATE \"C\"; \
+                    ALTER TABLE ledger ALTER COLUMN account_id TYPE TEXT COLLATE \"C\", \
+                        ALTER COLUMN reservation_id TYPE TEXT COLLATE \"C\", \
+                        ALTER COLUMN reference TYPE TEXT COLLATE \"C\", \
+                        ALTER COLUMN grant_id TYPE TEXT COLLATE \"C\"; \
+                    ALTER TABLE grants ALTER COLUMN id TYPE TEXT COLLATE \"C\", \
+                        ALTER COLUMN account_id TYPE TEXT COLLATE \"C\", \
+                        ALTER COLUMN instance TYPE TEXT COLLATE \"C\"; \
+                    ALTER TABLE grant_usage ALTER COLUMN grant_id TYPE TEXT COLLATE \"C\", \
+                        ALTER COLUMN policy TYPE TEXT COLLATE \"C\"; \
+                    ALTER TABLE usage ALTER COLUMN account_id TYPE TEXT COLLATE \"C\", \
+                        ALTER COLUMN policy TYPE TEXT COLLATE \"C\";",
 };
 
 /// Connects, migrates and starts the writer task on `jobs`.
 pub async fn open(url: &str, jobs: mpsc::Receiver<Job>) -> Result<Reader> {
-    // A prepared statement's generic plan cannot know how many ids an array holds, and one made
-    // while the tables were small keeps scanning them whole as they grow: a profile under load
-    // found PostgreSQL spending most of its time in `id = ANY($1)` tested row by row. A custom
-    // plan per execution sees the arrays and the table sizes, and costs far less than a scan.
-    let options = PgConnectOptions::from_str(url)?.options([("plan_cache_mode", "force_custom_plan")]);
-    let pool =
-        PgPoolOptions::new().acquire_timeout(Duration::from_secs(5)).max_connections(8).connect_with(options).await?;
-    migrate(&pool).await?;
-    tokio::spawn(write(pool.clone(), jobs));
-    Ok(Reader(pool))
+    let options = PgConnectOptions::from_str(url)?;
+    // The writer only ever finds rows by key: at most `MAX_OPS_PER_TRANSACTION` of them, in tables
+    // that grow without end. PostgreSQL prices an index probe as a read from disk, so past a few
+    // hundred keys it scans the whole table into a hash instead, and keeps doing so until the table
+    // is several times larger: a profile of the batch run found a third of its time in three scans
+    // of `reservations` per reserve and commit batch. On the writer's own connection such plans are
+    // ruled out. That leaves one sensible plan per statement whatever the arrays hold, so each is
+    // planned once (a generic plan), not per execution: planning was a fifth of PostgreSQL's time
+    // in the pairs run, where batches are small.
+    let writer = PgPoolOptions::new().acquire_timeout(Duration::from_secs(5)).max_connections(1).connect_with(
+        options.clone().options([
+            ("plan_cache_mode", "force_generic_plan"),
+            ("enable_seqscan", "off"),
+            ("enable_hashjoin", "off"),
+            ("enable_mergejoin", "off"),
+        ]),
+    );
+    // The readers keep the planner's choice, made afresh per execution with the arguments in view.
+    let readers = PgPoolOptions::new()
+        .acquire_timeout(Duration::from_secs(5))
+        .max_connections(7)
+        .connect_with(options.options([("plan_cache_mode", "force_custom_plan")]));
+    let (writer, readers) = (writer.await?, readers.await?);
+    migrate(&writer).await?;
+    tokio::spawn(write(writer.clone(), jobs));
+    Ok(Reader { readers, writer })
 }
 
 async fn migrate(pool: &PgPool) -> Result<()> {
@@ -122,10 +154,12 @@ async fn load(tx: &mut Transaction<'static, Postgres>, keys: Keys, now: i64) -> 
     let accounts: Vec<&str> = keys.accounts.iter().map(String::as_str).collect();
     let reservations: Vec<&str> = keys.reservations.iter().map(String::as_str).collect();
     // A reservation's account never changes, so it may be looked up in the same statement that
-    // takes the locks.
+    // takes the locks. One array of ids, not `id = ANY($1) OR id IN (…)`: the generic plan of that
+    // tests every account against both, the array one id at a time.
     let rows = sqlx::query(
         "SELECT id, balance, held FROM accounts \
-         WHERE id = ANY($1) OR id IN (SELECT account_id FROM reservations WHERE id = ANY($2)) ORDER BY id FOR UPDATE",
+         WHERE id = ANY($1::text[] || ARRAY(SELECT account_id FROM reservations WHERE id = ANY($2))) \
+         ORDER BY id FOR UPDATE",
     )
     .bind(&accounts)
     .bind(&reservations)
@@ -384,17 +418,23 @@ async fn store_grants(tx: &mut Transaction<'static, Postgres>, changes: &Changes
     Ok(())
 }
 
-/// Reads that need no transaction, on the shared pool.
-pub struct Reader(PgPool);
+/// Reads that need no transaction, on a pool of their own; and the writer's connection, to close.
+pub struct Reader {
+    readers: PgPool,
+    writer: PgPool,
+}
 
 impl Reader {
     pub async fn close(&self) {
-        self.0.close().await;
+        self.readers.close().await;
+        self.writer.close().await;
     }
 
     pub async fn account(&self, id: &str) -> Result<Option<Account>> {
-        let row =
-            sqlx::query("SELECT balance, held FROM accounts WHERE id = $1").bind(id).fetch_optional(&self.0).await?;
+        let row = sqlx::query("SELECT balance, held FROM accounts WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.readers)
+            .await?;
         row.map(|row| Ok(Account { balance: row.try_get(0)?, held: row.try_get(1)? })).transpose()
     }
 
@@ -407,7 +447,7 @@ impl Reader {
         .bind(id)
         .bind(after)
         .bind(limit)
-        .fetch_all(&self.0)
+        .fetch_all(&self.readers)
         .await?;
         rows.iter()
             .map(|r| {
@@ -433,7 +473,7 @@ impl Reader {
         )
         .bind(cutoff)
         .bind(limit)
-        .fetch_all(&self.0)
+        .fetch_all(&self.readers)
         .await?)
     }
 
@@ -445,7 +485,7 @@ impl Reader {
         )
         .bind(now)
         .bind(limit)
-        .fetch_all(&self.0)
+        .fetch_all(&self.readers)
         .await?;
         rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).collect()
     }
@@ -464,7 +504,7 @@ impl Reader {
         .bind(from)
         .bind(to)
         .bind(bucket_ms)
-        .fetch_all(&self.0)
+        .fetch_all(&self.readers)
         .await?;
         rows.iter()
             .map(|r| {

@@ -53,6 +53,7 @@ ALTER TABLE ledger_v3 RENAME TO ledger;
 CREATE UNIQUE INDEX ledger_topup_reference ON ledger (account_id, reference) WHERE kind = 'topup';
 CREATE INDEX ledger_by_account ON ledger (account_id, id);"
     ),
+    bytewise_keys: "",
 };
 
 /// The columns `grant_row` reads, in order.

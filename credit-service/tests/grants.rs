@@ -596,6 +596,92 @@ async fn a_ledger_from_before_grants_upgrades(db: Db) {
     check_holds(&svc, &db, "acme").await;
 }
 
+/// The key columns migration 4 gives bytewise ("C") collation on PostgreSQL.
+const BYTEWISE_KEYS: [(&str, &str); 16] = [
+    ("accounts", "id"),
+    ("reservations", "id"),
+    ("reservations", "account_id"),
+    ("reservations", "request_id"),
+    ("reservations", "route"),
+    ("ledger", "account_id"),
+    ("ledger", "reservation_id"),
+    ("ledger", "reference"),
+    ("ledger", "grant_id"),
+    ("grants", "id"),
+    ("grants", "account_id"),
+    ("grants", "instance"),
+    ("grant_usage", "grant_id"),
+    ("grant_usage", "policy"),
+    ("usage", "account_id"),
+    ("usage", "policy"),
+];
+
+/// The collation of each of `BYTEWISE_KEYS`, in order (None: the database's default).
+async fn key_collations(conn: &mut sqlx::PgConnection) -> Vec<Option<String>> {
+    let mut found = Vec::new();
+    for (table, column) in BYTEWISE_KEYS {
+        let collation: Option<String> = sqlx::query_scalar(
+            "SELECT collation_name::text FROM information_schema.columns \
+             WHERE table_schema = 'public' AND table_name = $1 AND column_name = $2",
+        )
+        .bind(table)
+        .bind(column)
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+        found.push(collation);
+    }
+    found
+}
+
+/// A PostgreSQL ledger written with migrations 1 to 3 (keys in the database's collation) is
+/// upgraded in place: its indexes rebuilt bytewise, every answer the same afterwards — balances,
+/// a remembered top-up reference, a replayed request id, an open reservation, a live grant and
+/// its usage.
+#[tokio::test]
+async fn a_ledger_with_collated_keys_upgrades_to_bytewise_keys() {
+    let db = Db::postgres().await;
+    let svc = Service::start(&db);
+    svc.funded_account("acme", 1000).await;
+    let committed = svc.hold("acme", 10, "q-committed").await;
+    assert_eq!(svc.commit(&committed, Some(7)).await.0, StatusCode::OK);
+    let held = svc.hold("acme", 20, "q-held").await;
+    let used = json!({ "api": { "credits": 5, "requests": 5 } });
+    let opened = grant(&svc, "gw-1", with(report("acme", None, 0, 100), json!({ "min_grant": 100 }))).await;
+    let opened = grant(&svc, "gw-1", with(report("acme", Some(&id(&opened)), 5, 100), json!({ "usage": used }))).await;
+    let before = (svc.balance("acme").await, svc.transactions("acme").await, usage_figures(&svc, "acme", "").await);
+    assert_eq!(svc.terminate().code(), Some(0));
+
+    // Back to what migration 3 left: every key in the database's default collation.
+    let mut conn = sqlx::PgConnection::connect(&db.url()).await.unwrap();
+    for (table, column) in BYTEWISE_KEYS {
+        sqlx::raw_sql(&format!("ALTER TABLE {table} ALTER COLUMN {column} TYPE TEXT COLLATE \"default\""))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+    }
+    sqlx::raw_sql("DELETE FROM schema_migrations WHERE version = 4").execute(&mut conn).await.unwrap();
+    assert!(key_collations(&mut conn).await.iter().all(Option::is_none));
+
+    let svc = Service::start(&db);
+    assert!(svc.log().contains("applied migration 4"), "{}", svc.log());
+    assert!(key_collations(&mut conn).await.iter().all(|c| c.as_deref() == Some("C")));
+    assert_eq!(
+        before,
+        (svc.balance("acme").await, svc.transactions("acme").await, usage_figures(&svc, "acme", "").await)
+    );
+    let (status, body) = svc.top_up("acme", 1000, "initial-acme").await;
+    assert_eq!(status, StatusCode::OK, "the reference is remembered: {body}");
+    let (status, body) = svc.reserve("acme", 10, "q-committed").await;
+    assert_eq!((status, &body["reservation_id"]), (StatusCode::OK, &json!(committed)), "{body}");
+    assert_eq!(svc.commit(&held, Some(15)).await.0, StatusCode::OK);
+    let reported = grant(&svc, "gw-1", with(report("acme", Some(&id(&opened)), 9, 100), json!({ "usage": {} }))).await;
+    assert_eq!(id(&reported), id(&opened));
+    assert_eq!(svc.balance("acme").await.0, 1000 - 7 - 15 - reported["granted_total"].as_i64().unwrap());
+    check_holds(&svc, &db, "acme").await;
+    conn.close().await.unwrap();
+}
+
 /// One gateway's view of its grants, one per account: `(grant_id, granted_total, used_total)`.
 type GatewayGrants = Vec<(Option<String>, i64, i64)>;
 
