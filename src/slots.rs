@@ -103,7 +103,7 @@ impl SlotStore {
 
     fn name(&self, index: u32) -> String {
         let mut name = String::with_capacity(self.prefix.len() + 11);
-        name.push_str(&self.prefix);
+        name.push_str(self.prefix);
         name.push('.');
         push_decimal(&mut name, u64::from(index));
         name
