@@ -55,6 +55,7 @@ const DIALECT: Dialect = Dialect {
                         ALTER COLUMN policy TYPE TEXT COLLATE \"C\"; \
                     ALTER TABLE usage ALTER COLUMN account_id TYPE TEXT COLLATE \"C\", \
                         ALTER COLUMN policy TYPE TEXT COLLATE \"C\";",
+    checks_as_comparisons: "",
 };
 
 /// Connects, migrates and starts the writer task on `jobs`.

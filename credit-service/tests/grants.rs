@@ -594,6 +594,60 @@ async fn a_ledger_from_before_grants_upgrades(db: Db) {
         [("topup".into(), 100, 100), ("reserve".into(), -30, 70), ("commit".into(), 10, 80), ("grant".into(), -10, 70)]
     );
     check_holds(&svc, &db, "acme").await;
+    if db.is_sqlite() {
+        check_membership_checks(&db).await;
+    }
+}
+
+/// The values each membership `CHECK` admits on SQLite, by table and column.
+const MEMBERSHIP_CHECKS: [(&str, &str, &[&str]); 3] = [
+    ("reservations", "state", &["held", "committed", "released", "expired"]),
+    (
+        "ledger",
+        "kind",
+        &["topup", "reserve", "commit", "release", "expire", "grant", "grant_use", "grant_close", "grant_expire"],
+    ),
+    ("grants", "status", &["live", "closed", "expired"]),
+];
+
+/// SQLite after migration 5: each table's membership `CHECK` is written as comparisons, so writing
+/// a row builds no temporary b-tree of the list (what made it slow); it still admits exactly its
+/// values, and the database is sound. Needs a row in each table; leaves them as they were.
+async fn check_membership_checks(db: &Db) {
+    let mut conn = db.connect().await;
+    let tables: Vec<(String, String)> =
+        sqlx::query_as("SELECT name, sql FROM sqlite_schema WHERE type = 'table'").fetch_all(&mut conn).await.unwrap();
+    assert!(tables.iter().all(|(_, sql)| !sql.contains(" IN (")), "{tables:#?}");
+    sqlx::raw_sql("BEGIN IMMEDIATE").execute(&mut conn).await.unwrap();
+    for (table, column, values) in MEMBERSHIP_CHECKS {
+        let set = format!("UPDATE {table} SET {column} = ?1 WHERE rowid = (SELECT MIN(rowid) FROM {table})");
+        let opcodes = sqlx::query(&format!("EXPLAIN {set}")).bind("x").fetch_all(&mut conn).await.unwrap();
+        let opcodes: Vec<String> = opcodes.iter().map(|row| row.get::<String, _>(1)).collect();
+        assert!(!opcodes.contains(&"OpenEphemeral".to_owned()), "{table}: {opcodes:?}");
+        for value in values {
+            let done = sqlx::query(&set).bind(value).execute(&mut conn).await.unwrap();
+            assert_eq!(done.rows_affected(), 1, "{table}.{column} = {value}");
+        }
+        for value in ["bogus", "", "HELD", "topup "] {
+            let refused = sqlx::query(&set).bind(value).execute(&mut conn).await.unwrap_err();
+            assert!(refused.to_string().contains("CHECK constraint failed"), "{table}.{column} = {value}: {refused}");
+        }
+    }
+    sqlx::raw_sql("ROLLBACK").execute(&mut conn).await.unwrap();
+    let integrity: String = sqlx::query_scalar("PRAGMA integrity_check").fetch_one(&mut conn).await.unwrap();
+    assert_eq!(integrity, "ok");
+    conn.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn sqlite_membership_checks_are_comparisons() {
+    let db = Db::sqlite().await;
+    let svc = Service::start(&db);
+    svc.funded_account("acme", 1000).await;
+    svc.hold("acme", 10, "q1").await;
+    grant(&svc, "gw-1", report("acme", None, 0, 100)).await;
+    assert_eq!(svc.terminate().code(), Some(0));
+    check_membership_checks(&db).await;
 }
 
 /// The key columns migration 4 gives bytewise ("C") collation on PostgreSQL.
